@@ -1,0 +1,166 @@
+"""The Python API with the spec's names: SmoLoRA(...).train() / save() / load_model() / inference()."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from smolora import checkpoint as ckpt
+from smolora.config import DataConfig, LoraSettings, TrainConfig, lora_settings_from_peft, validate
+from smolora.data import load_source, prepare_data
+from smolora.errors import SmoLoRAError
+from smolora.generate import generate
+from smolora.lora import add_lora, format_parameter_report
+from smolora.merge import load_adapter, merge_adapter, write_adapter_info
+from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+from smolora.train import TrainResult, train
+
+
+class SmoLoRA:
+    """Fine-tune a causal LM with LoRA.
+
+    Args:
+        base_model_name: a local HF folder, a .gguf file, a hub id, or None for the embedded
+            SmolLM2-135M-Instruct.
+        dataset_name: a data path, a ``datasets.Dataset``, a list of records, or
+            ``{task: source or (source, weight)}`` for multi-task mixing.
+        text_field: the field holding plain text (``sft_config.dataset_text_field``).
+        output_dir: where ``adapter_checkpoint/``, ``final_merged/`` and checkpoints go.
+
+    ``peft_config`` (a ``peft.LoraConfig``), ``sft_config`` (a ``TrainConfig``) and
+    ``data_config`` may be edited after construction; edits take effect at ``train()``.
+    """
+
+    def __init__(
+        self,
+        base_model_name: str | None = None,
+        dataset_name: Any = None,
+        text_field: str = "text",
+        output_dir: str = "./fine_tuned_model",
+        *,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ):
+        self.base_model_name = base_model_name
+        self.output_dir = output_dir
+        self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
+        self.peft_config = LoraSettings().to_peft()
+        self.sft_config = TrainConfig(output_dir=output_dir, dataset_text_field=text_field)
+        self.data_config = DataConfig()
+        self.dataset_name = dataset_name
+        self.difficulty_fn: Callable[[dict], float] | None = None
+        self.source = resolve_model(base_model_name)
+        self.tokenizer = load_tokenizer(self.source, trust_remote_code)
+        self.model = None
+        self.adapter_checkpoint: str | None = None
+        self.merged_model_path: str | None = None
+        self.result: TrainResult | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return pick_device(self.sft_config.device)
+
+    def train(self, resume: str | bool | None = None, overwrite: bool = False, allow_config_change: bool = False,
+              skip_nonfinite_steps: int = 0) -> TrainResult:
+        """Train the adapter and save it to ``output_dir/adapter_checkpoint``.
+
+        Every setting and the data are checked before the model is loaded.
+        """
+        cfg, lora, data = self.sft_config, lora_settings_from_peft(self.peft_config), self.data_config
+        validate(lora, cfg, data)
+        out = Path(cfg.output_dir)
+        resume_from = ckpt.find_resume_checkpoint(out, resume)
+        _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite)
+        if self.dataset_name is None:
+            raise SmoLoRAError("no training data: pass dataset_name")
+        records = load_source(self.dataset_name, data, cfg.seed)
+        val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
+        prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn)
+
+        torch.manual_seed(cfg.seed)  # LoRA A init
+        base = load_model(self.source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        self.model = add_lora(base, lora.to_peft())
+        print(format_parameter_report(self.model), flush=True)
+        run_info = {
+            "train_config": asdict(cfg), "lora_config": asdict(lora), "data_config": asdict(data),
+            "base_model": self.base_model_name, "model_fingerprint": ckpt.fingerprint_model(self.model),
+            "data_fingerprint": ckpt.fingerprint_examples(prepared.train),
+        }
+        if resume_from is not None:
+            ckpt.check_compatible(ckpt.read_run_info(resume_from), run_info, allow_config_change)
+        if overwrite and resume_from is None and out.exists():
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
+                            resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,
+                            skip_nonfinite_steps=skip_nonfinite_steps)
+        self.adapter_checkpoint = str(self._save_adapter(out / "adapter_checkpoint"))
+        print(f"[smolora] adapter saved to {self.adapter_checkpoint}", flush=True)
+        return self.result
+
+    def _save_adapter(self, folder: Path) -> Path:
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            write_adapter_info(tmp, self.base_model_name)
+
+        folder = ckpt.atomic_folder(folder, write)
+        (folder / ckpt.MARKER).unlink(missing_ok=True)
+        return folder
+
+    def save(self) -> str:
+        """Free the training model, merge the adapter into a fresh base, save ``final_merged/``."""
+        if self.adapter_checkpoint is None:
+            raise SmoLoRAError("nothing to merge: call train() first")
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+        out = Path(self.sft_config.output_dir) / "final_merged"
+        merge_adapter(self.adapter_checkpoint, out, self.base_model_name,
+                      allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
+        self.merged_model_path = str(out)
+        print(f"[smolora] merged model saved to {out}", flush=True)
+        return self.merged_model_path
+
+    def load_model(self, path: str):
+        """Load a merged model folder (or an adapter folder, attached to its base): (model, tokenizer)."""
+        folder = Path(path)
+        if (folder / "adapter_config.json").is_file():
+            from smolora.merge import adapter_base_reference
+
+            source = resolve_model(adapter_base_reference(folder))
+            model = load_adapter(load_model(source, self.device, allow_pickle=self.allow_pickle), folder)
+        else:
+            source = resolve_model(str(folder))
+            model = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        model.eval()
+        self.model = model
+        self.tokenizer = load_tokenizer(source, self.trust_remote_code)
+        return self.model, self.tokenizer
+
+    def inference(self, prompt: str, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,
+                  echo: bool = False) -> str:
+        """Generate a reply to ``prompt`` (chat template applied for chat models)."""
+        if self.model is None:
+            self.load_model(self.merged_model_path or self.adapter_checkpoint or self.source.folder)
+        return generate(self.model, self.tokenizer, prompt, max_new_tokens, do_sample, temperature, echo=echo)
+
+
+def _check_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to train over another run's output unless resuming it or told to overwrite."""
+    if out.exists() and not out.is_dir():
+        raise SmoLoRAError(f"{out}: output_dir exists and is not a folder")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise SmoLoRAError(f"{out}: output folder is not writable")
+    if not resuming and not overwrite and (ckpt.list_checkpoints(out) or (out / "adapter_checkpoint").exists()):
+        raise SmoLoRAError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")

@@ -1,0 +1,241 @@
+"""Atomic, resumable checkpoints: adapter (PEFT format) + full training state, no pickle.
+
+Layout of ``OUTPUT/checkpoints/step-NNNNNN/``::
+
+    adapter_config.json, adapter_model.safetensors   the adapter, loadable by PEFT
+    optimizer.safetensors                            optimizer tensors + torch RNG states
+    trainer_state.json                               step, epoch, data position, config, fingerprints,
+                                                     Python/NumPy RNG states, optimizer hyperparameters
+    COMPLETE                                         written last: only such folders are resumed
+
+A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into
+place, so a crash at any moment leaves earlier checkpoints intact and never a partial one that
+resume would pick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from smolora.errors import SmoLoRAError
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+TENSOR_FILE = "optimizer.safetensors"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# Settings that may change between a run and its resume without changing the result.
+RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "max_steps", "num_train_epochs", "eval_steps"}
+
+
+@dataclass
+class TrainState:
+    """Where a run is: ``step`` optimizer updates done, the next micro-batch is ``cursor`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+
+
+def fingerprint_examples(examples) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def fingerprint_model(model) -> str:
+    """Config plus a sample of the input embedding: tells one base model from another cheaply."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hashlib.sha256(json.dumps(base.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    emb = base.get_input_embeddings().weight.detach()
+    h.update(emb.flatten()[:65536].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_folder(final: Path, write) -> Path:
+    """Call ``write(tmp_folder)``, fsync, write the marker, then rename to ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        (tmp / MARKER).write_text("ok\n")
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_snapshot() -> tuple[dict, dict[str, torch.Tensor]]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def rng_restore(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = meta["numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    # Verify rather than trust: a silently failed restore would break exact resume.
+    if not torch.equal(torch.get_rng_state(), tensors["rng.torch"]):
+        raise SmoLoRAError("checkpoint: torch RNG state did not restore")
+
+
+def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info: dict) -> Path:
+    """Write a complete checkpoint atomically. ``run_info`` holds config and fingerprints."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        rng_meta, rng_tensors = rng_snapshot()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / TENSOR_FILE))
+        doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses,
+               "optimizer": opt_meta, "rng": rng_meta, **run_info}
+        (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
+
+    return atomic_folder(folder, write)
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None) -> Path | None:
+    """``True``/"auto": the newest complete checkpoint in output_dir (None if there is none)."""
+    if not resume:
+        return None
+    if resume is True or resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise SmoLoRAError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+def read_run_info(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> None:
+    """Refuse to resume into a different run: other data, another base model, other settings."""
+    if saved.get("data_fingerprint") != run_info.get("data_fingerprint"):
+        raise SmoLoRAError("cannot resume: the training data differs from the checkpoint's (fingerprint mismatch)")
+    if saved.get("model_fingerprint") != run_info.get("model_fingerprint"):
+        raise SmoLoRAError("cannot resume: the base model differs from the checkpoint's")
+    if allow_config_change:
+        return
+    changed = []
+    for section in ("train_config", "lora_config"):
+        old, new = saved.get(section, {}), run_info.get(section, {})
+        for k in sorted(set(old) | set(new)):
+            if k not in RESUME_SAFE_FIELDS and old.get(k) != new.get(k):
+                changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    if changed:
+        raise SmoLoRAError("cannot resume: settings differ from the checkpoint's (" + "; ".join(changed) + "); pass --allow-config-change to resume anyway")
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
+    """Restore adapter weights, optimizer and RNG states from ``folder``; return the train state."""
+    from peft.utils import set_peft_model_state_dict
+
+    doc = read_run_info(folder)
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise SmoLoRAError(f"{folder}: adapter has keys this model lacks ({unexpected[0]} ...)")
+    tensors = load_file(str(folder / TENSOR_FILE))
+    _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, doc["optimizer"])
+    rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+    return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])))

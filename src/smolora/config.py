@@ -1,0 +1,177 @@
+"""Typed configuration: LoRA settings and training settings, each field with a default and help.
+
+``TrainConfig`` keeps the spec's SFTConfig field names (per_device_train_batch_size,
+gradient_accumulation_steps, learning_rate, ...) so code written against the spec reads the same.
+``validate_*`` report every bad field in one error, before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from smolora.errors import SmoLoRAError
+
+SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw_torch", "adamw", "sgd")
+
+# Target-module presets (LoRA §7.1 found q+v a good default; QLoRA §4 found adapting every
+# linear layer matters most for quality).
+TARGET_PRESETS = {
+    "qv": ["q_proj", "v_proj"],
+    "qkv": ["q_proj", "k_proj", "v_proj"],
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings, the spec's defaults (LoRA paper, Hu et al. 2021)."""
+
+    r: int = _help("rank of the adapter matrices A (r x d_in) and B (d_out x r)", 8)
+    lora_alpha: float = _help("scaling numerator: the update is (lora_alpha / r) * B @ A", 16)
+    lora_dropout: float = _help("dropout on the adapter's input, in [0, 1)", 0.1)
+    bias: str = _help("which biases train: none, all or lora_only", "none")
+    target_modules: list[str] = _help(
+        f"module names to adapt, comma-separated, or a preset: {', '.join(TARGET_PRESETS)}",
+        default_factory=lambda: ["q_proj", "v_proj"],
+    )
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            bias=self.bias,
+            task_type="CAUSAL_LM",
+            target_modules=expand_targets(self.target_modules),
+        )
+
+
+def expand_targets(targets: list[str] | str) -> list[str]:
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out: list[str] = []
+    for t in targets:
+        for name in TARGET_PRESETS.get(t, [t]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Field names follow the spec's SFTConfig."""
+
+    output_dir: str = _help("where checkpoints, the adapter and the merged model go", "./fine_tuned_model")
+    per_device_train_batch_size: int = _help("examples per micro-batch (packed into one row)", 1)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 8)
+    learning_rate: float = _help("peak learning rate", 2e-4)
+    max_steps: int = _help("optimizer steps to run; -1 means use num_train_epochs", 500)
+    num_train_epochs: float = _help("epochs to run when max_steps is -1", 1.0)
+    logging_steps: int = _help("log every N optimizer steps", 10)
+    optim: str = _help(f"optimizer: {', '.join(OPTIMIZERS)}", "adamw_torch")
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    lr_scheduler_type: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", "linear")
+    warmup_steps: int = _help("linear warmup steps from 0 to learning_rate", 0)
+    max_grad_norm: float = _help("clip the gradient norm to this; 0 turns clipping off", 1.0)
+    fp16: bool = _help("train in float16 autocast (CUDA only)", False)
+    bf16: bool = _help("train in bfloat16 autocast", False)
+    max_length: int = _help("tokens per example; longer examples are truncated", 1024)
+    dataset_text_field: str = _help("record field that holds plain text", "text")
+    seed: int = _help("seed for shuffling, dropout and initialisation", 42)
+    packing: bool = _help("pack examples padding-free into one row per micro-batch", True)
+    max_tokens_per_batch: int = _help("also cap a micro-batch at this many tokens (0 = no cap)", 0)
+    group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
+    curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
+    curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)
+    train_on_prompt: bool = _help("supervise prompt tokens too (no completion-only masking)", False)
+    val_size: float = _help("validation split: a fraction (<1) or a count of examples (0 = none)", 0.0)
+    eval_steps: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 0)
+    save_steps: int = _help("write a resumable checkpoint every N steps (0 = only at the end)", 0)
+    save_total_limit: int = _help("keep only the newest N checkpoints (0 = keep all)", 2)
+    device: str = _help("auto, cpu, cuda, cuda:N or mps", "auto")
+
+    def total_steps(self, micro_batches_per_epoch: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        per_epoch = max(1, micro_batches_per_epoch // self.gradient_accumulation_steps)
+        return max(1, math.ceil(per_epoch * self.num_train_epochs))
+
+
+@dataclass
+class DataConfig:
+    """How records are read and rendered."""
+
+    shape: str = _help("record shape: auto, chat, sharegpt, prompt_completion, alpaca or text", "auto")
+    system_prompt: str | None = _help("system prompt for chat rendering ('' for an empty one; default: the template's)", None)
+    field_map: dict[str, str] = _help("rename fields, e.g. prompt=question,completion=answer", default_factory=dict)
+    txt_mode: str = _help("text files: line (one example per line), file, or chunk", "line")
+    chunk_words: int = _help("with txt_mode chunk: words per window", 256)
+    chunk_stride: int = _help("with txt_mode chunk: words between window starts (0 = no overlap)", 0)
+    dedupe: bool = _help("drop exact duplicate records", True)
+    task_prefix: str = _help("prefix for multi-task records; {task} is the task name", "[TASK:{task}] ")
+    validation_data: str | None = _help("a separate validation source (instead of val_size)", None)
+
+
+def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = None) -> None:
+    """Check every setting; raise one error listing all problems."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    need(lora.r > 0, f"r must be > 0 (got {lora.r})")
+    need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})")
+    need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
+    need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
+    need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
+    need(train.learning_rate > 0, f"learning_rate must be > 0 (got {train.learning_rate})")
+    need(train.max_steps > 0 or train.max_steps == -1, f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})")
+    need(train.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {train.num_train_epochs})")
+    need(train.per_device_train_batch_size >= 1, f"per_device_train_batch_size must be >= 1 (got {train.per_device_train_batch_size})")
+    need(train.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1 (got {train.gradient_accumulation_steps})")
+    need(train.logging_steps >= 1, f"logging_steps must be >= 1 (got {train.logging_steps})")
+    need(train.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)} (got {train.lr_scheduler_type!r})")
+    need(train.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)} (got {train.optim!r})")
+    need(train.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {train.warmup_steps})")
+    need(train.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {train.max_grad_norm})")
+    need(train.max_length >= 8, f"max_length must be >= 8 (got {train.max_length})")
+    need(train.weight_decay >= 0, f"weight_decay must be >= 0 (got {train.weight_decay})")
+    need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
+    need(train.val_size >= 0, f"val_size must be >= 0 (got {train.val_size})")
+    need(train.eval_steps >= 0, f"eval_steps must be >= 0 (got {train.eval_steps})")
+    need(train.save_steps >= 0, f"save_steps must be >= 0 (got {train.save_steps})")
+    need(train.save_total_limit >= 0, f"save_total_limit must be >= 0 (got {train.save_total_limit})")
+    need(train.curriculum in ("", "length"), f"curriculum must be '' or length (got {train.curriculum!r})")
+    need(not (train.fp16 and train.bf16), "fp16 and bf16 cannot both be on")
+    if data is not None:
+        need(data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"), f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})")
+        need(data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})")
+        need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
+        need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
+    if problems:
+        raise SmoLoRAError("invalid settings: " + "; ".join(problems))
+
+
+def lora_settings_from_peft(peft_config) -> LoraSettings:
+    targets = peft_config.target_modules
+    return LoraSettings(
+        r=peft_config.r,
+        lora_alpha=peft_config.lora_alpha,
+        lora_dropout=peft_config.lora_dropout,
+        bias=peft_config.bias,
+        target_modules=sorted(targets) if not isinstance(targets, str) else [targets],
+    )

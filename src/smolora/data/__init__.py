@@ -1,0 +1,77 @@
+"""The data stage: sources -> records -> tokenized examples, split and checked before any model loads."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from smolora.config import DataConfig, TrainConfig
+from smolora.data.batching import DIFFICULTY, mix_tasks
+from smolora.data.formats import EncodeStats, Example, FormatOptions, encode_records
+from smolora.data.sources import load_records
+from smolora.errors import SmoLoRAError
+
+__all__ = ["PreparedData", "load_source", "prepare_data", "Example"]
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    val: list[Example]
+    stats: EncodeStats
+
+
+def load_source(source: Any, data: DataConfig, seed: int = 42) -> list[dict]:
+    """Records from one source, or from several tasks given as {name: source or (source, weight)}."""
+    read = lambda s: load_records(s, txt_mode=data.txt_mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe)  # noqa: E731
+    if isinstance(source, dict):
+        tasks = []
+        for name, spec in source.items():
+            src, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
+            tasks.append((name, read(src), float(weight)))
+        return mix_tasks(tasks, seed)
+    return read(source)
+
+
+def prepare_data(
+    records: list[dict],
+    tokenizer,
+    cfg: TrainConfig,
+    data: DataConfig,
+    *,
+    val_records: list[dict] | None = None,
+    difficulty: Callable[[dict], float] | None = None,
+    log=print,
+) -> PreparedData:
+    """Split, tokenize, mask and truncate. Fails if nothing is left to learn from."""
+    if val_records is None and cfg.val_size > 0:
+        records, val_records = split_validation(records, cfg.val_size, cfg.seed)
+    opts = FormatOptions(
+        text_field=cfg.dataset_text_field, shape=data.shape, field_map=data.field_map, system_prompt=data.system_prompt,
+        train_on_prompt=cfg.train_on_prompt, max_length=cfg.max_length, task_prefix=data.task_prefix,
+    )
+    score = difficulty or (DIFFICULTY[cfg.curriculum] if cfg.curriculum else None)
+    if score is not None:
+        for rec in records:
+            rec["_difficulty"] = float(score({k: v for k, v in rec.items() if not k.startswith("_")}))
+    train, stats = encode_records(records, tokenizer, opts)
+    if not train:
+        raise SmoLoRAError(f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})")
+    log(f"[smolora] data: {stats.summary()}")
+    val: list[Example] = []
+    if val_records:
+        val, vstats = encode_records(val_records, tokenizer, opts)
+        log(f"[smolora] validation: {vstats.summary()}")
+    return PreparedData(train, val, stats)
+
+
+def split_validation(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic split: a fraction (< 1) or a count of records goes to validation."""
+    count = int(round(len(records) * val_size)) if val_size < 1 else int(val_size)
+    if count <= 0 or count >= len(records):
+        raise SmoLoRAError(f"val_size={val_size} leaves no training or no validation records (have {len(records)})")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:count])
+    return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]

@@ -1,0 +1,222 @@
+"""Records -> token ids + labels.
+
+Shapes, detected per record (or forced with ``shape``):
+  * ``chat``       {"messages": [{"role", "content"}, ...]}
+  * ``sharegpt``   {"conversations": [{"from", "value"}, ...]}
+  * ``prompt_completion``  {"prompt", "completion"}
+  * ``alpaca``     {"instruction", "input"?, "output"}
+  * ``text``       {text_field: "..."}
+
+Everything but plain text is rendered with the tokenizer's chat template (ChatML when the model has
+none). The supervised span of each assistant turn is found by character offsets in the rendered
+string — render the conversation up to the turn's generation prompt and through the turn, and the
+difference is the answer plus its end-of-turn token — never by searching token ids for a response
+template, and never by comparing labels with the pad id (pad == eos on SmolLM2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from smolora.errors import SmoLoRAError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "model": "assistant"}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    """One tokenized example. ``labels[t]`` is ``input_ids[t]`` where supervised, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    task: str = ""
+    where: str = ""
+    difficulty: float | None = None  # set for curriculum ordering
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class FormatOptions:
+    text_field: str = "text"
+    shape: str = "auto"  # auto, chat, sharegpt, prompt_completion, alpaca, text
+    field_map: dict[str, str] = field(default_factory=dict)  # our name -> the record's name
+    system_prompt: str | None = None  # None: the template's own default
+    train_on_prompt: bool = False
+    max_length: int = 1024
+    task_prefix: str = "[TASK:{task}] "  # used only for records that carry a task name
+
+
+@dataclass
+class EncodeStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    per_task: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = f"{self.kept} examples kept, {self.truncated} truncated to max_length, {self.dropped} dropped (no supervised tokens left)"
+        if len(self.per_task) > 1:
+            s += "; per task: " + ", ".join(f"{k}={v}" for k, v in self.per_task.items())
+        return s
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+
+def detect_shape(record: dict, opts: FormatOptions) -> str:
+    if opts.shape != "auto":
+        return opts.shape
+    f = lambda name: opts.field_map.get(name, name)  # noqa: E731
+    if f("messages") in record:
+        return "chat"
+    if f("conversations") in record:
+        return "sharegpt"
+    if f("prompt") in record and f("completion") in record:
+        return "prompt_completion"
+    if f("instruction") in record and f("output") in record:
+        return "alpaca"
+    return "text"
+
+
+def record_to_messages(record: dict, shape: str, opts: FormatOptions) -> list[dict]:
+    """Normalize any conversational shape to a list of role/content messages, checked."""
+    where = record.get("_where", "record")
+    f = lambda name: opts.field_map.get(name, name)  # noqa: E731
+    if shape == "chat":
+        raw = record.get(f("messages"))
+        messages = _check_messages(raw, where, "role", "content", {r: r for r in ROLES})
+    elif shape == "sharegpt":
+        raw = record.get(f("conversations"))
+        messages = _check_messages(raw, where, "from", "value", SHAREGPT_ROLES)
+    elif shape == "prompt_completion":
+        prompt, completion = _need_str(record, f("prompt"), where), _need_str(record, f("completion"), where)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif shape == "alpaca":
+        instruction, output = _need_str(record, f("instruction"), where), _need_str(record, f("output"), where)
+        extra = record.get(f("input")) or ""
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    else:
+        raise SmoLoRAError(f"{where}: unknown record shape {shape!r}")
+    if opts.system_prompt is not None:
+        messages = [m for m in messages if m["role"] != "system"]
+        messages.insert(0, {"role": "system", "content": opts.system_prompt})
+    return messages
+
+
+def _need_str(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        have = ", ".join(k for k in record if k != "_where") or "none"
+        raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise SmoLoRAError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_messages(raw, where: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise SmoLoRAError(f"{where}: messages must be a non-empty list of {{{role_key}, {content_key}}} objects")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise SmoLoRAError(f"{where}: message {i} must be an object with {role_key!r} and {content_key!r}")
+        role = roles.get(str(m[role_key]).lower()) if isinstance(m[role_key], str) else None
+        if role is None:
+            raise SmoLoRAError(f"{where}: message {i} has unknown role {m[role_key]!r} (expected one of {', '.join(sorted(set(roles)))})")
+        if not isinstance(m[content_key], str):
+            raise SmoLoRAError(f"{where}: message {i} content must be a string, got {type(m[content_key]).__name__}")
+        out.append({"role": role, "content": m[content_key]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise SmoLoRAError(f"{where}: conversation has no assistant turn, so there is nothing to learn")
+    return out
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the character span of every assistant turn.
+
+    Each span runs from the end of the turn's generation prompt to the end of its end-of-turn
+    token (trailing whitespace after it is not supervised).
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if i == 0:  # an assistant-first conversation: the prompt is whatever precedes the content
+            before = through[: through.find(m["content"])] if m["content"] else through.rstrip()
+        if not (full.startswith(before) and full.startswith(through)):
+            raise SmoLoRAError("the chat template does not render conversations prefix-wise; cannot find answer spans")
+        spans.append((len(before), len(through.rstrip())))
+    return full, spans
+
+
+def encode_record(record: dict, tokenizer, opts: FormatOptions) -> Example:
+    """Tokenize one record into ids and labels (before truncation)."""
+    ex = _encode(record, tokenizer, opts)
+    ex.difficulty = record.get("_difficulty")
+    return ex
+
+
+def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
+    where = record.get("_where", "record")
+    task = record.get("_task", "")
+    shape = detect_shape(record, opts)
+    if shape == "text":
+        text = _need_str(record, opts.field_map.get(opts.text_field, opts.text_field), where)
+        if task:
+            text = opts.task_prefix.format(task=task) + text
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)  # teaches the model to stop
+        return Example(ids, list(ids), task, where)
+
+    messages = record_to_messages(record, shape, opts)
+    if task:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"] = opts.task_prefix.format(task=task) + first_user["content"]
+    text, spans = render_chat(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if opts.train_on_prompt:
+        return Example(ids, list(ids), task, where)
+    labels = [IGNORE] * len(ids)
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        if any(start < s_end and end > s_start for s_start, s_end in spans):
+            labels[t] = ids[t]
+    return Example(ids, labels, task, where)
+
+
+def encode_records(records: list[dict], tokenizer, opts: FormatOptions) -> tuple[list[Example], EncodeStats]:
+    """Tokenize, truncate to ``max_length`` and drop examples with nothing left to learn."""
+    ensure_chat_template(tokenizer)
+    stats = EncodeStats()
+    examples = []
+    for rec in records:
+        ex = encode_record(rec, tokenizer, opts)
+        if len(ex.input_ids) > opts.max_length:
+            ex.input_ids, ex.labels = ex.input_ids[: opts.max_length], ex.labels[: opts.max_length]
+            stats.truncated += 1
+        # Position 0 has no context to predict it from, so it never counts as supervised.
+        if not any(x != IGNORE for x in ex.labels[1:]):
+            stats.dropped += 1
+            continue
+        examples.append(ex)
+        stats.per_task[ex.task or "default"] = stats.per_task.get(ex.task or "default", 0) + 1
+    stats.kept = len(examples)
+    return examples, stats

@@ -1,0 +1,104 @@
+"""`smolora demo`: teach the embedded SmolLM2-135M a skill it lacks, and show the before/after.
+
+The task is a structured rewrite: dates written the many ways people write them ("the 5th of
+March, 2021", "Mar 5 2021", "5 March 2021") rewritten as ISO 8601 (2021-03-05) and nothing else.
+The base model answers with a sentence, a wrong month or a wrong format; after a few minutes of
+LoRA on 2 CPU cores it answers exactly. Scored by greedy exact match on held-out dates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+INSTRUCTION = "Rewrite the date in ISO format (YYYY-MM-DD). Reply with the date only."
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _written(d: date, style: int) -> str:
+    month, short = MONTHS[d.month - 1], MONTHS[d.month - 1][:3]
+    return [
+        f"{month} {d.day}, {d.year}",
+        f"{d.day} {month} {d.year}",
+        f"{short} {d.day} {d.year}",
+        f"the {_ordinal(d.day)} of {month}, {d.year}",
+        f"{month} {_ordinal(d.day)}, {d.year}",
+        f"{d.day}-{short}-{d.year}",
+    ][style]
+
+
+def make_examples(count: int, seed: int) -> list[dict]:
+    """Prompt/completion records: a written date -> its ISO form."""
+    rng = random.Random(seed)
+    start = date(1950, 1, 1)
+    records = []
+    for _ in range(count):
+        d = start + timedelta(days=rng.randrange(365 * 80))
+        records.append({"prompt": f"{INSTRUCTION}\nDate: {_written(d, rng.randrange(6))}", "completion": d.isoformat()})
+    return records
+
+
+def exact_match(model, tokenizer, records: list[dict]) -> tuple[float, list[str]]:
+    from smolora.generate import generate
+
+    outputs = [generate(model, tokenizer, r["prompt"], max_new_tokens=16, do_sample=False) for r in records]
+    hits = sum(o.strip() == r["completion"] for o, r in zip(outputs, records))
+    return 100.0 * hits / len(records), outputs
+
+
+def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_size: int = 50, max_steps: int = 60,
+             model: str | None = None, seed: int = 0) -> dict:
+    """Fine-tune on the date task, measure exact match before and after, save everything."""
+    from smolora.api import SmoLoRA
+    from smolora.models import load_model
+
+    t0 = time.perf_counter()
+    out = Path(output_dir)
+    train_records = make_examples(train_size, seed)
+    held_out = [r for r in make_examples(eval_size * 3, seed + 1) if r not in train_records][:eval_size]
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / "dates_train.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    (out / "dates_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+
+    lora = SmoLoRA(base_model_name=model, dataset_name=str(data_path), output_dir=str(out))
+    print(f"[demo] task: {INSTRUCTION}\n[demo] {len(train_records)} training examples, {len(held_out)} held out", flush=True)
+    base = load_model(lora.source, lora.device)
+    before, before_out = exact_match(base, lora.tokenizer, held_out)
+    del base
+    print(f"[demo] base model exact match: {before:.0f}%", flush=True)
+
+    # Preset "all": q,k,v,o,gate,up,down at r=16. The spec's q/v r=8 default learns this task
+    # too slowly for a 10-minute CPU budget (see README).
+    lora.peft_config.r, lora.peft_config.lora_alpha = 16, 32
+    lora.peft_config.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    cfg = lora.sft_config
+    cfg.max_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps = max_steps, 1e-3, "cosine", 5
+    cfg.logging_steps, cfg.seed = 10, seed
+    lora.train(overwrite=True)
+    after, after_out = exact_match(lora.model, lora.tokenizer, held_out)
+    print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
+    merged = lora.save()
+
+    print("\n[demo] held-out examples (base -> fine-tuned | expected):")
+    for r, b, a in list(zip(held_out, before_out, after_out))[:5]:
+        print(f"  {r['prompt'].split('Date: ')[1]!r}\n     base: {b[:60]!r}\n    tuned: {a!r}   expected: {r['completion']!r}")
+    seconds = time.perf_counter() - t0
+    summary = {"exact_match_before": before, "exact_match_after": after, "gain_points": after - before,
+               "train_steps": max_steps, "wall_seconds": round(seconds, 1), "adapter": lora.adapter_checkpoint,
+               "merged_model": merged, "train_data": str(data_path), "eval_data": str(out / "dates_eval.jsonl")}
+    (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\n[demo] exact match {before:.0f}% -> {after:.0f}% (+{after - before:.0f} points) in {seconds:.0f} s")
+    print(f"[demo] adapter (PEFT):        {lora.adapter_checkpoint}")
+    print(f"[demo] merged model (HF):     {merged}")
+    print(f"[demo] checkpoints, metrics:  {out / 'checkpoints'}, {out / 'metrics.jsonl'}")
+    print(f"[demo] results:               {out / 'demo_results.json'}")
+    return summary

@@ -1,0 +1,92 @@
+"""Generation and chat: chat template for chat models, streaming tokens, prompt not echoed."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from smolora.errors import SmoLoRAError
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool | None = None) -> torch.Tensor:
+    """Token ids (1, T) for a prompt: through the chat template when the model has one."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if isinstance(prompt, list) or use_chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = []
+    configured = model.generation_config.eos_token_id
+    for t in configured if isinstance(configured, list) else [configured]:
+        if t is not None:
+            ids.append(int(t))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    max_new_tokens: int = 200,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    *,
+    chat: bool | None = None,
+    stream: bool = False,
+    echo: bool = False,
+) -> str:
+    """Generate a reply. Returns only the new text unless ``echo`` is set."""
+    if max_new_tokens < 1:
+        raise SmoLoRAError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if do_sample and temperature <= 0:
+        raise SmoLoRAError(f"temperature must be > 0 when sampling (got {temperature})")
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt, chat).to(device)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=not echo, skip_special_tokens=True)
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        use_cache=True,
+        **sampling,
+    )
+    model.train(was_training)
+    new = out[0] if echo else out[0, ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0, system: str | None = None) -> None:
+    """Interactive chat on stdin/stdout; history is kept; empty line or Ctrl-D ends it."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("chat: type a message; an empty line or Ctrl-D quits.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            return
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        reply = generate(model, tokenizer, history, max_new_tokens, do_sample, temperature, stream=True)
+        history.append({"role": "assistant", "content": reply})

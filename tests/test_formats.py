@@ -1,0 +1,107 @@
+"""Records -> ids + labels: completion-only masks found by character offsets, EOS trained."""
+
+from __future__ import annotations
+
+import pytest
+
+from smolora.data.formats import IGNORE, FormatOptions, encode_record, encode_records
+from smolora.errors import SmoLoRAError
+
+
+def decode_supervised(tok, ex) -> str:
+    return tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+
+
+def test_chat_mask_supervises_answer_and_end_of_turn_even_though_pad_is_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    rec = {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"}]}
+    ex = encode_record(rec, tokenizer, FormatOptions())
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Exactly the answer tokens plus the closing <|im_end|> are supervised, in order.
+    answer = tokenizer("the quick fox", add_special_tokens=False)["input_ids"]
+    assert [lab for lab in ex.labels if lab != IGNORE] == answer + [end]
+    # Every prompt token (system, user, the '<|im_start|>assistant\n' header) is masked.
+    first = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)
+    assert all(lab == IGNORE for lab in ex.labels[:first])
+    assert tokenizer.decode(ex.input_ids[:first]).endswith("<|im_start|>assistant\n")
+    # The user's <|im_end|> (same id as pad) stays masked: masking is not by token id.
+    assert ex.input_ids[:first].count(end) >= 2
+
+
+def test_multi_turn_supervises_every_assistant_turn(tokenizer):
+    rec = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
+                        {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"},
+                        {"role": "assistant", "content": "four"}]}
+    ex = encode_record(rec, tokenizer, FormatOptions())
+    assert decode_supervised(tokenizer, ex) == "two<|im_end|>four<|im_end|>"
+
+
+def test_train_on_prompt_supervises_everything(tokenizer):
+    rec = {"prompt": "hello", "completion": "world"}
+    ex = encode_record(rec, tokenizer, FormatOptions(train_on_prompt=True))
+    assert ex.labels == ex.input_ids
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "hello", "completion": "world"},
+    {"instruction": "hello", "input": "", "output": "world"},
+    {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]},
+    {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
+])
+def test_every_conversational_shape_renders_the_same(tokenizer, record):
+    ex = encode_record(record, tokenizer, FormatOptions())
+    assert decode_supervised(tokenizer, ex) == "world<|im_end|>"
+    assert tokenizer.decode(ex.input_ids).startswith("<|im_start|>system\nYou are a test bot")
+
+
+def test_no_second_bos(tokenizer):
+    ex = encode_record({"prompt": "hi", "completion": "yo"}, tokenizer, FormatOptions())
+    bos = tokenizer.bos_token_id
+    assert ex.input_ids[0] == bos and ex.input_ids[1] != bos
+
+
+def test_text_record_appends_and_trains_eos(tokenizer):
+    ex = encode_record({"text": "hello world"}, tokenizer, FormatOptions())
+    assert ex.input_ids[-1] == tokenizer.eos_token_id and ex.labels[-1] == tokenizer.eos_token_id
+    assert ex.labels == ex.input_ids
+
+
+def test_custom_text_field_and_field_map(tokenizer):
+    ex = encode_record({"body": "hello"}, tokenizer, FormatOptions(text_field="body"))
+    assert tokenizer.decode(ex.input_ids).startswith("hello")
+    ex = encode_record({"q": "hello", "a": "world"}, tokenizer, FormatOptions(field_map={"prompt": "q", "completion": "a"}))
+    assert decode_supervised(tokenizer, ex) == "world<|im_end|>"
+
+
+def test_system_prompt_override(tokenizer):
+    ex = encode_record({"prompt": "hi", "completion": "yo"}, tokenizer, FormatOptions(system_prompt="be terse"))
+    assert tokenizer.decode(ex.input_ids).startswith("<|im_start|>system\nbe terse<|im_end|>")
+
+
+def test_truncation_drops_examples_whose_answer_is_cut_off(tokenizer):
+    long_prompt = "hello world " * 50
+    recs = [{"prompt": long_prompt, "completion": "fox"}, {"prompt": "hi", "completion": "the quick brown fox jumps"}]
+    fits = len(encode_record(recs[1], tokenizer, FormatOptions()).input_ids)
+    examples, stats = encode_records(recs, tokenizer, FormatOptions(max_length=fits))
+    assert stats.dropped == 1 and stats.kept == 1 and stats.truncated == 1
+    assert [x for x in examples[0].labels if x != -100][-1] == tokenizer.eos_token_id  # still learns to stop
+
+
+def test_model_without_template_gets_chatml():
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(chat_template=None)
+    examples, _ = encode_records([{"prompt": "hi", "completion": "yo"}], tok, FormatOptions())
+    assert tok.decode(examples[0].input_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'wizard'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+    ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has: body)"),
+    ({"messages": "hello"}, "messages must be a non-empty list"),
+    ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
+])
+def test_bad_records_name_the_problem(tokenizer, record, message):
+    with pytest.raises(SmoLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        encode_record(record, tokenizer, FormatOptions())

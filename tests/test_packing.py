@@ -1,0 +1,87 @@
+"""Padding-free packing is exact: packed logits and loss equal each example run alone."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import build_tiny_llama, chat_records
+from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
+from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
+from smolora.train import token_loss_sum
+
+
+def examples_of(tokenizer, n=5):
+    recs = chat_records(n)
+    recs[1]["messages"][1]["content"] = "a much longer answer: the quick brown fox jumps over the lazy dog"
+    return encode_records(recs, tokenizer, FormatOptions())[0]
+
+
+@torch.no_grad()
+def test_packed_logits_equal_logits_alone(tokenizer):
+    model = build_tiny_llama(len(tokenizer))
+    examples = examples_of(tokenizer)
+    mb = collate(examples, packed=True)
+    assert mb.input_ids.shape[0] == 1 and mb.attention_mask is None
+    packed = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+    start = 0
+    for ex in examples:
+        alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+        n = len(ex.input_ids)
+        torch.testing.assert_close(packed[start : start + n], alone, atol=1e-5, rtol=0)
+        start += n
+
+
+@torch.no_grad()
+def test_packed_loss_equals_unpacked_and_padded_loss(tokenizer):
+    model = build_tiny_llama(len(tokenizer))
+    examples = examples_of(tokenizer)
+    packed = token_loss_sum(model, collate(examples, packed=True))
+    padded = token_loss_sum(model, collate(examples, packed=False, pad_id=tokenizer.pad_token_id))
+    alone = sum(token_loss_sum(model, collate([e], packed=True)) for e in examples)
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-6)
+
+
+def test_targets_never_cross_example_boundaries():
+    a = Example([5, 6, 7], [IGNORE, 6, 7])
+    b = Example([8, 9], [8, 9])
+    mb = collate([a, b])
+    assert mb.targets.tolist() == [[6, 7, IGNORE, 9, IGNORE]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+
+
+example_st = st.lists(st.tuples(st.integers(3, 299), st.booleans()), min_size=1, max_size=30).map(
+    lambda toks: Example([t for t, _ in toks], [t if sup else IGNORE for t, sup in toks]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(examples=st.lists(example_st, min_size=1, max_size=20), batch=st.integers(1, 6), cap=st.integers(0, 60),
+       seed=st.integers(0, 5), by_len=st.booleans())
+def test_packer_never_loses_or_duplicates_a_supervised_token(examples, batch, cap, seed, by_len):
+    lengths = [len(e.input_ids) for e in examples]
+    order = epoch_order(len(examples), 0, seed, lengths=lengths, group_by_length=by_len)
+    assert sorted(order) == list(range(len(examples)))
+    groups = group_micro_batches(lengths, order, batch, cap)
+    assert sorted(i for g in groups for i in g) == list(range(len(examples)))
+    for g in groups:
+        assert len(g) <= batch
+        assert cap == 0 or len(g) == 1 or sum(lengths[i] for i in g) <= cap
+    got = sorted(t for g in groups for t in collate([examples[i] for i in g]).targets[0].tolist() if t != IGNORE)
+    want = sorted(t for e in examples for t in e.labels[1:] if t != IGNORE)
+    assert got == want
+
+
+def test_curriculum_orders_easy_first_and_bucket_shuffle_keeps_buckets():
+    difficulty = [5.0, 1.0, 3.0, 2.0, 4.0, 0.0]
+    assert epoch_order(6, 0, 0, difficulty=difficulty) == [5, 1, 3, 2, 4, 0]
+    shuffled = epoch_order(6, 0, 0, difficulty=difficulty, bucket_shuffle=True, num_buckets=2)
+    assert set(shuffled[:3]) == {5, 1, 3} and set(shuffled[3:]) == {2, 4, 0}
+
+
+def test_mix_tasks_follows_weights_and_tags_records():
+    mixed = mix_tasks([("A", [{"text": f"a{i}"} for i in range(10)], 3.0), ("B", [{"text": f"b{i}"} for i in range(10)], 1.0)], seed=0)
+    counts = {t: sum(r["_task"] == t for r in mixed) for t in "AB"}
+    assert counts == {"A": 15, "B": 5}
+    assert len({r["text"] for r in mixed if r["_task"] == "A"}) == 10  # every A record used before any repeats

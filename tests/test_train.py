@@ -1,0 +1,120 @@
+"""The loop: only adapters train, accumulation is exact, schedules, numeric guards, exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, chat_records
+from smolora.checkpoint import list_checkpoints
+from smolora.config import LoraSettings, TrainConfig
+from smolora.data.formats import FormatOptions, encode_records
+from smolora.lora import add_lora
+from smolora.train import NonFiniteLossError, lr_at, train
+
+QUIET = dict(log=lambda *_: None)
+
+
+def setup(tokenizer, dropout=0.1, seed=0, tie=True):
+    model = build_tiny_llama(len(tokenizer), tie=tie, seed=seed)
+    torch.manual_seed(seed)
+    peft_model = add_lora(model, LoraSettings(lora_dropout=dropout, target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
+    return peft_model, examples
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=2, seed=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, examples, cfg(tmp_path), **QUIET)
+    assert len(result.losses) == 4
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad
+            if "lora_B" in n:
+                assert not torch.equal(p, before[n]), n
+        else:
+            assert not p.requires_grad and torch.equal(p, before[n]), n
+
+
+def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0):
+    model, examples = setup(tokenizer, dropout=0.0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
+            learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant")
+    train(model, examples[:8], c, **QUIET)
+    return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
+    one_batch = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1)
+    accumulated = adapter_update(tokenizer, tmp_path / "b", batch=1, accum=8)
+    by_tokens = adapter_update(tokenizer, tmp_path / "c", batch=8, accum=8, max_tokens=40)
+    assert max(d.abs().max() for d in one_batch.values()) > 1e-3  # a real update, not a no-op
+    for n in one_batch:
+        torch.testing.assert_close(accumulated[n], one_batch[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(by_tokens[n], one_batch[n], atol=1e-6, rtol=0)
+
+
+def test_lr_schedules():
+    assert lr_at(0, 10, 1.0, "constant", 4) == 0.25
+    assert lr_at(3, 10, 1.0, "linear", 4) == 1.0
+    assert lr_at(4, 10, 1.0, "linear", 4) == 1.0 and lr_at(7, 10, 1.0, "linear", 4) == 0.5
+    assert lr_at(4, 10, 1.0, "cosine", 4) == 1.0 and abs(lr_at(7, 10, 1.0, "cosine", 4) - 0.5) < 1e-12
+    assert lr_at(9, 10, 2.0, "constant", 0) == 2.0
+
+
+def test_epochs_instead_of_max_steps(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    result = train(model, examples, cfg(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2), **QUIET)
+    assert result.steps == 2 * (16 // 2 // 2)
+
+
+def poison_after(model, calls: int, until: int = 10**9):
+    """Make the final norm's output NaN for forward calls number calls+1 .. until."""
+    count = {"n": 0}
+
+    def hook(_module, _inputs, output):
+        count["n"] += 1
+        return output * float("nan") if calls < count["n"] <= until else output
+
+    model.get_base_model().model.norm.register_forward_hook(hook)
+
+
+def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    poison_after(model, calls=4)  # 2 micro-batches per step: step 3 is the first poisoned
+    with pytest.raises(NonFiniteLossError, match=r"non-finite values at step 3 .*last good checkpoint: .*step-000002"):
+        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0), **QUIET)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    poison_after(model, calls=4, until=6)  # only step 3 is poisoned
+    result = train(model, examples, cfg(tmp_path / "a", max_steps=5), skip_nonfinite_steps=1, **QUIET)
+    assert len(result.losses) == 4 and result.steps == 5
+    model, examples = setup(tokenizer)
+    poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
+    with pytest.raises(NonFiniteLossError, match="step 6"):
+        train(model, examples, cfg(tmp_path / "b", max_steps=8), skip_nonfinite_steps=2, **QUIET)
+
+
+def test_resume_in_process_is_bit_identical(tokenizer, tmp_path):
+    model, examples = setup(tokenizer, dropout=0.1)
+    fresh = copy.deepcopy(model)
+    c = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2)
+    full = train(model, examples, c, **QUIET)
+    resumed_cfg = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2)
+    second = train(fresh, examples, resumed_cfg, resume_from=tmp_path / "full" / "checkpoints" / "step-000003", **QUIET)
+    assert second.losses == full.losses
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n

@@ -1,0 +1,137 @@
+"""The CLI end to end in real subprocesses: train -> merge -> generate, bad input, kill -9 + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import chat_records
+
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def smolora(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smolora.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, **kw)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in chat_records(24)))
+    return f
+
+
+def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 3,
+                "--gradient-accumulation-steps", 2, "--r", 4, "--target-modules", "q_proj,v_proj", "--logging-steps", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Trainable params:" in r.stdout and "'loss':" in r.stderr + r.stdout
+    adapter_cfg = json.loads((out / "adapter_checkpoint" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert (out / "final_merged" / "model.safetensors").is_file()
+
+    r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(out / "final_merged" / "model.safetensors"), load_file(tmp_path / "merged2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for extra in (["--model", out / "final_merged"], ["--adapter", out / "adapter_checkpoint"]):
+        r = smolora("generate", *extra, "--prompt", "what is 2 plus 2?", "--max-new-tokens", 5, "--greedy", "--no-stream")
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_help_for_every_command():
+    for cmd in ("train", "merge", "generate", "demo"):
+        r = smolora(cmd, "--help")
+        assert r.returncode == 0 and "usage: smolora " + cmd in r.stdout
+    assert "--learning-rate" in smolora("train", "--help").stdout
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ('{"text": "a"}\n{"text": oops}\n', [], "train.jsonl:2: malformed JSON"),
+    ('{"body": "a"}\n', [], "record has no 'text' field (it has: body)"),
+    ('{"text": "a"}\n', ["--r", "0", "--learning-rate", "-1"], "r must be > 0 (got 0); learning_rate must be > 0 (got -1.0)"),
+    ('{"text": "a"}\n', ["--lr-scheduler-type", "warp"], "lr_scheduler_type must be one of"),
+    ('{"text": "a"}\n', ["--target-modules", "nonexistent_proj"], "match no linear layer; the model has: "),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_model_dir, content, flags, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    out = tmp_path / "run"
+    r = smolora("train", "--data", tmp_path / "train.jsonl", "--output", out, "--model", tiny_model_dir, *flags)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("smolora: error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert not (out / "adapter_checkpoint").exists() and not (out / "checkpoints").exists()
+
+
+def test_missing_model_and_refusing_to_overwrite(tmp_path, tiny_model_dir, data_file):
+    r = smolora("train", "--data", data_file, "--model", tmp_path / "nope")
+    assert r.returncode == 2 and "model path does not exist" in r.stderr
+    out = tmp_path / "run"
+    args = ["train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--no-merge"]
+    assert smolora(*args).returncode == 0
+    r = smolora(*args)
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr
+    assert smolora(*args, "--overwrite").returncode == 0
+
+
+def final_state(out: Path):
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    return load_file(out / "adapter_checkpoint" / "adapter_model.safetensors"), state["losses"], state["step"]
+
+
+def test_kill_9_at_a_random_step_then_resume_is_exact(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
+    common = ["--data", data, "--model", tiny_model_dir, "--max-steps", 24, "--save-steps", 1, "--no-merge",
+              "--gradient-accumulation-steps", 3, "--per-device-train-batch-size", 2, "--lora-dropout", 0.1,
+              "--target-modules", "all", "--learning-rate", 5e-3, "--logging-steps", 4]
+    r = smolora("train", *common, "--output", tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    kill_after = random.Random().randint(2, 12)
+    proc = subprocess.Popen([sys.executable, "-m", "smolora.cli", "train", *map(str, common), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / f"step-{kill_after:06d}").exists():
+        time.sleep(0.005)
+    still_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert still_running, "the run finished before it could be killed"
+    assert not (out / "adapter_checkpoint").exists()
+
+    r = smolora("train", *common, "--output", out, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout + r.stderr
+    full_adapter, full_losses, full_step = final_state(tmp_path / "full")
+    res_adapter, res_losses, res_step = final_state(out)
+    assert res_step == full_step == 24
+    assert res_losses == full_losses
+    assert full_adapter.keys() == res_adapter.keys()
+    for k in full_adapter:
+        assert torch.equal(full_adapter[k], res_adapter[k]), k
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    args = ["train", "--data", data_file, "--model", tiny_model_dir, "--output", out, "--no-merge", "--save-steps", 1]
+    assert smolora(*args, "--max-steps", 2).returncode == 0
+    r = smolora(*args, "--max-steps", 4, "--resume", "--learning-rate", 1e-3)
+    assert r.returncode == 2 and "settings differ" in r.stderr and "learning_rate: 0.0002 -> 0.001" in r.stderr
+    r = smolora(*args, "--max-steps", 4, "--resume", "--learning-rate", 1e-3, "--allow-config-change")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,52 @@
+"""Integration on the real embedded SmolLM2-135M-Instruct (slow: about a minute in all)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from smolora.data.formats import IGNORE, FormatOptions, encode_record
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from smolora.models import load_tokenizer, resolve_model
+
+    source = resolve_model(None)
+    return source, load_tokenizer(source)
+
+
+def test_real_template_mask(embedded):
+    _, tok = embedded
+    ex = encode_record({"prompt": "Say hi", "completion": "Hi!"}, tok, FormatOptions())
+    supervised = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert tok.decode(supervised) == "Hi!<|im_end|>"
+    assert supervised[-1] == tok.eos_token_id == tok.pad_token_id
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert ex.input_ids.count(tok.bos_token_id) == 3  # system, user, assistant: no extra BOS
+
+
+def test_twenty_steps_lower_the_loss_and_the_merged_model_stops(tmp_path, embedded):
+    from smolora import SmoLoRA
+
+    records = [{"prompt": f"Spell the number {n} backwards.", "completion": str(n)[::-1]} for n in range(1000, 1400, 5)]
+    lora = SmoLoRA(dataset_name=records, output_dir=str(tmp_path))
+    cfg = lora.sft_config
+    cfg.max_steps, cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size = 20, 2, 4
+    cfg.learning_rate, cfg.logging_steps = 1e-3, 5
+    result = lora.train()
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    merged = lora.save()
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "Spell the number 1234 backwards."}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=30, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    assert tok.eos_token_id in new, tok.decode(new)  # it learned to stop
+    assert len(new) < 30

@@ -1,0 +1,89 @@
+"""The adapter format is the contract: PEFT loads it; merged logits equal adapter logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from smolora.config import LoraSettings
+from smolora.errors import SmoLoRAError
+from smolora.lora import add_lora
+from smolora.merge import merge_adapter
+
+
+def trained_looking_adapter(model_dir, out, seed=0):
+    """Attach LoRA to the saved tiny base and give it non-zero B so the adapter does something."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = add_lora(base, LoraSettings(target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.eval()
+    model.save_pretrained(out)
+    return model
+
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 2, 50, 51]])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_peft_loads_adapter_and_merged_equals_unmerged(tmp_path, tokenizer, tie):
+    from conftest import build_tiny_llama
+
+    model_dir = tmp_path / "base"
+    build_tiny_llama(len(tokenizer), tie=tie).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ours = trained_looking_adapter(model_dir, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    with torch.no_grad():
+        ours_logits = ours(IDS).logits
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        peft_logits = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()(IDS).logits
+        torch.testing.assert_close(peft_logits, ours_logits, atol=1e-5, rtol=0)
+
+        out = merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(model_dir))
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        merged_logits = merged(IDS).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(IDS).logits
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=0)
+    assert (merged_logits - base_logits).abs().max() > 1e-2
+    assert merged.config.tie_word_embeddings == tie
+    if tie:
+        assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
+
+
+def test_merge_refuses_nan_and_writes_nothing(tmp_path, tiny_model_dir):
+    model = trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SmoLoRAError, match="NaN/inf"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(tiny_model_dir))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_pickled_adapter_is_refused(tmp_path, tiny_model_dir):
+    trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").rename(tmp_path / "adapter" / "adapter_model.bin")
+    with pytest.raises(SmoLoRAError, match="pickled .bin adapters are refused"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(tiny_model_dir))
+
+
+def test_pickled_base_model_is_refused(tmp_path, tiny_model_dir):
+    from smolora.models import load_model, resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(SmoLoRAError, match="pickled"):
+        load_model(resolve_model(str(tmp_path)))

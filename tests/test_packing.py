@@ -85,3 +85,41 @@ def test_mix_tasks_follows_weights_and_tags_records():
     counts = {t: sum(r["_task"] == t for r in mixed) for t in "AB"}
     assert counts == {"A": 15, "B": 5}
     assert len({r["text"] for r in mixed if r["_task"] == "A"}) == 10  # every A record used before any repeats
+
+
+@torch.no_grad()
+def test_shared_prefix_packing_is_exact(tokenizer):
+    from smolora.data.batching import shared_prefix_length
+
+    model = build_tiny_llama(len(tokenizer))
+    examples = examples_of(tokenizer)
+    prefix = shared_prefix_length(examples)
+    system = len(tokenizer("<|im_start|>system\nYou are a test bot<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert prefix >= system  # at least the default system prompt is shared
+    shared = collate(examples, share_prefix=True)
+    assert shared.input_ids.shape[1] == sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * prefix
+    assert shared.num_tokens == sum(len(e.input_ids) for e in examples)
+    assert shared.num_targets == collate(examples).num_targets
+    loss_shared = token_loss_sum(model, shared)
+    loss_alone = sum(token_loss_sum(model, collate([e])) for e in examples)
+    torch.testing.assert_close(loss_shared, loss_alone, atol=1e-4, rtol=1e-6)
+    # Each example's supervised logits equal its logits run alone.
+    mask = torch.zeros(shared.attention_mask.shape).masked_fill_(~shared.attention_mask, torch.finfo(torch.float32).min)
+    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=mask, use_cache=False).logits[0]
+    start = prefix
+    for ex in examples:
+        alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+        n = len(ex.input_ids) - prefix
+        torch.testing.assert_close(logits[start : start + n], alone[prefix:], atol=1e-5, rtol=0)
+        start += n
+
+
+def test_shared_prefix_never_covers_a_target():
+    from smolora.data.batching import shared_prefix_length
+
+    a = Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5])  # plain text: every position predicts something
+    b = Example([1, 2, 3, 9, 9], [1, 2, 3, 9, 9])
+    assert shared_prefix_length([a, b]) == 0
+    c = Example([1, 2, 3, 4, 5], [IGNORE, IGNORE, IGNORE, 4, 5])
+    d = Example([1, 2, 3, 4, 7], [IGNORE, IGNORE, IGNORE, 4, 7])
+    assert shared_prefix_length([c, d]) == 2  # position 2 predicts token 3 (id 4), a target

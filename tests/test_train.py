@@ -44,11 +44,12 @@ def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_pat
             assert not p.requires_grad and torch.equal(p, before[n]), n
 
 
-def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0):
+def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False):
     model, examples = setup(tokenizer, dropout=0.0)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
-            learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant")
+            learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant",
+            share_prefix=share_prefix)
     train(model, examples[:8], c, **QUIET)
     return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -56,11 +57,13 @@ def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0):
 def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
     one_batch = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1)
     accumulated = adapter_update(tokenizer, tmp_path / "b", batch=1, accum=8)
-    by_tokens = adapter_update(tokenizer, tmp_path / "c", batch=8, accum=8, max_tokens=40)
+    by_tokens = adapter_update(tokenizer, tmp_path / "c", batch=1, accum=8, max_tokens=40)
+    shared = adapter_update(tokenizer, tmp_path / "d", batch=1, accum=8, max_tokens=4096, share_prefix=True)
     assert max(d.abs().max() for d in one_batch.values()) > 1e-3  # a real update, not a no-op
     for n in one_batch:
         torch.testing.assert_close(accumulated[n], one_batch[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(by_tokens[n], one_batch[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(shared[n], one_batch[n], atol=1e-6, rtol=0)
 
 
 def test_lr_schedules():
@@ -77,7 +80,7 @@ def test_epochs_instead_of_max_steps(tokenizer, tmp_path):
     assert result.steps == 2 * (16 // 2 // 2)
 
 
-def poison_after(model, calls: int, until: int = 10**9):
+def poison_after(model, calls: int, until: int = 10**9):  # use with max_tokens_per_batch=0: 2 calls a step
     """Make the final norm's output NaN for forward calls number calls+1 .. until."""
     count = {"n": 0}
 
@@ -92,7 +95,7 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
     model, examples = setup(tokenizer)
     poison_after(model, calls=4)  # 2 micro-batches per step: step 3 is the first poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite values at step 3 .*last good checkpoint: .*step-000002"):
-        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0), **QUIET)
+        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0, max_tokens_per_batch=0), **QUIET)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -100,12 +103,12 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
 def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     poison_after(model, calls=4, until=6)  # only step 3 is poisoned
-    result = train(model, examples, cfg(tmp_path / "a", max_steps=5), skip_nonfinite_steps=1, **QUIET)
+    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, max_tokens_per_batch=0), skip_nonfinite_steps=1, **QUIET)
     assert len(result.losses) == 4 and result.steps == 5
     model, examples = setup(tokenizer)
     poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
     with pytest.raises(NonFiniteLossError, match="step 6"):
-        train(model, examples, cfg(tmp_path / "b", max_steps=8), skip_nonfinite_steps=2, **QUIET)
+        train(model, examples, cfg(tmp_path / "b", max_steps=8, max_tokens_per_batch=0), skip_nonfinite_steps=2, **QUIET)
 
 
 def test_resume_in_process_is_bit_identical(tokenizer, tmp_path):
@@ -118,3 +121,19 @@ def test_resume_in_process_is_bit_identical(tokenizer, tmp_path):
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_output_names_cannot_escape_or_follow_symlinks(tmp_path):
+    from smolora.checkpoint import safe_child
+    from smolora.errors import SmoLoRAError
+
+    assert safe_child(tmp_path, "checkpoints", "step-000001") == tmp_path / "checkpoints" / "step-000001"
+    with pytest.raises(SmoLoRAError, match="'..'"):
+        safe_child(tmp_path, "../elsewhere")
+    with pytest.raises(SmoLoRAError, match="absolute"):
+        safe_child(tmp_path, "/etc")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(tmp_path / "outside")
+    with pytest.raises(SmoLoRAError, match="symlink"):
+        safe_child(tmp_path / "run", "checkpoints", "step-000001")

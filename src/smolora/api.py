@@ -101,7 +101,7 @@ class SmoLoRA:
         self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
                             resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,
                             skip_nonfinite_steps=skip_nonfinite_steps)
-        self.adapter_checkpoint = str(self._save_adapter(out / "adapter_checkpoint"))
+        self.adapter_checkpoint = str(self._save_adapter(ckpt.safe_child(out, "adapter_checkpoint")))
         print(f"[smolora] adapter saved to {self.adapter_checkpoint}", flush=True)
         return self.result
 
@@ -124,7 +124,7 @@ class SmoLoRA:
             torch.cuda.empty_cache()
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             torch.mps.empty_cache()
-        out = Path(self.sft_config.output_dir) / "final_merged"
+        out = ckpt.safe_child(self.sft_config.output_dir, "final_merged")
         merge_adapter(self.adapter_checkpoint, out, self.base_model_name,
                       allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
         self.merged_model_path = str(out)

@@ -78,8 +78,25 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def safe_child(root: str | Path, *names: str) -> Path:
+    """``root/names...``, refusing names that would leave ``root`` (``..``, absolute paths) or
+    write through a symlink planted inside it."""
+    root = Path(root)
+    path = root.joinpath(*names)
+    if any(Path(n).is_absolute() or ".." in Path(n).parts for n in names):
+        raise SmoLoRAError(f"{path}: output names may not be absolute or contain '..'")
+    probe = path
+    while probe != root and probe != probe.parent:
+        if probe.is_symlink():
+            raise SmoLoRAError(f"{probe}: is a symlink inside the output folder; refusing to write through it")
+        probe = probe.parent
+    return path
+
+
 def atomic_folder(final: Path, write) -> Path:
     """Call ``write(tmp_folder)``, fsync, write the marker, then rename to ``final``."""
+    if final.is_symlink():
+        raise SmoLoRAError(f"{final}: is a symlink; refusing to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -171,7 +188,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info:
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
+    return safe_child(output_dir, "checkpoints", f"step-{step:06d}")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -43,8 +43,9 @@ class TrainResult:
     steps: int
     losses: list[float]  # per optimizer step
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # the dataset's own tokens trained on
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     last_checkpoint: Path | None = None
 
 
@@ -68,7 +69,11 @@ def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = mb.targets != IGNORE  # (B, T)
-    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False)
+    mask = mb.attention_mask
+    if mask is not None and mask.dim() == 4:  # a custom (1, 1, T, T) mask: additive, in the model's dtype
+        dtype = lm.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mask, use_cache=False)
     if _head_is_plain_linear(lm):
         hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
         logits = lm.get_output_embeddings()(hidden[keep])  # (N, V)
@@ -138,7 +143,7 @@ def train(
     def groups_for(epoch: int) -> list[list[int]]:
         order = epoch_order(len(examples), epoch, cfg.seed, difficulty=difficulty, bucket_shuffle=cfg.curriculum_shuffle,
                             lengths=lengths, group_by_length=cfg.group_by_length)
-        return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, cfg.max_tokens_per_batch)
+        return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
 
     groups = groups_for(0)
     total_steps = cfg.total_steps(len(groups))
@@ -168,17 +173,22 @@ def train(
     model.train()
     try:
         while state.step < total_steps:
+            step_start = time.perf_counter()
             lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # 1. the next gradient_accumulation_steps micro-batches, rolling over epochs
-            micro = []
+            rows = []
             for _ in range(cfg.gradient_accumulation_steps):
                 if state.cursor >= len(groups):
                     state.epoch, state.cursor = state.epoch + 1, 0
                     groups = groups_for(state.epoch)
-                micro.append(collate([examples[i] for i in groups[state.cursor]], cfg.packing, pad_id))
+                rows.append(groups[state.cursor])
                 state.cursor += 1
+            if cfg.packing and cfg.max_tokens_per_batch > 0:  # repack the whole step by token budget
+                step_examples = [i for row in rows for i in row]
+                rows = group_micro_batches(lengths, step_examples, len(step_examples), cfg.max_tokens_per_batch)
+            micro = [collate([examples[i] for i in row], cfg.packing, pad_id, cfg.share_prefix) for row in rows]
             num_targets = sum(mb.num_targets for mb in micro)
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
@@ -212,6 +222,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.losses.append(step_loss)
+            result.step_seconds.append(time.perf_counter() - step_start)
             bar.update(1)
             # 4. log, evaluate, checkpoint
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:

@@ -24,9 +24,11 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, T) — B is 1 when packed
     position_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T) next-token targets, IGNORE where nothing is learned
-    attention_mask: torch.Tensor | None  # (B, T) for padded batches; None when packed
+    # (B, T) for padded batches; (1, 1, T, T) bool (True = may attend) when a prefix is shared;
+    # None for plain packing (transformers derives the block mask from the position ids)
+    attention_mask: torch.Tensor | None
     num_examples: int
-    num_tokens: int  # the dataset's own tokens in this micro-batch (no padding)
+    num_tokens: int  # the dataset's own tokens in this micro-batch (no padding; a shared prefix counts once per example)
 
     @property
     def num_targets(self) -> int:
@@ -38,11 +40,62 @@ def shifted_targets(ex: Example) -> list[int]:
     return ex.labels[1:] + [IGNORE]
 
 
-def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0) -> MicroBatch:
+def shared_prefix_length(examples: Sequence[Example]) -> int:
+    """How many leading tokens all examples can share: a common prefix none of whose positions
+    carries a target (it only provides context), leaving every example at least one token."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    common = min(len(e.input_ids) for e in examples) - 1
+    for e in examples[1:]:
+        n = 0
+        while n < common and e.input_ids[n] == first[n]:
+            n += 1
+        common = n
+    # Position t predicts token t + 1, which must be common too: share at most common - 1.
+    share = max(0, common - 1)
+    for e in examples:
+        supervised = next((t for t, lab in enumerate(e.labels[1 : share + 1]) if lab != IGNORE), None)
+        if supervised is not None:
+            share = supervised
+    return share
+
+
+def collate_shared_prefix(examples: Sequence[Example], prefix: int) -> MicroBatch:
+    """One packed row: the common prefix once, then each example's remainder.
+
+    Each remainder attends to the prefix and to itself (causally), never to another example, and
+    its position ids continue from the prefix — so every example's logits are exactly those of the
+    example run alone, while the prefix is computed once (the chat template's system prompt is a
+    third of a short chat example).
+    """
+    ids = list(examples[0].input_ids[:prefix])
+    pos = list(range(prefix))
+    tgt = [IGNORE] * prefix
+    seg = [0] * prefix
+    for k, e in enumerate(examples, start=1):
+        n = len(e.input_ids)
+        ids += e.input_ids[prefix:]
+        pos += range(prefix, n)
+        tgt += shifted_targets(e)[prefix:]
+        seg += [k] * (n - prefix)
+    seg_t = torch.tensor(seg)
+    causal = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    same = (seg_t[:, None] == seg_t[None, :]) | (seg_t[None, :] == 0)  # (T, T): own example or the prefix
+    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    num_tokens = sum(len(e.input_ids) for e in examples)
+    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), (causal & same)[None, None], len(examples), num_tokens)
+
+
+def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False) -> MicroBatch:
     """Build one micro-batch: a single packed row, or right-padded rows with an attention mask."""
     if not examples:
         raise ValueError("collate needs at least one example")
     num_tokens = sum(len(e.input_ids) for e in examples)
+    if packed and share_prefix:
+        prefix = shared_prefix_length(examples)
+        if prefix > 0:
+            return collate_shared_prefix(examples, prefix)
     if packed:
         ids = [t for e in examples for t in e.input_ids]
         pos = [p for e in examples for p in range(len(e.input_ids))]

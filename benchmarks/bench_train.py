@@ -1,0 +1,315 @@
+"""Training throughput and memory: SmoLoRA vs TRL's SFTTrainer (the anchor) vs a plain reference loop.
+
+    python benchmarks/bench_train.py                  # short + long chat data, 3 repetitions
+    python benchmarks/bench_train.py --reps 1 --steps 4 --variants short   # a quick look
+
+Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct,
+with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj; batch 1 x accumulation 8;
+lr 2e-4; AdamW; fp32; max_length 1024. Throughput counts the dataset's own tokens and examples,
+never tokens computed. The first optimizer step of each run is a warm-up and is not timed.
+MFU = FLOPs of the matmuls each implementation actually runs (counted analytically) / the fp32
+GEMM peak measured at the model's shapes at the start of the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
+         "company number group problem fact water river mountain city music garden light paper story energy market "
+         "simple quick bright quiet early strong small large green happy careful clear warm cold").split()
+SPEC = dict(r=8, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"], batch=1, accum=8, lr=2e-4, max_length=1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# data: generated chat prompt/completion records, like real instruction data
+def make_records(variant: str, count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    sentence = lambda n: " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731
+    answer_words = {"short": (12, 22), "long": (320, 420)}[variant]
+    records = []
+    for _ in range(count):
+        prompt = sentence(rng.randint(6, 12)) + " Explain?"
+        words = rng.randint(*answer_words)
+        answer = " ".join(sentence(min(12, words)) for _ in range(max(1, words // 12)))
+        records.append({"prompt": prompt, "completion": answer})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine: fp32 GEMM at the model's shapes
+def gemm_peak(hidden: int = 576, inter: int = 1536, vocab: int = 49152, tokens: int = 512) -> dict:
+    shapes = {"qo": (tokens, hidden, hidden), "kv": (tokens, hidden, 192), "up": (tokens, hidden, inter),
+              "down": (tokens, inter, hidden), "head": (tokens, hidden, vocab)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        out[name] = 2 * m * k * n / best / 1e9
+    out["peak"] = max(out.values())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# analytic FLOPs of the matmuls actually run in one optimizer step
+def step_flops(cfg, rows: list[tuple[list[int], int]], r: int, targets: list[str]) -> float:
+    """rows: (lengths of the attention blocks in the row, positions that go through the LM head).
+
+    Per token: frozen linears 2·N forward, plus 2·N backward to their input (except layer 0's
+    q/k/v, whose input needs no gradient); LoRA 2·r·(din+dout) forward, 4x that backward (weights
+    and input); attention QK^T and AV as run (a masked packed row computes its full T x T, a
+    single example its causal half); the LM head 2·H·V forward and 2·H·V backward to hidden.
+    """
+    h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    total = 0.0
+    for blocks, head_positions in rows:
+        t = sum(blocks)
+        for layer in range(layers):
+            for name, (din, dout) in dims.items():
+                total += 2 * t * din * dout  # forward
+                if not (layer == 0 and name in ("q_proj", "k_proj", "v_proj")):
+                    total += 2 * t * din * dout  # backward to input
+                if name in targets:
+                    total += 5 * 2 * t * r * (din + dout)
+            attn = 2 * 2 * sum(b * b for b in blocks) * h  # QK^T and AV, full blocks as run
+            total += 3 * attn  # forward + backward (two matmuls each)
+        total += 4 * head_positions * h * vocab
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# workers: each runs in a subprocess and prints one JSON line
+def load_embedded():
+    from smolora.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(None)
+    return source, load_tokenizer(source), load_model(source)
+
+
+def peft_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=SPEC["r"], lora_alpha=SPEC["alpha"], lora_dropout=SPEC["dropout"], bias="none",
+                      task_type="CAUSAL_LM", target_modules=SPEC["targets"])
+
+
+def encode(records, tokenizer):
+    from smolora.data.formats import FormatOptions, encode_records
+
+    return encode_records(records, tokenizer, FormatOptions(max_length=SPEC["max_length"]))[0]
+
+
+def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
+    """The examples of each optimizer step, in SmoLoRA's own order (so the reference sees the same)."""
+    from smolora.data.batching import epoch_order
+
+    order = epoch_order(n_examples, 0, seed)
+    per = SPEC["batch"] * SPEC["accum"]
+    return [order[s * per : (s + 1) * per] for s in range(steps)]
+
+
+def worker_smolora(records, steps, seed) -> dict:
+    from smolora.config import TrainConfig
+    from smolora.lora import add_lora
+    from smolora.train import train
+
+    _, tok, model = load_embedded()
+    examples = encode(records, tok)
+    torch.manual_seed(seed)
+    model = add_lora(model, peft_config(), warn=lambda *_: None)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
+                          learning_rate=SPEC["lr"], max_steps=steps, logging_steps=10**6, max_length=SPEC["max_length"],
+                          seed=seed, save_total_limit=1)
+        result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
+    from smolora.data.batching import group_micro_batches, shared_prefix_length
+
+    rows = []
+    for idx in step_order(len(examples), steps, seed):
+        lengths = [len(examples[i].input_ids) for i in idx]
+        for row in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch):
+            exs = [examples[idx[i]] for i in row]
+            p = shared_prefix_length(exs) if cfg.share_prefix else 0
+            t = sum(len(e.input_ids) for e in exs) - (len(exs) - 1) * p
+            rows.append(([t] if len(exs) > 1 else [t], sum(e.num_supervised - (e.labels[0] != -100) for e in exs)))
+    return {"step_seconds": result.step_seconds, "losses": result.losses, "flops_rows": rows,
+            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
+
+
+def worker_reference(records, steps, seed) -> dict:
+    """Plain PyTorch + PEFT: one example per forward, full logits, HF-style shift, no packing."""
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    _, tok, model = load_embedded()
+    examples = encode(records, tok)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, peft_config())
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEC["lr"])
+    losses, times, rows = [], [], []
+    for s, idx in enumerate(step_order(len(examples), steps, seed)):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = SPEC["lr"] * (1 - s / steps)  # linear decay, SmoLoRA's default schedule
+        n_targets = sum(sum(1 for x in examples[i].labels[1:] if x != -100) for i in idx)
+        step_loss = 0.0
+        for i in idx:
+            ids = torch.tensor([examples[i].input_ids])
+            labels = torch.tensor([examples[i].labels])
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / n_targets
+            loss.backward()
+            step_loss += loss.item()
+            rows.append(([ids.shape[1]], ids.shape[1]))
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        times.append(time.perf_counter() - t0)
+    return {"step_seconds": times, "losses": losses, "flops_rows": rows,
+            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
+
+
+def worker_trl(records, steps, seed) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    source, tok, model = load_embedded()
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}]}
+            for r in records]
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
+                         learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=False,
+                         max_length=SPEC["max_length"], report_to=[], save_strategy="no", use_cpu=True, seed=seed,
+                         dataloader_num_workers=0, disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(),
+                             processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    examples = encode(records, tok)
+    per_step = sum(len(e.input_ids) for e in examples) / len(examples) * SPEC["accum"]
+    flops_rows = [([len(e.input_ids)], len(e.input_ids)) for e in examples[: steps * SPEC["accum"]]]
+    return {"step_seconds": times, "losses": losses, "flops_rows": flops_rows, "tokens_per_step": [per_step] * steps}
+
+
+WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference}
+
+
+def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
+    records = make_records(variant, steps * SPEC["accum"], seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = WORKERS[impl](records, steps, seed)
+    data["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
+    return data
+
+
+def spawn(impl: str, variant: str, steps: int, seed: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--steps", str(steps), "--seed", str(seed)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(data: dict, flops_per_step: float, peak: float) -> dict:
+    timed = data["step_seconds"][1:] or data["step_seconds"]  # the first step is a warm-up
+    tokens = data["tokens_per_step"][1:] or data["tokens_per_step"]
+    sec = sum(timed)
+    return {"s_per_step": sec / len(timed), "tokens_per_s": sum(tokens) / sec,
+            "examples_per_s": data["examples_per_step"] * len(timed) / sec, "peak_rss_mib": data["peak_rss_mib"],
+            "first_loss": data["losses"][0], "last_loss": data["losses"][-1], "mfu": flops_per_step / (sec / len(timed)) / (peak * 1e9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="short,long")
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
+    ap.add_argument("--long-steps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--impls", default="trl,smolora,reference")
+    ap.add_argument("--json", default=str(HERE / "results.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.variant, args.steps, args.seed)))
+        return
+
+    from transformers import AutoConfig
+
+    from smolora.models import resolve_model
+
+    model_cfg = AutoConfig.from_pretrained(resolve_model(None).folder)
+    gemm = gemm_peak(model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size)
+    print(f"fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
+    report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "results": {}}
+    for variant in args.variants.split(","):
+        steps = args.steps if variant == "short" else args.long_steps
+        runs: dict[str, list[dict]] = {impl: [] for impl in args.impls.split(",")}
+        for rep in range(args.reps):
+            for impl in runs:  # interleaved, so machine drift hits all alike
+                data = spawn(impl, variant, steps, seed=rep)
+                flops = sum(step_flops(model_cfg, [(b, h)], SPEC["r"], SPEC["targets"]) for b, h in data["flops_rows"]) / steps
+                runs[impl].append(summarize(data, flops, gemm["peak"]))
+                print(f"  {variant} rep {rep} {impl}: {runs[impl][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in runs.items()}
+        report["results"][variant] = {"median": med, "runs": runs}
+        print_table(variant, steps, med)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"\nJSON: {args.json}")
+
+
+def print_table(variant: str, steps: int, med: dict) -> None:
+    print(f"\n### {variant} examples — medians, {steps} optimizer steps per run (first not timed)\n")
+    print("| impl | examples/s | tokens/s | s/step | peak RSS MiB | first loss | last loss | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for impl, m in med.items():
+        print(f"| {impl} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
+              f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
+    if "trl" in med and "smolora" in med:
+        s, t = med["smolora"], med["trl"]
+        print(f"\nSmoLoRA / TRL: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+    if "reference" in med and "smolora" in med:
+        s, r = med["smolora"], med["reference"]
+        print(f"SmoLoRA vs reference last loss: {100 * (s['last_loss'] - r['last_loss']) / r['last_loss']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from conftest import build_tiny_llama, chat_records
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
+from smolora.attention import varlen_attention
 from smolora.train import token_loss_sum
 
 
@@ -24,7 +25,12 @@ def test_packed_logits_equal_logits_alone(tokenizer):
     examples = examples_of(tokenizer)
     mb = collate(examples, packed=True)
     assert mb.input_ids.shape[0] == 1 and mb.attention_mask is None
+    # transformers' own packed path (block mask from restarting position ids) ...
     packed = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+    # ... and ours (attention block by block) agree with each example run alone
+    with varlen_attention(model):
+        ours = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, smolora_segments=mb.segments).logits[0]
+    torch.testing.assert_close(ours, packed, atol=1e-5, rtol=0)
     start = 0
     for ex in examples:
         alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
@@ -98,14 +104,20 @@ def test_shared_prefix_packing_is_exact(tokenizer):
     assert prefix >= system  # at least the default system prompt is shared
     shared = collate(examples, share_prefix=True)
     assert shared.input_ids.shape[1] == sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * prefix
+    assert shared.segments.prefix == prefix
     assert shared.num_tokens == sum(len(e.input_ids) for e in examples)
     assert shared.num_targets == collate(examples).num_targets
     loss_shared = token_loss_sum(model, shared)
     loss_alone = sum(token_loss_sum(model, collate([e])) for e in examples)
     torch.testing.assert_close(loss_shared, loss_alone, atol=1e-4, rtol=1e-6)
     # Each example's supervised logits equal its logits run alone.
-    mask = torch.zeros(shared.attention_mask.shape).masked_fill_(~shared.attention_mask, torch.finfo(torch.float32).min)
-    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=mask, use_cache=False).logits[0]
+    with varlen_attention(model):
+        logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, use_cache=False,
+                       smolora_segments=shared.segments).logits[0]
+    mask = shared.segments.dense_mask(shared.input_ids.shape[1])
+    mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    dense = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=mask, use_cache=False).logits[0]
+    torch.testing.assert_close(dense, logits, atol=1e-5, rtol=0)
     start = prefix
     for ex in examples:
         alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]

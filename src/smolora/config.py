@@ -94,7 +94,7 @@ class TrainConfig:
     packing: bool = _help("pack examples padding-free into one row per micro-batch", True)
     max_tokens_per_batch: int = _help(
         "with packing: an optimizer step's examples (batch x accumulation) are packed into rows of at most this "
-        "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)", 2048)
+        "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)", 512)
     share_prefix: bool = _help("with packing: compute a prefix shared by a row's examples (e.g. the system prompt) once", True)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")

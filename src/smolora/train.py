@@ -8,6 +8,7 @@ of one batch of the same 8 examples.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
+from smolora.attention import supports_varlen, varlen_attention
 from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches
 from smolora.data.formats import IGNORE, Example
@@ -64,21 +66,29 @@ def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> flo
 def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
     """Sum of next-token cross-entropy over the supervised positions of a micro-batch.
 
-    The LM head runs only on supervised positions: its (N, vocab) logits are the largest
-    activation in a small model, and most positions of a chat example are prompt.
+    Packed rows run attention block by block over their examples (``smolora.attention``). The LM
+    head runs only on supervised positions: its (N, vocab) logits are the largest activation in a
+    small model, and most positions of a chat example are prompt.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = mb.targets != IGNORE  # (B, T)
-    mask = mb.attention_mask
-    if mask is not None and mask.dim() == 4:  # a custom (1, 1, T, T) mask: additive, in the model's dtype
-        dtype = lm.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mask, use_cache=False)
-    if _head_is_plain_linear(lm):
-        hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
-        logits = lm.get_output_embeddings()(hidden[keep])  # (N, V)
-    else:  # softcapped or scaled logits: let the model's own head do it
-        logits = lm(**inputs).logits[keep]
+    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False)
+    varlen = contextlib.nullcontext()
+    if mb.segments is not None:
+        if supports_varlen(lm):
+            varlen = varlen_attention(lm)
+            inputs["smolora_segments"] = mb.segments
+        elif mb.segments.prefix:  # fall back to a dense additive mask
+            dtype = lm.get_input_embeddings().weight.dtype
+            allowed = mb.segments.dense_mask(mb.input_ids.shape[1]).to(mb.input_ids.device)
+            inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        # else: restarting position ids with no mask make transformers build the block mask itself
+    with varlen:
+        if _head_is_plain_linear(lm):
+            hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
+            logits = lm.get_output_embeddings()(hidden[keep])  # (N, V)
+        else:  # softcapped or scaled logits: let the model's own head do it
+            logits = lm(**inputs).logits[keep]
     return F.cross_entropy(logits.float(), mb.targets[keep], reduction="sum")
 
 
@@ -97,7 +107,8 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     if device.type == "cpu":
         return mb
     mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
-    return MicroBatch(mb.input_ids.to(device), mb.position_ids.to(device), mb.targets.to(device), mask, mb.num_examples, mb.num_tokens)
+    return MicroBatch(mb.input_ids.to(device), mb.position_ids.to(device), mb.targets.to(device), mask, mb.num_examples,
+                      mb.num_tokens, mb.segments)
 
 
 @torch.no_grad()

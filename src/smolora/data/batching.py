@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from smolora.attention import Segments
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
 
@@ -24,11 +25,10 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, T) — B is 1 when packed
     position_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T) next-token targets, IGNORE where nothing is learned
-    # (B, T) for padded batches; (1, 1, T, T) bool (True = may attend) when a prefix is shared;
-    # None for plain packing (transformers derives the block mask from the position ids)
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None  # (B, T) for padded batches; None when packed
     num_examples: int
-    num_tokens: int  # the dataset's own tokens in this micro-batch (no padding; a shared prefix counts once per example)
+    num_tokens: int  # the dataset's own tokens (no padding; a shared prefix counts once per example)
+    segments: Segments | None = None  # packed rows: where each example lies
 
     @property
     def num_targets(self) -> int:
@@ -61,47 +61,35 @@ def shared_prefix_length(examples: Sequence[Example]) -> int:
     return share
 
 
-def collate_shared_prefix(examples: Sequence[Example], prefix: int) -> MicroBatch:
-    """One packed row: the common prefix once, then each example's remainder.
+def collate_packed(examples: Sequence[Example], prefix: int = 0) -> MicroBatch:
+    """One row: the first ``prefix`` tokens (common to all examples) once, then each example's rest.
 
-    Each remainder attends to the prefix and to itself (causally), never to another example, and
-    its position ids continue from the prefix — so every example's logits are exactly those of the
-    example run alone, while the prefix is computed once (the chat template's system prompt is a
-    third of a short chat example).
+    Each example attends to the prefix and, causally, to itself — never to another example — and
+    its position ids continue from the prefix, so its logits are exactly those of the example run
+    alone, while the prefix (a chat template's system prompt is a third of a short chat example)
+    is computed once.
     """
     ids = list(examples[0].input_ids[:prefix])
     pos = list(range(prefix))
     tgt = [IGNORE] * prefix
-    seg = [0] * prefix
-    for k, e in enumerate(examples, start=1):
+    spans = []
+    for e in examples:
         n = len(e.input_ids)
+        spans.append((len(ids), len(ids) + n - prefix))
         ids += e.input_ids[prefix:]
         pos += range(prefix, n)
         tgt += shifted_targets(e)[prefix:]
-        seg += [k] * (n - prefix)
-    seg_t = torch.tensor(seg)
-    causal = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
-    same = (seg_t[:, None] == seg_t[None, :]) | (seg_t[None, :] == 0)  # (T, T): own example or the prefix
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     num_tokens = sum(len(e.input_ids) for e in examples)
-    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), (causal & same)[None, None], len(examples), num_tokens)
+    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), None, len(examples), num_tokens, Segments(prefix, tuple(spans)))
 
 
 def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False) -> MicroBatch:
     """Build one micro-batch: a single packed row, or right-padded rows with an attention mask."""
     if not examples:
         raise ValueError("collate needs at least one example")
-    num_tokens = sum(len(e.input_ids) for e in examples)
-    if packed and share_prefix:
-        prefix = shared_prefix_length(examples)
-        if prefix > 0:
-            return collate_shared_prefix(examples, prefix)
     if packed:
-        ids = [t for e in examples for t in e.input_ids]
-        pos = [p for e in examples for p in range(len(e.input_ids))]
-        tgt = [t for e in examples for t in shifted_targets(e)]
-        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-        return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), None, len(examples), num_tokens)
+        return collate_packed(examples, shared_prefix_length(examples) if share_prefix else 0)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -112,7 +100,7 @@ def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, s
         tgt[i, :n] = torch.tensor(shifted_targets(e))
         mask[i, :n] = 1
     pos = torch.arange(width).unsqueeze(0).expand(len(examples), -1).contiguous()
-    return MicroBatch(ids, pos, tgt, mask, len(examples), num_tokens)
+    return MicroBatch(ids, pos, tgt, mask, len(examples), sum(len(e.input_ids) for e in examples))
 
 
 def group_micro_batches(lengths: Sequence[int], order: Sequence[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:

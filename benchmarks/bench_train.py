@@ -71,30 +71,27 @@ def gemm_peak(hidden: int = 576, inter: int = 1536, vocab: int = 49152, tokens: 
 
 # ---------------------------------------------------------------------------------------------
 # analytic FLOPs of the matmuls actually run in one optimizer step
-def step_flops(cfg, rows: list[tuple[list[int], int]], r: int, targets: list[str]) -> float:
-    """rows: (lengths of the attention blocks in the row, positions that go through the LM head).
+def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[str]) -> float:
+    """FLOPs of ``rows``: each (tokens computed, attention query-key pairs computed, LM-head positions).
 
     Per token: frozen linears 2·N forward, plus 2·N backward to their input (except layer 0's
-    q/k/v, whose input needs no gradient); LoRA 2·r·(din+dout) forward, 4x that backward (weights
-    and input); attention QK^T and AV as run (a masked packed row computes its full T x T, a
-    single example its causal half); the LM head 2·H·V forward and 2·H·V backward to hidden.
+    q/k/v, whose input needs no gradient); LoRA 2·r·(din+dout) forward and 4x that backward
+    (weights and input); attention QK^T and AV at 4·pairs·hidden forward, twice that backward;
+    the LM head 2·H·V forward and 2·H·V backward to the hidden state. A causal kernel computes
+    about half of an L x L block (L²/2 pairs); a masked block computes all of it.
     """
     h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     total = 0.0
-    for blocks, head_positions in rows:
-        t = sum(blocks)
+    for tokens, pairs, head_positions in rows:
         for layer in range(layers):
             for name, (din, dout) in dims.items():
-                total += 2 * t * din * dout  # forward
-                if not (layer == 0 and name in ("q_proj", "k_proj", "v_proj")):
-                    total += 2 * t * din * dout  # backward to input
+                total += 2 * tokens * din * dout * (1 if layer == 0 and name in ("q_proj", "k_proj", "v_proj") else 2)
                 if name in targets:
-                    total += 5 * 2 * t * r * (din + dout)
-            attn = 2 * 2 * sum(b * b for b in blocks) * h  # QK^T and AV, full blocks as run
-            total += 3 * attn  # forward + backward (two matmuls each)
+                    total += 5 * 2 * tokens * r * (din + dout)
+            total += 3 * 4 * pairs * h
         total += 4 * head_positions * h * vocab
     return total
 
@@ -130,7 +127,7 @@ def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
     return [order[s * per : (s + 1) * per] for s in range(steps)]
 
 
-def worker_smolora(records, steps, seed) -> dict:
+def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False) -> dict:
     from smolora.config import TrainConfig
     from smolora.lora import add_lora
     from smolora.train import train
@@ -142,7 +139,7 @@ def worker_smolora(records, steps, seed) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
                           learning_rate=SPEC["lr"], max_steps=steps, logging_steps=10**6, max_length=SPEC["max_length"],
-                          seed=seed, save_total_limit=1)
+                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing)
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
@@ -152,8 +149,9 @@ def worker_smolora(records, steps, seed) -> dict:
         for row in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch):
             exs = [examples[idx[i]] for i in row]
             p = shared_prefix_length(exs) if cfg.share_prefix else 0
-            t = sum(len(e.input_ids) for e in exs) - (len(exs) - 1) * p
-            rows.append(([t] if len(exs) > 1 else [t], sum(e.num_supervised - (e.labels[0] != -100) for e in exs)))
+            tokens = p + sum(len(e.input_ids) - p for e in exs)
+            pairs = p * p / 2 + sum((len(e.input_ids) - p) * len(e.input_ids) for e in exs) if p else sum(len(e.input_ids) ** 2 / 2 for e in exs)
+            rows.append((tokens, pairs, sum(1 for e in exs for x in e.labels[1:] if x != -100)))
     return {"step_seconds": result.step_seconds, "losses": result.losses, "flops_rows": rows,
             "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
 
@@ -184,7 +182,7 @@ def worker_reference(records, steps, seed) -> dict:
             loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / n_targets
             loss.backward()
             step_loss += loss.item()
-            rows.append(([ids.shape[1]], ids.shape[1]))
+            rows.append((ids.shape[1], ids.shape[1] ** 2 / 2, ids.shape[1]))
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -222,11 +220,12 @@ def worker_trl(records, steps, seed) -> dict:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     examples = encode(records, tok)
     per_step = sum(len(e.input_ids) for e in examples) / len(examples) * SPEC["accum"]
-    flops_rows = [([len(e.input_ids)], len(e.input_ids)) for e in examples[: steps * SPEC["accum"]]]
+    flops_rows = [(len(e.input_ids), len(e.input_ids) ** 2 / 2, len(e.input_ids)) for e in examples[: steps * SPEC["accum"]]]
     return {"step_seconds": times, "losses": losses, "flops_rows": flops_rows, "tokens_per_step": [per_step] * steps}
 
 
-WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference}
+WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
+           "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True)}
 
 
 def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
@@ -278,7 +277,7 @@ def main() -> None:
 
     model_cfg = AutoConfig.from_pretrained(resolve_model(None).folder)
     gemm = gemm_peak(model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size)
-    print(f"fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
+    print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
     report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "results": {}}
     for variant in args.variants.split(","):
         steps = args.steps if variant == "short" else args.long_steps
@@ -286,7 +285,7 @@ def main() -> None:
         for rep in range(args.reps):
             for impl in runs:  # interleaved, so machine drift hits all alike
                 data = spawn(impl, variant, steps, seed=rep)
-                flops = sum(step_flops(model_cfg, [(b, h)], SPEC["r"], SPEC["targets"]) for b, h in data["flops_rows"]) / steps
+                flops = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps
                 runs[impl].append(summarize(data, flops, gemm["peak"]))
                 print(f"  {variant} rep {rep} {impl}: {runs[impl][-1]['tokens_per_s']:.0f} tok/s", flush=True)
         med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in runs.items()}

@@ -135,3 +135,24 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, data_file):
     assert r.returncode == 2 and "settings differ" in r.stderr and "learning_rate: 0.0002 -> 0.001" in r.stderr
     r = smolora(*args, "--max-steps", 4, "--resume", "--learning-rate", 1e-3, "--allow-config-change")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
+    common = ["--data", data, "--model", tiny_model_dir, "--max-steps", 400, "--no-merge", "--save-steps", 0,
+              "--gradient-accumulation-steps", 2, "--learning-rate", 5e-3, "--logging-steps", 1]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smolora.cli", "train", *map(str, common), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "training interrupted; resumable checkpoint" in err
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
+    stopped_at = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
+    assert 0 < stopped_at < 400

@@ -105,3 +105,34 @@ def test_model_without_template_gets_chatml():
 def test_bad_records_name_the_problem(tokenizer, record, message):
     with pytest.raises(SmoLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
         encode_record(record, tokenizer, FormatOptions())
+
+
+def test_multi_task_prefix_and_counts(tmp_path, tokenizer):
+    import json
+
+    from smolora.config import DataConfig, TrainConfig
+    from smolora.data import load_source, prepare_data
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(6)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(6)))
+    records = load_source({"SENTIMENT": (str(tmp_path / "a.jsonl"), 2.0), "SUMMARY": str(tmp_path / "b.jsonl")}, DataConfig())
+    lines = []
+    prepared = prepare_data(records, tokenizer, TrainConfig(), DataConfig(), log=lines.append)
+    assert prepared.stats.per_task == {"SENTIMENT": 8, "SUMMARY": 4}
+    assert "per task: SENTIMENT=8, SUMMARY=4" in lines[0]
+    chat = next(e for e in prepared.train if e.task == "SENTIMENT")
+    assert "<|im_start|>user\n[TASK:SENTIMENT] q" in tokenizer.decode(chat.input_ids)
+    text = next(e for e in prepared.train if e.task == "SUMMARY")
+    assert tokenizer.decode(text.input_ids).startswith("[TASK:SUMMARY] hello")
+
+
+def test_curriculum_length_puts_short_examples_first(tokenizer):
+    from smolora.config import DataConfig, TrainConfig
+    from smolora.data import prepare_data
+    from smolora.data.batching import epoch_order
+
+    records = [{"text": "one two three four five"}, {"text": "one"}, {"text": "one two three"}]
+    prepared = prepare_data(records, tokenizer, TrainConfig(curriculum="length"), DataConfig(), log=lambda *_: None)
+    difficulty = [e.difficulty for e in prepared.train]
+    assert difficulty == [5.0, 1.0, 3.0]
+    assert epoch_order(3, 0, 0, difficulty=difficulty) == [1, 2, 0]

@@ -87,3 +87,20 @@ def test_pickled_base_model_is_refused(tmp_path, tiny_model_dir):
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(SmoLoRAError, match="pickled"):
         load_model(resolve_model(str(tmp_path)))
+
+
+def test_generation_with_unmerged_adapter_folds_then_restores_bit_exactly(tmp_path, tiny_model_dir, tokenizer):
+    from smolora.generate import folded_adapter, generate
+
+    model = trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged_logits = model(IDS).logits
+        with folded_adapter(model):
+            folded_logits = model(IDS).logits
+    torch.testing.assert_close(folded_logits, unmerged_logits, atol=1e-5, rtol=0)
+    generate(model, tokenizer, "hello", max_new_tokens=4, do_sample=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, unmerged_logits)  # the adapter is live again, unmerged

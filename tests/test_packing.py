@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import build_tiny_llama, chat_records
+from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
-from smolora.attention import varlen_attention
 from smolora.train import token_loss_sum
 
 

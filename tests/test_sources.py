@@ -139,3 +139,25 @@ def _encodable(s: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def test_token_windows_with_stride(tmp_path, tokenizer):
+    f = _write(tmp_path / "book.txt", "the quick brown fox jumps over the lazy dog\nhello world, this is a tiny tokenizer\n")
+    data = DataConfig(txt_mode="chunk", chunk_unit="tokens", chunk_words=8, chunk_stride=4)
+    from smolora.data import load_source
+
+    records = load_source(str(f), data)
+    assert len(records) == 1  # the whole file, cut after tokenizing
+    prepared = prepare_data(records, tokenizer, TrainConfig(), data, log=lambda *_: None)
+    full = tokenizer("\n".join(f.read_text().splitlines()).strip())["input_ids"] + [tokenizer.eos_token_id]
+    windows = [e.input_ids for e in prepared.train]
+    assert all(len(w) <= 8 for w in windows) and windows[0] == full[:8] and windows[1] == full[4:12]
+    assert windows[-1][-1] == tokenizer.eos_token_id
+    assert sum(len(w) for w in windows[::2]) >= len(full) - 8  # every token is covered
+
+
+def test_empty_system_prompt_suppresses_the_default(tokenizer):
+    from smolora.data.formats import FormatOptions, encode_record
+
+    ex = encode_record({"prompt": "hi", "completion": "yo"}, tokenizer, FormatOptions(system_prompt=""))
+    assert "You are a test bot" not in tokenizer.decode(ex.input_ids)

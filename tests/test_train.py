@@ -44,12 +44,12 @@ def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_pat
             assert not p.requires_grad and torch.equal(p, before[n]), n
 
 
-def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False):
+def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False, gradient_checkpointing=False):
     model, examples = setup(tokenizer, dropout=0.0)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
             learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant",
-            share_prefix=share_prefix)
+            share_prefix=share_prefix, gradient_checkpointing=gradient_checkpointing)
     train(model, examples[:8], c, **QUIET)
     return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -58,12 +58,14 @@ def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
     one_batch = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1)
     accumulated = adapter_update(tokenizer, tmp_path / "b", batch=1, accum=8)
     by_tokens = adapter_update(tokenizer, tmp_path / "c", batch=1, accum=8, max_tokens=40)
+    checkpointed = adapter_update(tokenizer, tmp_path / "e", batch=8, accum=1, gradient_checkpointing=True)
     shared = adapter_update(tokenizer, tmp_path / "d", batch=1, accum=8, max_tokens=4096, share_prefix=True)
     assert max(d.abs().max() for d in one_batch.values()) > 1e-3  # a real update, not a no-op
     for n in one_batch:
         torch.testing.assert_close(accumulated[n], one_batch[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(by_tokens[n], one_batch[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(shared[n], one_batch[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(checkpointed[n], one_batch[n], atol=1e-6, rtol=0)
 
 
 def test_lr_schedules():
@@ -137,3 +139,70 @@ def test_output_names_cannot_escape_or_follow_symlinks(tmp_path):
     (tmp_path / "run" / "checkpoints").symlink_to(tmp_path / "outside")
     with pytest.raises(SmoLoRAError, match="symlink"):
         safe_child(tmp_path / "run", "checkpoints", "step-000001")
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_no_partial_one(tokenizer, tmp_path):
+    from smolora import checkpoint as ckpt
+
+    model, examples = setup(tokenizer)
+    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0), **QUIET)
+    before = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+
+    def crash(tmp):
+        (tmp / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_folder(ckpt.checkpoint_dir(tmp_path, 3), crash)
+    with pytest.raises(OSError, match="disk full"):  # replacing an existing checkpoint fails safe too
+        ckpt.atomic_folder(ckpt.checkpoint_dir(tmp_path, 2), crash)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == before == ["step-000001", "step-000002"]
+    assert ckpt.find_resume_checkpoint(tmp_path, "auto").name == "step-000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # no temp folder left
+
+
+def test_checkpoint_without_marker_is_never_resumed(tokenizer, tmp_path):
+    from smolora import checkpoint as ckpt
+    from smolora.errors import SmoLoRAError
+
+    model, examples = setup(tokenizer)
+    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0), **QUIET)
+    (tmp_path / "checkpoints" / "step-000002" / "COMPLETE").unlink()
+    assert ckpt.find_resume_checkpoint(tmp_path, "auto").name == "step-000001"
+    with pytest.raises(SmoLoRAError, match="not a complete checkpoint"):
+        ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-000002"))
+
+
+def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
+    import json
+    import math
+
+    model, examples = setup(tokenizer)
+    result = train(model, examples[:12], cfg(tmp_path, max_steps=4, eval_steps=2), val_examples=examples[12:], **QUIET)
+    assert [s for s, _ in result.eval_losses] == [2, 4, 4]
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in result.eval_losses)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in logged if "eval_loss" in e]
+    assert len(evals) == 3 and abs(evals[0]["eval_perplexity"] - math.exp(evals[0]["eval_loss"])) / evals[0]["eval_perplexity"] < 1e-3
+
+
+def test_resume_refuses_other_data_or_base_model():
+    from smolora.checkpoint import check_compatible
+    from smolora.errors import SmoLoRAError
+
+    saved = {"data_fingerprint": "a", "model_fingerprint": "m", "train_config": {"learning_rate": 1e-3}}
+    with pytest.raises(SmoLoRAError, match="training data differs"):
+        check_compatible(saved, {**saved, "data_fingerprint": "b"}, allow_config_change=True)
+    with pytest.raises(SmoLoRAError, match="base model differs"):
+        check_compatible(saved, {**saved, "model_fingerprint": "x"}, allow_config_change=True)
+    check_compatible(saved, {**saved, "train_config": {"learning_rate": 1e-3, "save_steps": 5}}, allow_config_change=False)
+
+
+def test_partial_target_match_warns_with_count(tokenizer):
+    from smolora.lora import check_targets
+
+    model = build_tiny_llama(len(tokenizer))
+    model.model.layers[1].self_attn.q_proj = torch.nn.Identity()  # layer 1 has no q_proj linear
+    warnings = []
+    check_targets(model, ["q_proj", "v_proj"], warn=warnings.append)
+    assert warnings == ["[smolora] warning: target 'q_proj' matches only 1 of 2 layers"]

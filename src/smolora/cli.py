@@ -174,7 +174,9 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(source, args.trust_remote_code)
     model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     if args.adapter:
-        model = load_adapter(model, args.adapter)
+        # This process only generates: fold the adapter into the weights in memory once (same math
+        # as `smolora merge`, nothing written) instead of paying PEFT's extra ops on every token.
+        model = load_adapter(model, args.adapter).merge_and_unload()
     model.eval()
     sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
     if args.prompt is None:

@@ -96,6 +96,7 @@ class TrainConfig:
         "with packing: an optimizer step's examples (batch x accumulation) are packed into rows of at most this "
         "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)", 512)
     share_prefix: bool = _help("with packing: compute a prefix shared by a row's examples (e.g. the system prompt) once", True)
+    gradient_checkpointing: bool = _help("recompute each layer's activations in backward: less memory, ~1/3 more compute", False)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)
@@ -121,8 +122,9 @@ class DataConfig:
     system_prompt: str | None = _help("system prompt for chat rendering ('' for an empty one; default: the template's)", None)
     field_map: dict[str, str] = _help("rename fields, e.g. prompt=question,completion=answer", default_factory=dict)
     txt_mode: str = _help("text files: line (one example per line), file, or chunk", "line")
-    chunk_words: int = _help("with txt_mode chunk: words per window", 256)
-    chunk_stride: int = _help("with txt_mode chunk: words between window starts (0 = no overlap)", 0)
+    chunk_unit: str = _help("with txt_mode chunk: windows of words or of tokens", "words")
+    chunk_words: int = _help("with txt_mode chunk: words (or tokens) per window", 256)
+    chunk_stride: int = _help("with txt_mode chunk: words (or tokens) between window starts (0 = no overlap)", 0)
     dedupe: bool = _help("drop exact duplicate records", True)
     task_prefix: str = _help("prefix for multi-task records; {task} is the task name", "[TASK:{task}] ")
     validation_data: str | None = _help("a separate validation source (instead of val_size)", None)
@@ -163,6 +165,7 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     if data is not None:
         need(data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"), f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})")
         need(data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})")
+        need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
         need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
         need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
     if problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -28,6 +29,31 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
+
+
+@contextlib.contextmanager
+def folded_adapter(model):
+    """Fold an unmerged LoRA adapter into its layers' weights while generating, then restore them.
+
+    Decoding runs one token at a time, where every extra small op counts: PEFT's unmerged path
+    adds two matmuls, a dropout call, a scale and an add per adapted layer. The original weights are
+    copied and put back bit for bit afterwards (merge-then-subtract would not be exact in fp32).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged] if hasattr(model, "merge_adapter") else []
+    if not layers:
+        yield
+        return
+    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.merged_adapters.clear()
+        for weight, original in saved:
+            weight.data.copy_(original)
 
 
 @torch.no_grad()
@@ -58,16 +84,17 @@ def generate(
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids(tokenizer, model),
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
-        use_cache=True,
-        **sampling,
-    )
+    with folded_adapter(model):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(tokenizer, model),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            use_cache=True,
+            **sampling,
+        )
     model.train(was_training)
     new = out[0] if echo else out[0, ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from smolora.errors import SmoLoRAError
@@ -39,7 +41,9 @@ def add_lora(model: nn.Module, peft_config, warn=print):
     model.config.use_cache = False
     # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
     # The embedding output then needs no gradient: the first adapted projection starts the graph.
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # PEFT calls a transformers attribute deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def parameter_report(model: nn.Module) -> tuple[int, int]:

@@ -24,7 +24,9 @@ class PreparedData:
 
 def load_source(source: Any, data: DataConfig, seed: int = 42) -> list[dict]:
     """Records from one source, or from several tasks given as {name: source or (source, weight)}."""
-    read = lambda s: load_records(s, txt_mode=data.txt_mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe)  # noqa: E731
+    # Token windows need the tokenizer: read whole files here, cut them when encoding.
+    mode = "file" if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else data.txt_mode
+    read = lambda s: load_records(s, txt_mode=mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe)  # noqa: E731
     if isinstance(source, dict):
         tasks = []
         for name, spec in source.items():
@@ -50,6 +52,8 @@ def prepare_data(
     opts = FormatOptions(
         text_field=cfg.dataset_text_field, shape=data.shape, field_map=data.field_map, system_prompt=data.system_prompt,
         train_on_prompt=cfg.train_on_prompt, max_length=cfg.max_length, task_prefix=data.task_prefix,
+        chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
+        chunk_stride=data.chunk_stride,
     )
     score = difficulty or (DIFFICULTY[cfg.curriculum] if cfg.curriculum else None)
     if score is not None:

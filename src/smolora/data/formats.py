@@ -54,6 +54,8 @@ class FormatOptions:
     train_on_prompt: bool = False
     max_length: int = 1024
     task_prefix: str = "[TASK:{task}] "  # used only for records that carry a task name
+    chunk_tokens: int = 0  # > 0: cut plain-text records into windows of this many tokens
+    chunk_stride: int = 0  # tokens between window starts (0 = chunk_tokens, no overlap)
 
 
 @dataclass
@@ -202,13 +204,26 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     return Example(ids, labels, task, where)
 
 
+def _encoded(records: list[dict], tokenizer, opts: FormatOptions):
+    for rec in records:
+        ex = encode_record(rec, tokenizer, opts)
+        if opts.chunk_tokens > 0 and detect_shape(rec, opts) == "text":
+            step = opts.chunk_stride or opts.chunk_tokens
+            for start in range(0, max(1, len(ex.input_ids) - opts.chunk_tokens + step), step):
+                window = ex.input_ids[start : start + opts.chunk_tokens]
+                yield Example(window, list(window), ex.task, f"{ex.where}#tokens{start}", ex.difficulty)
+                if start + opts.chunk_tokens >= len(ex.input_ids):
+                    break
+        else:
+            yield ex
+
+
 def encode_records(records: list[dict], tokenizer, opts: FormatOptions) -> tuple[list[Example], EncodeStats]:
     """Tokenize, truncate to ``max_length`` and drop examples with nothing left to learn."""
     ensure_chat_template(tokenizer)
     stats = EncodeStats()
     examples = []
-    for rec in records:
-        ex = encode_record(rec, tokenizer, opts)
+    for ex in _encoded(records, tokenizer, opts):
         if len(ex.input_ids) > opts.max_length:
             ex.input_ids, ex.labels = ex.input_ids[: opts.max_length], ex.labels[: opts.max_length]
             stats.truncated += 1

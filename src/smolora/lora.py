@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 from torch import nn
@@ -41,9 +42,16 @@ def add_lora(model: nn.Module, peft_config, warn=print):
     model.config.use_cache = False
     # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
     # The embedding output then needs no gradient: the first adapted projection starts the graph.
-    with warnings.catch_warnings():  # PEFT calls a transformers attribute deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         return get_peft_model(model, peft_config)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT calls a transformers attribute deprecated in v5; its warning is noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def parameter_report(model: nn.Module) -> tuple[int, int]:

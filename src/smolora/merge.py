@@ -14,6 +14,7 @@ import torch
 
 from smolora.checkpoint import atomic_folder
 from smolora.errors import SmoLoRAError
+from smolora.lora import quiet_peft
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 
 RUN_FILE = "smolora.json"  # written beside the adapter: which base model it belongs to
@@ -49,7 +50,8 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     path = check_adapter_dir(adapter_dir)
-    return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    with quiet_peft():
+        return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
 
 
 def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False):

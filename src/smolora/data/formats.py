@@ -121,7 +121,8 @@ def record_to_messages(record: dict, shape: str, opts: FormatOptions) -> list[di
 def _need_str(record: dict, name: str, where: str) -> str:
     if name not in record:
         have = ", ".join(k for k in record if k != "_where") or "none"
-        raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have})")
+        raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have}); "
+                           "name the text field with --dataset-text-field or rename fields with --field-map")
     value = record[name]
     if not isinstance(value, str):
         raise SmoLoRAError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")

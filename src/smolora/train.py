@@ -144,8 +144,8 @@ def train(
     at the end, and on Ctrl-C / SIGTERM. ``resume_from`` continues a run exactly.
     """
     device = next(model.parameters()).device
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.gradient_checkpointing:
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -185,12 +185,12 @@ def train(
         return folder
 
     model.train()
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
-    # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
-    attention = varlen_attention(lm) if cfg.packing and supports_varlen(lm) else contextlib.nullcontext()
+    cleanup = contextlib.ExitStack()
+    if cfg.packing and supports_varlen(lm):
+        # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
+        # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
+        cleanup.enter_context(varlen_attention(lm))
     try:
-        attention.__enter__()
         while state.step < total_steps:
             step_start = time.perf_counter()
             lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
@@ -265,7 +265,7 @@ def train(
                 result.last_checkpoint = save(state)
                 raise TrainingInterrupted(result.last_checkpoint)
     finally:
-        attention.__exit__(None, None, None)
+        cleanup.close()
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

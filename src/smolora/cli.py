@@ -129,6 +129,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     d.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
     d.add_argument("--eval-size", type=int, default=50, help="held-out examples (default: 50)")
+    d.add_argument("--preset", default="qv", choices=["qv", "qkv", "attention", "all"], help="LoRA target preset (default: qv, the spec's)")
+    d.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
     return parser
 
 
@@ -192,7 +194,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from smolora.demo import run_demo
 
-    run_demo(args.output, train_size=args.train_size, eval_size=args.eval_size, max_steps=args.max_steps)
+    run_demo(args.output, train_size=args.train_size, eval_size=args.eval_size, max_steps=args.max_steps, preset=args.preset, r=args.r)
     return 0
 
 

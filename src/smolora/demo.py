@@ -55,9 +55,10 @@ def exact_match(model, tokenizer, records: list[dict]) -> tuple[float, list[str]
 
 
 def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_size: int = 50, max_steps: int = 60,
-             model: str | None = None, seed: int = 0) -> dict:
+             model: str | None = None, seed: int = 0, preset: str = "qv", r: int = 8) -> dict:
     """Fine-tune on the date task, measure exact match before and after, save everything."""
     from smolora.api import SmoLoRA
+    from smolora.config import expand_targets
     from smolora.models import load_model
 
     t0 = time.perf_counter()
@@ -76,10 +77,11 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     del base
     print(f"[demo] base model exact match: {before:.0f}%", flush=True)
 
-    # Preset "all": q,k,v,o,gate,up,down at r=16. The spec's q/v r=8 default learns this task
-    # too slowly for a 10-minute CPU budget (see README).
-    lora.peft_config.r, lora.peft_config.lora_alpha = 16, 32
-    lora.peft_config.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # The spec's LoRA defaults (q_proj/v_proj, r=8, alpha=16) with a faster lr of 1e-3 and a cosine
+    # schedule: measured 14% -> 100% in 158 s; the `all` preset at r=16 also reaches 100% but
+    # takes 239 s (see README).
+    lora.peft_config.r, lora.peft_config.lora_alpha = r, 2 * r
+    lora.peft_config.target_modules = set(expand_targets([preset]))
     cfg = lora.sft_config
     cfg.max_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps = max_steps, 1e-3, "cosine", 5
     cfg.logging_steps, cfg.seed = 10, seed
@@ -93,7 +95,7 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
         print(f"  {r['prompt'].split('Date: ')[1]!r}\n     base: {b[:60]!r}\n    tuned: {a!r}   expected: {r['completion']!r}")
     seconds = time.perf_counter() - t0
     summary = {"exact_match_before": before, "exact_match_after": after, "gain_points": after - before,
-               "train_steps": max_steps, "wall_seconds": round(seconds, 1), "adapter": lora.adapter_checkpoint,
+               "train_steps": max_steps, "preset": preset, "r": r, "wall_seconds": round(seconds, 1), "adapter": lora.adapter_checkpoint,
                "merged_model": merged, "train_data": str(data_path), "eval_data": str(out / "dates_eval.jsonl")}
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n[demo] exact match {before:.0f}% -> {after:.0f}% (+{after - before:.0f} points) in {seconds:.0f} s")

@@ -12,7 +12,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -284,7 +284,3 @@ def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write) ->
     entry = {"step": step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
     write(str(entry))
     metrics.write(entry)
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

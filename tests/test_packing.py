@@ -135,3 +135,21 @@ def test_shared_prefix_never_covers_a_target():
     c = Example([1, 2, 3, 4, 5], [IGNORE, IGNORE, IGNORE, 4, 5])
     d = Example([1, 2, 3, 4, 7], [IGNORE, IGNORE, IGNORE, 4, 7])
     assert shared_prefix_length([c, d]) == 2  # position 2 predicts token 3 (id 4), a target
+
+
+def test_chunked_linear_cross_entropy_equals_the_plain_one():
+    from smolora.train import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 16, requires_grad=True)  # more rows than one chunk
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (300,))
+    ours = LinearCrossEntropy.apply(hidden, weight, targets)
+    ours.backward(torch.tensor(0.5))
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    plain.backward(torch.tensor(0.5))
+    torch.testing.assert_close(ours, plain, atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(gh, hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, weight.grad, atol=1e-5, rtol=1e-5)

@@ -83,13 +83,54 @@ def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
             allowed = mb.segments.dense_mask(mb.input_ids.shape[1]).to(mb.input_ids.device)
             inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
         # else: restarting position ids with no mask make transformers build the block mask itself
+    head = lm.get_output_embeddings()
     with varlen:
-        if _head_is_plain_linear(lm):
+        if _head_is_plain_linear(lm) and getattr(head, "bias", None) is None:
             hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
-            logits = lm.get_output_embeddings()(hidden[keep])  # (N, V)
-        else:  # softcapped or scaled logits: let the model's own head do it
-            logits = lm(**inputs).logits[keep]
+            return LinearCrossEntropy.apply(hidden[keep], head.weight, mb.targets[keep])
+        logits = lm(**inputs).logits[keep]  # softcapped, scaled or biased logits: the model's own head
     return F.cross_entropy(logits.float(), mb.targets[keep], reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T, target_i), chunk by chunk, never holding all (N, V) logits.
+
+    The gradient is computed in the forward pass while each chunk's logits are at hand, so
+    autograd saves only (N, H) and the largest activation is one (chunk, V) block. Same math as
+    ``F.cross_entropy(hidden @ W.T, targets, reduction="sum")``.
+    """
+
+    CHUNK = 128
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):  # hidden (N, H), weight (V, H), targets (N,)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], LinearCrossEntropy.CHUNK):
+            h, t = hidden[s : s + LinearCrossEntropy.CHUNK], targets[s : s + LinearCrossEntropy.CHUNK]
+            logits = (h @ weight.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+                probs = probs.to(h.dtype)
+                if want_h:
+                    grad_h[s : s + len(t)] = probs @ weight
+                if want_w:
+                    grad_w += probs.T @ h
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.want = (want_h, want_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_loss if ctx.want[0] else None
+        grad_w = saved.pop(0) * grad_loss if ctx.want[1] else None
+        return grad_h, grad_w, None
 
 
 def _head_is_plain_linear(lm) -> bool:

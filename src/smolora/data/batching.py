@@ -1,10 +1,11 @@
 """Examples -> micro-batches: ordering (shuffle, curriculum, length grouping), mixing, packing.
 
 Packing is padding-free: a micro-batch is one row holding its examples back to back, with
-position ids restarting at 0 for each example. transformers reads restarting position ids (with
-no attention mask and no cache) as packed sequences and builds a block-diagonal causal mask, so
-no token attends across an example boundary. Targets are shifted per example, so the last token of
-one example never learns to predict the first token of the next.
+position ids restarting at 0 for each example (or continuing after a prefix they all share, which
+is then computed once). The row's ``Segments`` say where each example lies; attention runs block
+by block over them (``smolora.attention``), so no token attends across an example boundary.
+Targets are shifted per example, so the last token of one example never learns to predict the
+first token of the next.
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_pat
             assert not p.requires_grad and torch.equal(p, before[n]), n
 
 
-def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False, gradient_checkpointing=False):
-    model, examples = setup(tokenizer, dropout=0.0)
+def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False, gradient_checkpointing=False,
+                   dropout=0.0):
+    model, examples = setup(tokenizer, dropout=dropout)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
             learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant",
@@ -66,6 +67,15 @@ def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
         torch.testing.assert_close(by_tokens[n], one_batch[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(shared[n], one_batch[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(checkpointed[n], one_batch[n], atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tokenizer, tmp_path):
+    plain = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1, dropout=0.3)
+    checkpointed = adapter_update(tokenizer, tmp_path / "b", batch=8, accum=1, dropout=0.3, gradient_checkpointing=True)
+    other_seed = adapter_update(tokenizer, tmp_path / "c", batch=4, accum=2, dropout=0.3)  # other masks: not equal
+    assert any(not torch.allclose(other_seed[n], plain[n], atol=1e-6, rtol=0) for n in plain)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=0)
 
 
 def test_lr_schedules():
@@ -206,3 +216,31 @@ def test_partial_target_match_warns_with_count(tokenizer):
     warnings = []
     check_targets(model, ["q_proj", "v_proj"], warn=warnings.append)
     assert warnings == ["[smolora] warning: target 'q_proj' matches only 1 of 2 layers"]
+
+
+def test_fast_dropout_keeps_1_minus_p_follows_torch_rng_and_backprops_its_mask():
+    from smolora.lora import FastDropout
+
+    drop = FastDropout(0.1)
+    x = torch.randn(1000, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 2e-3  # 1e6 draws: std of the mean is 3e-4
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # the mask follows torch's RNG state
+    assert not torch.equal(drop(x), y)  # and moves on with it
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_path):
+    from smolora.lora import FastDropout, fast_dropout
+
+    model, _ = setup(tokenizer, dropout=0.1)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    with fast_dropout(model):
+        assert sum(isinstance(m, FastDropout) for m in model.modules()) == len(drops) > 0
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == drops

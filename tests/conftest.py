@@ -59,6 +59,24 @@ def build_tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0):
     return model.eval()
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma")  # bias on q/k/v; q/k norms; GeGLU + scaled embeddings
+
+
+def build_tiny(arch: str, vocab_size: int, seed: int = 0):
+    """A tiny random model of another architecture than Llama, same sizes as ``build_tiny_llama``."""
+    if arch == "llama":
+        return build_tiny_llama(vocab_size, seed=seed)
+    import transformers
+
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, name + "Config")(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2)
+    return getattr(transformers, name + "ForCausalLM")(config).eval()
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A saved tiny Llama folder (safetensors) with the test tokenizer: a 'base model' on disk."""

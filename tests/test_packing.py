@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_tiny_llama, chat_records
+from conftest import ARCHITECTURES, build_tiny, chat_records
 from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
@@ -20,8 +21,9 @@ def examples_of(tokenizer, n=5):
 
 
 @torch.no_grad()
-def test_packed_logits_equal_logits_alone(tokenizer):
-    model = build_tiny_llama(len(tokenizer))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_logits_equal_logits_alone(tokenizer, arch):
+    model = build_tiny(arch, len(tokenizer))
     examples = examples_of(tokenizer)
     mb = collate(examples, packed=True)
     assert mb.input_ids.shape[0] == 1 and mb.attention_mask is None
@@ -40,8 +42,9 @@ def test_packed_logits_equal_logits_alone(tokenizer):
 
 
 @torch.no_grad()
-def test_packed_loss_equals_unpacked_and_padded_loss(tokenizer):
-    model = build_tiny_llama(len(tokenizer))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_loss_equals_unpacked_and_padded_loss(tokenizer, arch):
+    model = build_tiny(arch, len(tokenizer))
     examples = examples_of(tokenizer)
     packed = token_loss_sum(model, collate(examples, packed=True))
     padded = token_loss_sum(model, collate(examples, packed=False, pad_id=tokenizer.pad_token_id))
@@ -94,10 +97,11 @@ def test_mix_tasks_follows_weights_and_tags_records():
 
 
 @torch.no_grad()
-def test_shared_prefix_packing_is_exact(tokenizer):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_prefix_packing_is_exact(tokenizer, arch):
     from smolora.data.batching import shared_prefix_length
 
-    model = build_tiny_llama(len(tokenizer))
+    model = build_tiny(arch, len(tokenizer))
     examples = examples_of(tokenizer)
     prefix = shared_prefix_length(examples)
     system = len(tokenizer("<|im_start|>system\nYou are a test bot<|im_end|>\n", add_special_tokens=False)["input_ids"])

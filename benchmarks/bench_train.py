@@ -2,9 +2,11 @@
 
     python benchmarks/bench_train.py                  # short + long chat data, 3 repetitions
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants short   # a quick look
+    python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
+    python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
 
-Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct,
-with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj; batch 1 x accumulation 8;
+Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct
+(or ``--model``/``--arch``), with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj; batch 1 x accumulation 8;
 lr 2e-4; AdamW; fp32; max_length 1024. Throughput counts the dataset's own tokens and examples,
 never tokens computed. The first optimizer step of each run is a warm-up and is not timed.
 MFU = FLOPs of the matmuls each implementation actually runs (counted analytically) / the fp32
@@ -37,6 +39,12 @@ SPEC = dict(r=8, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"], batch=1, a
 # ---------------------------------------------------------------------------------------------
 # data: generated chat prompt/completion records, like real instruction data
 def make_records(variant: str, count: int, seed: int) -> list[dict]:
+    """``count`` records: generated ("short", "long") or drawn from a JSONL file of chat records."""
+    if variant not in ("short", "long"):
+        rows = [json.loads(line) for line in Path(variant).read_text().splitlines() if line.strip()]
+        if len(rows) < count:
+            raise SystemExit(f"{variant}: {len(rows)} records, the run needs {count} (steps x accumulation)")
+        return random.Random(seed).sample(rows, count)
     rng = random.Random(seed)
     sentence = lambda n: " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731
     answer_words = {"short": (12, 22), "long": (320, 420)}[variant]
@@ -47,6 +55,43 @@ def make_records(variant: str, count: int, seed: int) -> list[dict]:
         answer = " ".join(sentence(min(12, words)) for _ in range(max(1, words // 12)))
         records.append({"prompt": prompt, "completion": answer})
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# a second architecture: random weights at the embedded model's sizes, with its tokenizer
+ARCHS = {"qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "llama": "Llama"}
+
+
+def build_arch(arch: str) -> str:
+    """Save a randomly initialised ``arch`` model the size of SmolLM2-135M (same hidden size, layers,
+    heads and vocabulary) with the embedded tokenizer; returns the folder. Speed does not depend
+    on the weights' values, and nothing is downloaded."""
+    import shutil
+
+    import transformers
+
+    from smolora.models import resolve_model, smolora_home
+
+    base = resolve_model(None).folder
+    folder = smolora_home() / "bench-models" / arch
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    ref = transformers.AutoConfig.from_pretrained(base)
+    dims = {k: getattr(ref, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                         "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")}
+    config = getattr(transformers, ARCHS[arch] + "Config")(**dims, head_dim=ref.hidden_size // ref.num_attention_heads)
+    torch.manual_seed(0)
+    model = getattr(transformers, ARCHS[arch] + "ForCausalLM")(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(base) / name).is_file():
+            shutil.copy(Path(base) / name, tmp / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +126,9 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
     about half of an L x L block (L²/2 pairs); a masked block computes all of it.
     """
     h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     total = 0.0
     for tokens, pairs, head_positions in rows:
@@ -91,17 +137,20 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
                 total += 2 * tokens * din * dout * (1 if layer == 0 and name in ("q_proj", "k_proj", "v_proj") else 2)
                 if name in targets:
                     total += 5 * 2 * tokens * r * (din + dout)
-            total += 3 * 4 * pairs * h
+            total += 3 * 4 * pairs * q
         total += 4 * head_positions * h * vocab
     return total
 
 
 # ---------------------------------------------------------------------------------------------
 # workers: each runs in a subprocess and prints one JSON line
-def load_embedded():
+MODEL: str | None = None  # a model folder; None: the embedded model
+
+
+def load_base():
     from smolora.models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model(None)
+    source = resolve_model(MODEL)
     return source, load_tokenizer(source), load_model(source)
 
 
@@ -132,7 +181,7 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False) -
     from smolora.lora import add_lora
     from smolora.train import train
 
-    _, tok, model = load_embedded()
+    _, tok, model = load_base()
     examples = encode(records, tok)
     torch.manual_seed(seed)
     model = add_lora(model, peft_config(), warn=lambda *_: None)
@@ -161,7 +210,7 @@ def worker_reference(records, steps, seed) -> dict:
     import torch.nn.functional as F
     from peft import get_peft_model
 
-    _, tok, model = load_embedded()
+    _, tok, model = load_base()
     examples = encode(records, tok)
     torch.manual_seed(seed)
     model = get_peft_model(model, peft_config())
@@ -192,14 +241,23 @@ def worker_reference(records, steps, seed) -> dict:
             "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
 
 
+def trl_row(record: dict) -> dict:
+    """A record as TRL's conversational prompt/completion (the last assistant turn is the completion)."""
+    if "messages" in record:
+        msgs = record["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return {"prompt": msgs[:last], "completion": msgs[last : last + 1]}
+    return {"prompt": [{"role": "user", "content": record["prompt"]}],
+            "completion": [{"role": "assistant", "content": record["completion"]}]}
+
+
 def worker_trl(records, steps, seed) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    source, tok, model = load_embedded()
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}]}
-            for r in records]
+    source, tok, model = load_base()
+    rows = [trl_row(r) for r in records]
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -239,6 +297,8 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
 
 def spawn(impl: str, variant: str, steps: int, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--steps", str(steps), "--seed", str(seed)]
+    if MODEL:
+        cmd += ["--model", MODEL]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -263,10 +323,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impls", default="trl,smolora,reference")
     ap.add_argument("--json", default=str(HERE / "results.json"))
+    ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes")
+    ap.add_argument("--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global MODEL
+    MODEL = build_arch(args.arch) if args.arch else args.model
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.variant, args.steps, args.seed)))
         return
@@ -275,16 +340,18 @@ def main() -> None:
 
     from smolora.models import resolve_model
 
-    model_cfg = AutoConfig.from_pretrained(resolve_model(None).folder)
+    model_cfg = AutoConfig.from_pretrained(resolve_model(MODEL).folder)
+    print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
     gemm = gemm_peak(model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
-    report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "results": {}}
+    report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "model": MODEL or "embedded",
+              "model_type": model_cfg.model_type, "data_seed": args.data_seed, "results": {}}
     for variant in args.variants.split(","):
-        steps = args.steps if variant == "short" else args.long_steps
+        steps = args.long_steps if variant == "long" else args.steps
         runs: dict[str, list[dict]] = {impl: [] for impl in args.impls.split(",")}
         for rep in range(args.reps):
             for impl in runs:  # interleaved, so machine drift hits all alike
-                data = spawn(impl, variant, steps, seed=rep)
+                data = spawn(impl, variant, steps, seed=args.data_seed + rep)
                 flops = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps
                 runs[impl].append(summarize(data, flops, gemm["peak"]))
                 print(f"  {variant} rep {rep} {impl}: {runs[impl][-1]['tokens_per_s']:.0f} tok/s", flush=True)

@@ -94,13 +94,37 @@ def test_generation_with_unmerged_adapter_folds_then_restores_bit_exactly(tmp_pa
 
     model = trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = {n: p for n, p in model.named_parameters()}
     with torch.no_grad():
         unmerged_logits = model(IDS).logits
         with folded_adapter(model):
             folded_logits = model(IDS).logits
+            assert any(p is not objects[n] for n, p in model.named_parameters())  # folded weights in place
+    assert all(p is objects[n] for n, p in model.named_parameters())  # the same Parameter objects are back
     torch.testing.assert_close(folded_logits, unmerged_logits, atol=1e-5, rtol=0)
     generate(model, tokenizer, "hello", max_new_tokens=4, do_sample=False)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, unmerged_logits)  # the adapter is live again, unmerged
+
+
+def test_folding_an_adapter_on_a_tied_lm_head_leaves_the_embedding_alone_and_restores(tokenizer):
+    from peft import LoraConfig
+
+    from conftest import build_tiny_llama
+    from smolora.generate import folded_adapter
+
+    model = add_lora(build_tiny_llama(len(tokenizer), tie=True), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+                     warn=lambda *_: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        unmerged = model(IDS).logits
+        with folded_adapter(model):
+            torch.testing.assert_close(model(IDS).logits, unmerged, atol=1e-5, rtol=0)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n
+        assert torch.equal(model(IDS).logits, unmerged)

@@ -36,8 +36,11 @@ def folded_adapter(model):
     """Fold an unmerged LoRA adapter into its layers' weights while generating, then restore them.
 
     Decoding runs one token at a time, where every extra small op counts: PEFT's unmerged path
-    adds two matmuls, a dropout call, a scale and an add per adapted layer. The original weights are
-    copied and put back bit for bit afterwards (merge-then-subtract would not be exact in fp32).
+    adds two matmuls, a dropout call, a scale and an add per adapted layer. Each adapted layer gets
+    a new weight W + s*B*A for the duration (one pass over W) and its original Parameter back
+    afterwards — bit for bit, nothing copied back (merge-then-subtract would not be exact in fp32).
+    A weight tied to another module (an adapted lm_head) stays as it is for that module, as in the
+    unmerged forward. DoRA and LoRA biases go through PEFT's own merge with a saved copy instead.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -45,15 +48,37 @@ def folded_adapter(model):
     if not layers:
         yield
         return
-    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
-    model.merge_adapter()
+    plain = all(isinstance(m.get_base_layer(), torch.nn.Linear)
+                and not any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in m.active_adapters)
+                for m in layers)
+    if not plain:
+        saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
+        model.merge_adapter()
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.merged_adapters.clear()
+            for weight, original in saved:
+                weight.data.copy_(original)
+        return
+    swapped = []
     try:
+        with torch.no_grad():
+            for m in layers:
+                base, active = m.get_base_layer(), [a for a in m.active_adapters if a in m.lora_A]
+                original = base.weight
+                folded = original.detach().clone() if not active else original.detach() + m.get_delta_weight(active[0])
+                for a in active[1:]:
+                    folded += m.get_delta_weight(a)
+                base.weight = torch.nn.Parameter(folded, requires_grad=False)
+                m.merged_adapters.extend(active)  # PEFT's forward now runs the base layer alone
+                swapped.append((m, base, original))
         yield
     finally:
-        for m in layers:
+        for m, base, original in swapped:
+            base.weight = original
             m.merged_adapters.clear()
-        for weight, original in saved:
-            weight.data.copy_(original)
 
 
 @torch.no_grad()

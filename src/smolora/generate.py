@@ -67,8 +67,10 @@ def folded_adapter(model):
         with torch.no_grad():
             for m in layers:
                 base, active = m.get_base_layer(), [a for a in m.active_adapters if a in m.lora_A]
+                if not active:
+                    continue
                 original = base.weight
-                folded = original.detach().clone() if not active else original.detach() + m.get_delta_weight(active[0])
+                folded = original.detach() + m.get_delta_weight(active[0])
                 for a in active[1:]:
                     folded += m.get_delta_weight(a)
                 base.weight = torch.nn.Parameter(folded, requires_grad=False)

@@ -97,7 +97,16 @@ def build_arch(arch: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the machine: fp32 GEMM at the model's shapes
-def gemm_peak(hidden: int = 576, inter: int = 1536, vocab: int = 49152, tokens: int = 512) -> dict:
+def model_config():
+    from transformers import AutoConfig
+
+    from smolora.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(MODEL).folder)
+
+
+def gemm_peak(cfg, tokens: int = 512) -> dict:
+    hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes = {"qo": (tokens, hidden, hidden), "kv": (tokens, hidden, 192), "up": (tokens, hidden, inter),
               "down": (tokens, inter, hidden), "head": (tokens, hidden, vocab)}
     out = {}
@@ -290,12 +299,7 @@ WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_ref
 def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     records = make_records(variant, steps * SPEC["accum"], seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    from transformers import AutoConfig
-
-    from smolora.models import resolve_model
-
-    cfg = AutoConfig.from_pretrained(resolve_model(MODEL).folder)
-    gemm = gemm_peak(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)["peak"]  # the machine right now
+    gemm = gemm_peak(model_config())["peak"]  # the machine right now
     data = WORKERS[impl](records, steps, seed)
     data["gemm_peak"] = gemm
     data["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -344,29 +348,25 @@ def main() -> None:
         print(json.dumps(run_worker(args.worker, args.variant, args.steps, args.seed)))
         return
 
-    from transformers import AutoConfig
-
-    from smolora.models import resolve_model
-
-    model_cfg = AutoConfig.from_pretrained(resolve_model(MODEL).folder)
+    model_cfg = model_config()
     print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
-    gemm = gemm_peak(model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size)
+    gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
     report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "model": MODEL or "embedded",
               "model_type": model_cfg.model_type, "data_seed": args.data_seed, "results": {}}
+    steps = {variant: args.long_steps if variant == "long" else args.steps for variant in args.variants.split(",")}
     raw: dict[str, dict[str, list[dict]]] = {}
-    for variant in args.variants.split(","):
-        steps = args.long_steps if variant == "long" else args.steps
+    for variant in steps:
         raw[variant] = {impl: [] for impl in args.impls.split(",")}
         for rep in range(args.reps):
             for impl in raw[variant]:  # interleaved, so machine drift hits all alike
-                data = spawn(impl, variant, steps, seed=args.data_seed + rep)
-                data["flops_per_step"] = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps
+                data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep)
+                data["flops_per_step"] = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps[variant]
                 raw[variant][impl].append(data)
                 print(f"  {variant} rep {rep} {impl}: {summarize(data, 1, 1)['tokens_per_s']:.0f} tok/s "
                       f"(GEMM probe {data['gemm_peak']:.0f})", flush=True)
     # MFU against the best GEMM rate any probe of this invocation saw: the machine drifts (probes
-    # ranged 185-317 GFLOP/s on one day here), and the highest is the one that never flatters.
+    # ranged 185-314 GFLOP/s on one day here), and the highest is the one that never flatters.
     peak = max([gemm["peak"]] + [d["gemm_peak"] for runs in raw.values() for rs in runs.values() for d in rs])
     report["gemm_peak_used"] = peak
     print(f"\nMFU is counted against {peak:.0f} GFLOP/s, the highest GEMM probe of this invocation.")
@@ -375,7 +375,7 @@ def main() -> None:
                      for impl, rs in runs.items()}
         med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in summaries.items()}
         report["results"][variant] = {"median": med, "runs": summaries}
-        print_table(variant, args.long_steps if variant == "long" else args.steps, med)
+        print_table(variant, steps[variant], med)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {args.json}")
 

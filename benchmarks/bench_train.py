@@ -202,14 +202,19 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False) -
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
-    rows = []
+    rows = []  # what train() computes: (tokens, attention pairs, LM-head positions) of each forward
     for idx in step_order(len(examples), steps, seed):
         lengths = [len(examples[i].input_ids) for i in idx]
-        for row in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch):
-            exs = [examples[idx[i]] for i in row]
-            p = shared_prefix_length(exs) if cfg.share_prefix else 0
-            tokens = p + sum(len(e.input_ids) - p for e in exs)
-            pairs = p * p / 2 + sum((len(e.input_ids) - p) * len(e.input_ids) for e in exs) if p else sum(len(e.input_ids) ** 2 / 2 for e in exs)
+        groups = [[examples[idx[i]] for i in g] for g in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch)]
+        step_p = shared_prefix_length([e for g in groups for e in g]) if cfg.share_prefix and len(groups) > 1 else 0
+        if step_p:  # one StepPrefix forward for the step's rows
+            rows.append((step_p, step_p * step_p / 2, 0))
+        for exs in groups:
+            p = step_p or (shared_prefix_length(exs) if cfg.share_prefix else 0)
+            tokens = (0 if step_p else p) + sum(len(e.input_ids) - p for e in exs)
+            # a masked block over [prefix, own tokens] is computed whole; a plain causal block half
+            pairs = ((0 if step_p else p * p / 2) + sum((len(e.input_ids) - p) * len(e.input_ids) for e in exs) if p
+                     else sum(len(e.input_ids) ** 2 / 2 for e in exs))
             rows.append((tokens, pairs, sum(1 for e in exs for x in e.labels[1:] if x != -100)))
     return {"step_seconds": result.step_seconds, "losses": result.losses, "flops_rows": rows,
             "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}

@@ -157,3 +157,27 @@ def test_chunked_linear_cross_entropy_equals_the_plain_one():
     torch.testing.assert_close(ours, plain, atol=1e-3, rtol=1e-6)
     torch.testing.assert_close(gh, hidden.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch):
+    from smolora.attention import StepPrefix
+    from smolora.data.batching import shared_prefix_length
+
+    model = build_tiny(arch, len(tokenizer))
+    examples = examples_of(tokenizer)
+    n = shared_prefix_length(examples)
+    alone = [model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0] for ex in examples]
+    step = StepPrefix(examples[0].input_ids[:n])
+    with varlen_attention(model):
+        step.forward(model)
+        for rows in ((0, 2), (2, len(examples))):
+            row = examples[rows[0] : rows[1]]
+            mb = collate(row, step_prefix=n)
+            assert mb.input_ids.shape[1] == sum(len(e.input_ids) - n for e in row)
+            assert mb.num_tokens == sum(len(e.input_ids) for e in row)
+            logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                           smolora_segments=mb.segments, smolora_step_prefix=step).logits[0]
+            for i, (start, end) in zip(range(*rows), mb.segments.spans):
+                torch.testing.assert_close(logits[start:end], alone[i][n:], atol=1e-5, rtol=0)

@@ -69,6 +69,26 @@ def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
         torch.testing.assert_close(checkpointed[n], one_batch[n], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, gradient_checkpointing):
+    # 8 examples in rows of at most 40 tokens: the system prompt is computed once by a StepPrefix
+    # that every row attends to, and its gradient flows back through that one forward.
+    from smolora.attention import StepPrefix
+
+    calls = []
+    original = StepPrefix.backward
+    StepPrefix.backward = lambda self: calls.append(len(self)) or original(self)
+    try:
+        shared = adapter_update(tokenizer, tmp_path / "a", batch=1, accum=8, max_tokens=40, share_prefix=True,
+                                gradient_checkpointing=gradient_checkpointing)
+    finally:
+        StepPrefix.backward = original
+    alone = adapter_update(tokenizer, tmp_path / "b", batch=1, accum=8)
+    assert calls and calls[0] > 5  # the prefix was shared across the step's rows
+    for n in alone:
+        torch.testing.assert_close(shared[n], alone[n], atol=1e-6, rtol=0)
+
+
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tokenizer, tmp_path):
     plain = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1, dropout=0.3)
     checkpointed = adapter_update(tokenizer, tmp_path / "b", batch=8, accum=1, dropout=0.3, gradient_checkpointing=True)
@@ -92,7 +112,11 @@ def test_epochs_instead_of_max_steps(tokenizer, tmp_path):
     assert result.steps == 2 * (16 // 2 // 2)
 
 
-def poison_after(model, calls: int, until: int = 10**9):  # use with max_tokens_per_batch=0: 2 calls a step
+# One row per micro-batch and no StepPrefix forward: the final norm runs exactly twice a step.
+NO_STEP_PREFIX = dict(max_tokens_per_batch=0, share_prefix=False)
+
+
+def poison_after(model, calls: int, until: int = 10**9):  # use with NO_STEP_PREFIX: 2 calls a step
     """Make the final norm's output NaN for forward calls number calls+1 .. until."""
     count = {"n": 0}
 
@@ -107,7 +131,7 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
     model, examples = setup(tokenizer)
     poison_after(model, calls=4)  # 2 micro-batches per step: step 3 is the first poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite values at step 3 .*last good checkpoint: .*step-000002"):
-        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0, max_tokens_per_batch=0), **QUIET)
+        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0, **NO_STEP_PREFIX), **QUIET)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -115,12 +139,12 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
 def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     poison_after(model, calls=4, until=6)  # only step 3 is poisoned
-    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, max_tokens_per_batch=0), skip_nonfinite_steps=1, **QUIET)
+    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, **NO_STEP_PREFIX), skip_nonfinite_steps=1, **QUIET)
     assert len(result.losses) == 4 and result.steps == 5
     model, examples = setup(tokenizer)
     poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
     with pytest.raises(NonFiniteLossError, match="step 6"):
-        train(model, examples, cfg(tmp_path / "b", max_steps=8, max_tokens_per_batch=0), skip_nonfinite_steps=2, **QUIET)
+        train(model, examples, cfg(tmp_path / "b", max_steps=8, **NO_STEP_PREFIX), skip_nonfinite_steps=2, **QUIET)
 
 
 def test_resume_in_process_is_bit_identical(tokenizer, tmp_path):

@@ -1,6 +1,6 @@
 """Variable-length attention for packed rows: each example attends only to itself (and to a prefix
-shared by the row), computed block by block — no (T, T) mask, and none of the wasted work of
-masked-out blocks.
+shared by the row, or by every row of the optimizer step), computed block by block — no (T, T)
+mask, and none of the wasted work of masked-out blocks.
 
 Registered with transformers' AttentionInterface under ``smolora_varlen`` and switched on only
 for the duration of a training forward (``varlen_attention`` context), so the model's config, its
@@ -21,10 +21,16 @@ NAME = "smolora_varlen"
 
 @dataclass(frozen=True)
 class Segments:
-    """Layout of a packed row: ``prefix`` shared tokens, then one span [start, end) per example."""
+    """Layout of a packed row: ``prefix`` shared tokens, then one span [start, end) per example.
+
+    ``step_prefix`` > 0: the row's examples continue a prefix that is not in the row: a
+    ``StepPrefix`` computed it once for the whole optimizer step, and every span attends to its
+    keys and values as well.
+    """
 
     prefix: int
     spans: tuple[tuple[int, int], ...]
+    step_prefix: int = 0
 
     def dense_mask(self, length: int) -> torch.Tensor:
         """(1, 1, T, T) bool mask, True where a query may attend: for models without the interface."""
@@ -43,25 +49,86 @@ def _prefix_mask(prefix: int, n: int, device: torch.device) -> torch.Tensor:
     return mask
 
 
+class StepPrefix:
+    """A prefix every example of an optimizer step starts with, computed once for all its rows.
+
+    ``forward`` runs the prefix alone and keeps each attention layer's keys and values. Rows then
+    attend to detached copies of them, on which their gradients add up; ``backward`` sends the sum
+    through the prefix's forward once. The gradient is the one the rows would get computing the
+    prefix themselves: the prefix's activations are the same for every example.
+    """
+
+    def __init__(self, input_ids: list[int]):
+        self.input_ids = input_ids
+        self.recording = False
+        self.computed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attention module) -> (k, v)
+        self.leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def forward(self, lm, device: torch.device | str = "cpu") -> None:
+        """Run the prefix through ``lm`` (inside ``varlen_attention``)."""
+        n = len(self.input_ids)
+        layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
+        for m in layers:  # a few dozen tokens: nothing to save by recomputing them
+            m.gradient_checkpointing = False
+        self.recording = True
+        try:
+            ids = torch.tensor([self.input_ids], device=device)
+            lm.base_model(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=False,
+                          smolora_segments=Segments(0, ((0, n),)), smolora_step_prefix=self)
+        finally:
+            self.recording = False
+            for m in layers:
+                m.gradient_checkpointing = True
+        self.leaves = {key: (k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
+                       for key, (k, v) in self.computed.items()}
+
+    def backward(self) -> None:
+        """Backpropagate the rows' gradients on the prefix's keys and values through its forward."""
+        outputs, grads = [], []
+        for key, pair in self.computed.items():
+            for computed, leaf in zip(pair, self.leaves[key]):
+                if leaf.grad is not None:
+                    outputs.append(computed)
+                    grads.append(leaf.grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        self.computed, self.leaves = {}, {}
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                             smolora_segments: Segments | None = None, **kwargs):
+                             smolora_segments: Segments | None = None, smolora_step_prefix: StepPrefix | None = None,
+                             **kwargs):
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None)."""
     seg = smolora_segments
     if seg is None:
         raise RuntimeError("smolora_varlen attention needs smolora_segments")
+    step = smolora_step_prefix
+    if step is not None and step.recording:
+        step.computed[id(module)] = (key, value)
+    kp = vp = None  # keys and values every span sees before its own
+    if seg.step_prefix:
+        if step is None or len(step) != seg.step_prefix:
+            raise RuntimeError("a row continuing a step prefix needs that StepPrefix (smolora_step_prefix)")
+        kp, vp = step.leaves[id(module)]
     attend = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout if module.training else 0.0,
                                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     # The spans tile the row in order after the prefix: split once (its backward is one cat,
     # where per-span slicing would allocate and zero a full-size gradient per span).
     sizes = ([seg.prefix] if seg.prefix else []) + [end - start for start, end in seg.spans]
     qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
-    if not seg.prefix:
-        outputs = [attend(q, k, v, is_causal=True) for q, k, v in zip(qs, ks, vs)]
-    else:
+    outputs = []
+    if seg.prefix:
         kp, vp = ks[0], vs[0]
-        outputs = [attend(qs[0], kp, vp, is_causal=True)]
-        for q, k, v in zip(qs[1:], ks[1:], vs[1:]):
-            mask = _prefix_mask(seg.prefix, q.shape[2], q.device)
+        outputs.append(attend(qs[0], kp, vp, is_causal=True))
+        qs, ks, vs = qs[1:], ks[1:], vs[1:]
+    for q, k, v in zip(qs, ks, vs):
+        if kp is None:
+            outputs.append(attend(q, k, v, is_causal=True))
+        else:
+            mask = _prefix_mask(kp.shape[2], q.shape[2], q.device)
             outputs.append(attend(q, torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2), attn_mask=mask))
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
-from smolora.attention import supports_varlen, varlen_attention
+from smolora.attention import StepPrefix, supports_varlen, varlen_attention
 from smolora.config import TrainConfig
-from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches
+from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches, shared_prefix_length
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
 from smolora.lora import fast_dropout
@@ -64,12 +64,13 @@ def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> flo
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
+def token_loss_sum(model, mb: MicroBatch, step_prefix: StepPrefix | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over the supervised positions of a micro-batch.
 
     Packed rows run attention block by block over their examples (``smolora.attention``). The LM
     head runs only on supervised positions: its (N, vocab) logits are the largest activation in a
-    small model, and most positions of a chat example are prompt.
+    small model, and most positions of a chat example are prompt. A row whose examples continue
+    the optimizer step's shared prefix needs that ``step_prefix``, already run forward.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = mb.targets != IGNORE  # (B, T)
@@ -79,6 +80,8 @@ def token_loss_sum(model, mb: MicroBatch) -> torch.Tensor:
         if supports_varlen(lm):
             varlen = varlen_attention(lm)
             inputs["smolora_segments"] = mb.segments
+            if mb.segments.step_prefix:
+                inputs["smolora_step_prefix"] = step_prefix
         elif mb.segments.prefix:  # fall back to a dense additive mask
             dtype = lm.get_input_embeddings().weight.dtype
             allowed = mb.segments.dense_mask(mb.input_ids.shape[1]).to(mb.input_ids.device)
@@ -251,7 +254,14 @@ def train(
             if cfg.packing and cfg.max_tokens_per_batch > 0:  # repack the whole step by token budget
                 step_examples = [i for row in rows for i in row]
                 rows = group_micro_batches(lengths, step_examples, len(step_examples), cfg.max_tokens_per_batch)
-            micro = [collate([examples[i] for i in row], cfg.packing, pad_id, cfg.share_prefix) for row in rows]
+            row_examples = [[examples[i] for i in row] for row in rows]
+            # A prefix all the step's examples share (the system prompt) is computed once per step:
+            # within a row by the row itself, across rows by a StepPrefix the rows attend to.
+            step_prefix = None
+            if len(rows) > 1 and cfg.packing and cfg.share_prefix and supports_varlen(lm):
+                n = shared_prefix_length([e for exs in row_examples for e in exs])
+                step_prefix = StepPrefix(examples[rows[0][0]].input_ids[:n]) if n else None
+            micro = [collate(exs, cfg.packing, pad_id, cfg.share_prefix, len(step_prefix or ())) for exs in row_examples]
             num_targets = sum(mb.num_targets for mb in micro)
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
@@ -260,12 +270,16 @@ def train(
                 continue
             # 2. forward/backward each micro-batch; each loss is scaled by the step's token count
             step_loss = 0.0
+            if step_prefix is not None:
+                step_prefix.forward(lm, device)
             for mb in micro:
-                loss = token_loss_sum(model, _to_device(mb, device)) / num_targets
+                loss = token_loss_sum(model, _to_device(mb, device), step_prefix) / num_targets
                 loss.backward()
                 step_loss += loss.item()
                 window_tokens += mb.num_tokens
                 result.tokens += mb.num_tokens
+            if step_prefix is not None:
+                step_prefix.backward()
             # 3. clip, guard, update
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -62,35 +62,45 @@ def shared_prefix_length(examples: Sequence[Example]) -> int:
     return share
 
 
-def collate_packed(examples: Sequence[Example], prefix: int = 0) -> MicroBatch:
+def collate_packed(examples: Sequence[Example], prefix: int = 0, step_prefix: int = 0) -> MicroBatch:
     """One row: the first ``prefix`` tokens (common to all examples) once, then each example's rest.
 
     Each example attends to the prefix and, causally, to itself — never to another example — and
     its position ids continue from the prefix, so its logits are exactly those of the example run
     alone, while the prefix (a chat template's system prompt is a third of a short chat example)
-    is computed once.
+    is computed once. With ``step_prefix`` the row leaves out the first ``step_prefix`` tokens of
+    every example altogether: a ``StepPrefix`` computes them once for all the rows of a step.
     """
+    if prefix and step_prefix:
+        raise ValueError("a row shares either its own prefix or the step's, not both")
     ids = list(examples[0].input_ids[:prefix])
     pos = list(range(prefix))
     tgt = [IGNORE] * prefix
     spans = []
+    skip = prefix or step_prefix
     for e in examples:
         n = len(e.input_ids)
-        spans.append((len(ids), len(ids) + n - prefix))
-        ids += e.input_ids[prefix:]
-        pos += range(prefix, n)
-        tgt += shifted_targets(e)[prefix:]
+        spans.append((len(ids), len(ids) + n - skip))
+        ids += e.input_ids[skip:]
+        pos += range(skip, n)
+        tgt += shifted_targets(e)[skip:]
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     num_tokens = sum(len(e.input_ids) for e in examples)
-    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), None, len(examples), num_tokens, Segments(prefix, tuple(spans)))
+    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), None, len(examples), num_tokens,
+                      Segments(prefix, tuple(spans), step_prefix))
 
 
-def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False) -> MicroBatch:
-    """Build one micro-batch: a single packed row, or right-padded rows with an attention mask."""
+def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False,
+            step_prefix: int = 0) -> MicroBatch:
+    """Build one micro-batch: a single packed row, or right-padded rows with an attention mask.
+
+    ``step_prefix``: the examples' first tokens are computed by the step's ``StepPrefix`` (packed only).
+    """
     if not examples:
         raise ValueError("collate needs at least one example")
     if packed:
-        return collate_packed(examples, shared_prefix_length(examples) if share_prefix else 0)
+        prefix = shared_prefix_length(examples) if share_prefix and not step_prefix else 0
+        return collate_packed(examples, prefix, step_prefix)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), width), IGNORE, dtype=torch.long)

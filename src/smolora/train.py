@@ -257,11 +257,11 @@ def train(
             row_examples = [[examples[i] for i in row] for row in rows]
             # A prefix all the step's examples share (the system prompt) is computed once per step:
             # within a row by the row itself, across rows by a StepPrefix the rows attend to.
-            step_prefix = None
+            shared = 0
             if len(rows) > 1 and cfg.packing and cfg.share_prefix and supports_varlen(lm):
-                n = shared_prefix_length([e for exs in row_examples for e in exs])
-                step_prefix = StepPrefix(examples[rows[0][0]].input_ids[:n]) if n else None
-            micro = [collate(exs, cfg.packing, pad_id, cfg.share_prefix, len(step_prefix or ())) for exs in row_examples]
+                shared = shared_prefix_length([e for exs in row_examples for e in exs])
+            step_prefix = StepPrefix(row_examples[0][0].input_ids[:shared]) if shared else None
+            micro = [collate(exs, cfg.packing, pad_id, cfg.share_prefix, shared) for exs in row_examples]
             num_targets = sum(mb.num_targets for mb in micro)
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")

@@ -147,12 +147,15 @@ def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
         train(model, examples, cfg(tmp_path / "b", max_steps=8, **NO_STEP_PREFIX), skip_nonfinite_steps=2, **QUIET)
 
 
-def test_resume_in_process_is_bit_identical(tokenizer, tmp_path):
+@pytest.mark.parametrize("max_tokens", [512, 40])  # 40: several rows a step, sharing a StepPrefix
+def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
     model, examples = setup(tokenizer, dropout=0.1)
     fresh = copy.deepcopy(model)
-    c = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2)
+    c = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2,
+            max_tokens_per_batch=max_tokens)
     full = train(model, examples, c, **QUIET)
-    resumed_cfg = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2)
+    resumed_cfg = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2,
+                      max_tokens_per_batch=max_tokens)
     second = train(fresh, examples, resumed_cfg, resume_from=tmp_path / "full" / "checkpoints" / "step-000003", **QUIET)
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):

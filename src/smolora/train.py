@@ -112,9 +112,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], LinearCrossEntropy.CHUNK):
-            h, t = hidden[s : s + LinearCrossEntropy.CHUNK], targets[s : s + LinearCrossEntropy.CHUNK]
-            logits = (h @ weight.T).float()  # (c, V)
+        chunk = LinearCrossEntropy.CHUNK
+        block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])  # one (chunk, V) buffer for all chunks
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = torch.mm(h, weight.T, out=block[: len(t)]).float()  # (c, V)
             logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused kernel, row by row
             rows = torch.arange(len(t), device=t.device)
             loss -= logp[rows, t].sum()

@@ -363,8 +363,11 @@ def main() -> None:
     raw: dict[str, dict[str, list[dict]]] = {}
     for variant in steps:
         raw[variant] = {impl: [] for impl in args.impls.split(",")}
+        impls = list(raw[variant])
         for rep in range(args.reps):
-            for impl in raw[variant]:  # interleaved, so machine drift hits all alike
+            # interleaved, so machine drift hits all alike; each repetition starts with the next
+            # implementation, so none always runs first
+            for impl in impls[rep % len(impls):] + impls[: rep % len(impls)]:
                 data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep)
                 data["flops_per_step"] = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps[variant]
                 raw[variant][impl].append(data)

@@ -151,12 +151,9 @@ def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
 def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
     model, examples = setup(tokenizer, dropout=0.1)
     fresh = copy.deepcopy(model)
-    c = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2,
-            max_tokens_per_batch=max_tokens)
-    full = train(model, examples, c, **QUIET)
-    resumed_cfg = cfg(tmp_path / "full", max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2,
-                      max_tokens_per_batch=max_tokens)
-    second = train(fresh, examples, resumed_cfg, resume_from=tmp_path / "full" / "checkpoints" / "step-000003", **QUIET)
+    settings = dict(max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2, max_tokens_per_batch=max_tokens)
+    full = train(model, examples, cfg(tmp_path / "full", **settings), **QUIET)
+    second = train(fresh, examples, cfg(tmp_path / "full", **settings), resume_from=tmp_path / "full" / "checkpoints" / "step-000003", **QUIET)
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n

@@ -105,13 +105,13 @@ def model_config():
     return AutoConfig.from_pretrained(resolve_model(MODEL).folder)
 
 
-def gemm_peak(cfg, tokens: int = 512) -> dict:
+def gemm_peak(cfg, tokens: int = 512, dtype: torch.dtype = torch.float32) -> dict:
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes = {"qo": (tokens, hidden, hidden), "kv": (tokens, hidden, 192), "up": (tokens, hidden, inter),
               "down": (tokens, inter, hidden), "head": (tokens, hidden, vocab)}
     out = {}
     for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         best = float("inf")
@@ -186,7 +186,7 @@ def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
     return [order[s * per : (s + 1) * per] for s in range(steps)]
 
 
-def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False) -> dict:
+def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False) -> dict:
     from smolora.config import TrainConfig
     from smolora.lora import add_lora
     from smolora.train import train
@@ -198,7 +198,7 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False) -
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
                           learning_rate=SPEC["lr"], max_steps=steps, logging_steps=10**6, max_length=SPEC["max_length"],
-                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing)
+                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing, bf16=bf16)
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
@@ -266,7 +266,7 @@ def trl_row(record: dict) -> dict:
             "completion": [{"role": "assistant", "content": record["completion"]}]}
 
 
-def worker_trl(records, steps, seed) -> dict:
+def worker_trl(records, steps, seed, bf16: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -284,7 +284,7 @@ def worker_trl(records, steps, seed) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
-                         learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=False,
+                         learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=bf16,
                          max_length=SPEC["max_length"], report_to=[], save_strategy="no", use_cpu=True, seed=seed,
                          dataloader_num_workers=0, disable_tqdm=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(),
@@ -298,15 +298,19 @@ def worker_trl(records, steps, seed) -> dict:
 
 
 WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
-           "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True)}
+           "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True),
+           # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
+           "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
+           "trl_bf16": lambda records, steps, seed: worker_trl(records, steps, seed, bf16=True)}
 
 
 def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     records = make_records(variant, steps * SPEC["accum"], seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    gemm = gemm_peak(model_config())["peak"]  # the machine right now
+    dtype = torch.bfloat16 if impl.endswith("_bf16") else torch.float32
+    gemm = gemm_peak(model_config(), dtype=dtype)["peak"]  # the machine right now, in the dtype of the run's matmuls
     data = WORKERS[impl](records, steps, seed)
-    data["gemm_peak"] = gemm
+    data["gemm_peak"], data["gemm_dtype"] = gemm, str(dtype).removeprefix("torch.")
     data["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data
@@ -373,13 +377,18 @@ def main() -> None:
                 raw[variant][impl].append(data)
                 print(f"  {variant} rep {rep} {impl}: {summarize(data, 1, 1)['tokens_per_s']:.0f} tok/s "
                       f"(GEMM probe {data['gemm_peak']:.0f})", flush=True)
-    # MFU against the best GEMM rate any probe of this invocation saw: the machine drifts (probes
-    # ranged 185-314 GFLOP/s on one day here), and the highest is the one that never flatters.
-    peak = max([gemm["peak"]] + [d["gemm_peak"] for runs in raw.values() for rs in runs.values() for d in rs])
-    report["gemm_peak_used"] = peak
-    print(f"\nMFU is counted against {peak:.0f} GFLOP/s, the highest GEMM probe of this invocation.")
+    # MFU against the best GEMM rate any probe of this invocation saw in the run's dtype: the machine
+    # drifts (probes ranged 185-314 GFLOP/s on one day here), and the highest never flatters.
+    runs_all = [d for runs in raw.values() for rs in runs.values() for d in rs]
+    peaks = {"float32": gemm["peak"]}
+    for d in runs_all:
+        peaks[d["gemm_dtype"]] = max(peaks.get(d["gemm_dtype"], 0.0), d["gemm_peak"])
+    report["gemm_peak_used"] = peaks["float32"]
+    report["gemm_peaks_used"] = peaks
+    print("\nMFU is counted against the highest GEMM probe of this invocation in the run's dtype: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".")
     for variant, runs in raw.items():
-        summaries = {impl: [summarize(d, d["flops_per_step"], peak) | {"gemm_probe": d["gemm_peak"]} for d in rs]
+        summaries = {impl: [summarize(d, d["flops_per_step"], peaks[d["gemm_dtype"]]) | {"gemm_probe": d["gemm_peak"]} for d in rs]
                      for impl, rs in runs.items()}
         med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in summaries.items()}
         report["results"][variant] = {"median": med, "runs": summaries}
@@ -395,12 +404,14 @@ def print_table(variant: str, steps: int, med: dict) -> None:
     for impl, m in med.items():
         print(f"| {impl} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
               f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
-    if "trl" in med and "smolora" in med:
-        s, t = med["smolora"], med["trl"]
-        print(f"\nSmoLoRA / TRL: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
-    if "reference" in med and "smolora" in med:
-        s, r = med["smolora"], med["reference"]
-        print(f"SmoLoRA vs reference last loss: {100 * (s['last_loss'] - r['last_loss']) / r['last_loss']:+.2f}%")
+    for ours, theirs in (("smolora", "trl"), ("smolora_bf16", "trl_bf16"), ("smolora_bf16", "trl")):
+        if ours in med and theirs in med:
+            s, t = med[ours], med[theirs]
+            print(f"\n{ours} / {theirs}: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+    for ours in ("smolora", "smolora_bf16"):
+        if "reference" in med and ours in med:
+            s, r = med[ours], med["reference"]
+            print(f"{ours} vs reference (fp32) last loss: {100 * (s['last_loss'] - r['last_loss']) / r['last_loss']:+.2f}%")
 
 
 if __name__ == "__main__":

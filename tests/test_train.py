@@ -45,13 +45,14 @@ def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_pat
 
 
 def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False, gradient_checkpointing=False,
-                   dropout=0.0):
+                   dropout=0.0, **settings):
     model, examples = setup(tokenizer, dropout=dropout)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
             learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant",
-            share_prefix=share_prefix, gradient_checkpointing=gradient_checkpointing)
+            share_prefix=share_prefix, gradient_checkpointing=gradient_checkpointing, **settings)
     train(model, examples[:8], c, **QUIET)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -87,6 +88,30 @@ def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, 
     assert calls and calls[0] > 5  # the prefix was shared across the step's rows
     for n in alone:
         torch.testing.assert_close(shared[n], alone[n], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_gives_nearly_the_fp32_update_in_fp32_adapter_weights(tokenizer, tmp_path, precision):
+    # Several rows sharing a StepPrefix, so the prefix's keys/values and the LM-head loss run under autocast too.
+    shape = dict(batch=1, accum=8, max_tokens=40, share_prefix=True)
+    fp32 = adapter_update(tokenizer, tmp_path / "a", **shape)
+    mixed = adapter_update(tokenizer, tmp_path / "b", **shape, **{precision: True})
+    assert any(not torch.equal(mixed[n], fp32[n]) for n in fp32)  # the matmuls did run in low precision
+    for n in fp32:
+        torch.testing.assert_close(mixed[n], fp32[n], atol=5e-2 * float(fp32[n].abs().max()), rtol=0)
+
+
+def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
+    import json
+
+    model, examples = setup(tokenizer)
+    fresh = copy.deepcopy(model)
+    settings = dict(max_steps=4, save_steps=2, save_total_limit=0, fp16=True)
+    full = train(model, examples, cfg(tmp_path, **settings), **QUIET)
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["loss_scale"]["scale"] > 1
+    second = train(fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET)
+    assert second.losses == full.losses
 
 
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tokenizer, tmp_path):

@@ -47,6 +47,7 @@ class TrainState:
     epoch: int = 0
     cursor: int = 0
     losses: list[float] = field(default_factory=list)  # per optimizer step
+    loss_scale: dict | None = None  # fp16's gradient scaler state
 
 
 def fingerprint_examples(examples) -> str:
@@ -180,7 +181,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info:
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
         rng_meta, rng_tensors = rng_snapshot()
         save_file({**opt_tensors, **rng_tensors}, str(tmp / TENSOR_FILE))
-        doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses,
+        doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses, "loss_scale": state.loss_scale,
                "optimizer": opt_meta, "rng": rng_meta, **run_info}
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
 
@@ -255,4 +256,5 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
     tensors = load_file(str(folder / TENSOR_FILE))
     _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, doc["optimizer"])
     rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
-    return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])))
+    return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])),
+                      loss_scale=doc.get("loss_scale"))

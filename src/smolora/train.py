@@ -9,6 +9,7 @@ of one batch of the same 8 examples.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -112,22 +113,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device = hidden.device.type
+        # Under autocast the matmuls run in its dtype (bf16/fp16); the softmax always in fp32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        w = weight.to(dtype)
         chunk = LinearCrossEntropy.CHUNK
-        block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])  # one (chunk, V) buffer for all chunks
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = torch.mm(h, weight.T, out=block[: len(t)]).float()  # (c, V)
-            logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused kernel, row by row
-            rows = torch.arange(len(t), device=t.device)
-            loss -= logp[rows, t].sum()
-            if want_h or want_w:
-                probs = logp.exp_()  # softmax, in place
-                probs[rows, t] -= 1.0  # d loss / d logits
-                probs = probs.to(h.dtype)
-                if want_h:
-                    grad_h[s : s + len(t)] = probs @ weight
-                if want_w:
-                    grad_w += probs.T @ h
+        rows_max = min(chunk, hidden.shape[0])
+        block = hidden.new_empty(rows_max, weight.shape[0], dtype=dtype)  # one (chunk, V) buffer for all chunks
+        block32 = block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
+                logits = torch.mm(h, w.T, out=block[: len(t)])  # (c, V)
+                if block32 is not block:
+                    logits = block32[: len(t)].copy_(logits)
+                logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused kernel, row by row
+                rows = torch.arange(len(t), device=t.device)
+                loss -= logp[rows, t].sum()
+                if want_h or want_w:
+                    probs = logp.exp_()  # softmax, in place
+                    probs[rows, t] -= 1.0  # d loss / d logits
+                    probs = probs.to(dtype)
+                    if want_h:
+                        grad_h[s : s + len(t)] = probs @ w
+                    if want_w:
+                        grad_w += probs.T @ h
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.want = (want_h, want_w)
         return loss
@@ -149,6 +159,32 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     if cfg.optim == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+
+
+_NATIVE_CPU_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+
+
+def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
+    """``(autocast, scaler)`` for a run: a context factory for its forward passes (``nullcontext``
+    in fp32) and, for fp16, the gradient scaler that keeps small gradients from underflowing."""
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    if dtype is None:
+        return contextlib.nullcontext, None
+    name = "bf16" if cfg.bf16 else "fp16"
+    if not torch.amp.is_autocast_available(device.type):
+        raise SmoLoRAError(f"{name}: mixed precision is not available on {device.type}; train in fp32")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise SmoLoRAError("bf16: this GPU does not support bfloat16; use fp16")
+    if device.type == "cpu":
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = None  # not Linux: nothing to tell
+        if flags is not None and not flags & set(_NATIVE_CPU_FLAGS[dtype]):
+            log(f"[smolora] warning: {name}: this CPU has no native {name} matrix instructions "
+                f"({' or '.join(_NATIVE_CPU_FLAGS[dtype])}); expect it to train slower than fp32")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return functools.partial(torch.autocast, device.type, dtype=dtype), scaler
 
 
 def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
@@ -199,6 +235,7 @@ def train(
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg)
+    autocast, scaler = mixed_precision(cfg, device, log)
     lengths = [len(e.input_ids) for e in examples]
     difficulty = [e.difficulty for e in examples] if any(e.difficulty is not None for e in examples) else None
 
@@ -213,6 +250,8 @@ def train(
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        if scaler is not None and state.loss_scale:
+            scaler.load_state_dict(state.loss_scale)
         groups = groups_for(state.epoch)
         log(f"[smolora] resumed from {resume_from} at step {state.step}")
     else:
@@ -273,20 +312,29 @@ def train(
             # 2. forward/backward each micro-batch; each loss is scaled by the step's token count
             step_loss = 0.0
             if step_prefix is not None:
-                step_prefix.forward(lm, device)
+                with autocast():
+                    step_prefix.forward(lm, device)
             for mb in micro:
-                loss = token_loss_sum(model, _to_device(mb, device), step_prefix) / num_targets
-                loss.backward()
+                with autocast():
+                    loss = token_loss_sum(model, _to_device(mb, device), step_prefix) / num_targets
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
                 window_tokens += mb.num_tokens
                 result.tokens += mb.num_tokens
             if step_prefix is not None:
                 step_prefix.backward()
             # 3. clip, guard, update
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            # fp16: gradients that overflow at the current loss scale are routine; the scaler skips
+            # that update and lowers the scale. A non-finite loss is not.
+            overflow = scaler is not None and math.isfinite(step_loss) and not math.isfinite(grad_norm)
+            if not overflow and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()  # closes this step's unscale_
                 nonfinite += 1
                 what = f"loss {step_loss}, grad norm {grad_norm}"
                 if nonfinite > skip_nonfinite_steps:
@@ -297,7 +345,14 @@ def train(
                 state.step += 1
                 bar.update(1)
                 continue
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped on overflow
+                scaler.update()
+                state.loss_scale = scaler.state_dict()
+                if overflow:
+                    bar.write(f"[smolora] fp16: step {state.step + 1} overflowed; update skipped, loss scale now {scaler.get_scale():g}")
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.losses.append(step_loss)
@@ -318,7 +373,7 @@ def train(
                 metrics.write(entry)
                 window_tokens, window_start = 0, time.perf_counter()
             if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write)
+                _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write, autocast)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
                 result.last_checkpoint = save(state)
             if stop_signal:
@@ -330,7 +385,7 @@ def train(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if val_examples:
-        _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, log)
+        _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, log, autocast)
     if not (result.last_checkpoint and result.last_checkpoint.name == f"step-{state.step:06d}"):
         result.last_checkpoint = save(state)
     result.steps = state.step
@@ -338,8 +393,9 @@ def train(
     return result
 
 
-def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write) -> None:
-    loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id)
+def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write, autocast=contextlib.nullcontext) -> None:
+    with autocast():
+        loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id)
     result.eval_losses.append((step, loss))
     entry = {"step": step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
     write(str(entry))

@@ -101,6 +101,21 @@ def test_mixed_precision_gives_nearly_the_fp32_update_in_fp32_adapter_weights(to
         torch.testing.assert_close(mixed[n], fp32[n], atol=5e-2 * float(fp32[n].abs().max()), rtol=0)
 
 
+def test_mixed_precision_warns_on_a_cpu_without_native_support(monkeypatch):
+    import smolora.train as train_module
+
+    said = []
+    monkeypatch.setattr(train_module, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    autocast, scaler = train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"), log=said.append)
+    assert scaler is None and autocast().fast_dtype == torch.bfloat16
+    assert len(said) == 1 and "bf16" in said[0] and "slower than fp32" in said[0]
+    said.clear()
+    monkeypatch.setattr(train_module, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"), log=said.append)
+    _, scaler = train_module.mixed_precision(TrainConfig(), torch.device("cpu"), log=said.append)
+    assert said == [] and scaler is None
+
+
 def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
     import json
 

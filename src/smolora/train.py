@@ -164,6 +164,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 _NATIVE_CPU_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux); None where the system does not say."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
 def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
     """``(autocast, scaler)`` for a run: a context factory for its forward passes (``nullcontext``
     in fp32) and, for fp16, the gradient scaler that keeps small gradients from underflowing."""
@@ -176,10 +184,7 @@ def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise SmoLoRAError("bf16: this GPU does not support bfloat16; use fp16")
     if device.type == "cpu":
-        try:
-            flags = set(Path("/proc/cpuinfo").read_text().split())
-        except OSError:
-            flags = None  # not Linux: nothing to tell
+        flags = _cpu_flags()
         if flags is not None and not flags & set(_NATIVE_CPU_FLAGS[dtype]):
             log(f"[smolora] warning: {name}: this CPU has no native {name} matrix instructions "
                 f"({' or '.join(_NATIVE_CPU_FLAGS[dtype])}); expect it to train slower than fp32")

@@ -116,6 +116,25 @@ def test_mixed_precision_warns_on_a_cpu_without_native_support(monkeypatch):
     assert said == [] and scaler is None
 
 
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tokenizer, tmp_path, monkeypatch):
+    import functools
+    import json
+
+    # A loss scale of 2^127 overflows every gradient: each step must be skipped, not stop the run.
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**127))
+    model, examples = setup(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, examples, cfg(tmp_path, max_steps=3, fp16=True), **QUIET)
+    assert result.steps == 3 and len(result.losses) == 3
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
+    state = json.loads((tmp_path / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert state["loss_scale"]["scale"] == 2.0**124
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(entry["grad_norm"] is None for entry in logged if "grad_norm" in entry)  # strict JSON, no Infinity
+
+
 def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
     import json
 

@@ -369,7 +369,7 @@ def train(
                 recent = state.losses[-cfg.logging_steps :]
                 entry = {"step": state.step, "loss": round(sum(recent) / len(recent), 4), "learning_rate": lr,
                          "epoch": round(state.epoch + state.cursor / max(1, len(groups)), 3),
-                         "grad_norm": round(grad_norm, 4), "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1)}
+                         "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1)}
                 logged_losses.append(entry["loss"])
                 bar.write(str(entry))
                 for w in diagnose(logged_losses, lr):

@@ -118,8 +118,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = weight.to(dtype)
         chunk = LinearCrossEntropy.CHUNK
-        rows_max = min(chunk, hidden.shape[0])
-        block = hidden.new_empty(rows_max, weight.shape[0], dtype=dtype)  # one (chunk, V) buffer for all chunks
+        block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=dtype)  # one (chunk, V) buffer for all chunks
         block32 = block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
 
 import pytest
 import torch
@@ -117,9 +119,6 @@ def test_mixed_precision_warns_on_a_cpu_without_native_support(monkeypatch):
 
 
 def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tokenizer, tmp_path, monkeypatch):
-    import functools
-    import json
-
     # A loss scale of 2^127 overflows every gradient: each step must be skipped, not stop the run.
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**127))
     model, examples = setup(tokenizer)
@@ -136,8 +135,6 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tokenizer, tmp_path
 
 
 def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
-    import json
-
     model, examples = setup(tokenizer)
     fresh = copy.deepcopy(model)
     settings = dict(max_steps=4, save_steps=2, save_total_limit=0, fp16=True)
@@ -267,7 +264,6 @@ def test_checkpoint_without_marker_is_never_resumed(tokenizer, tmp_path):
 
 
 def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
-    import json
     import math
 
     model, examples = setup(tokenizer)

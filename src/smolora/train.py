@@ -334,8 +334,8 @@ def train(
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             # fp16: gradients that overflow at the current loss scale are routine; the scaler skips
             # that update and lowers the scale. A non-finite loss is not.
-            overflow = scaler is not None and math.isfinite(step_loss) and not math.isfinite(grad_norm)
-            if not overflow and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            overflow = scaler is not None and not math.isfinite(grad_norm)
+            if not math.isfinite(step_loss) or (not math.isfinite(grad_norm) and not overflow):
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()  # closes this step's unscale_

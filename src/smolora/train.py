@@ -26,6 +26,7 @@ from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches, shared_prefix_length
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
+from smolora.fused import fused_layers
 from smolora.lora import fast_dropout
 from smolora.monitor import MetricsFile, diagnose, memory_line
 
@@ -282,6 +283,7 @@ def train(
         # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
         cleanup.enter_context(varlen_attention(lm))
     cleanup.enter_context(fast_dropout(model))
+    cleanup.enter_context(fused_layers(lm))
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()

@@ -3,8 +3,9 @@ in fewer passes over memory.
 
 Autograd through transformers' RMSNorm runs six element-wise kernels forward and about eight
 backward; through its rotary embedding (``x * cos + rotate_half(x) * sin``), five each way. On a
-CPU those passes, not arithmetic, are the cost: at 450 tokens the two together took about 5% of a
-training step. The functions here do each in three or four passes, with a hand-written backward.
+CPU those passes, not arithmetic, are the cost. The functions here do each in three or four
+passes, with a hand-written backward: about 3% of a decoder layer's forward and backward at
+300-450 tokens (benchmarks/RESULTS.md).
 
 ``fused_layers(lm)`` switches them on for the duration of a training loop, and only where they
 reproduce the model's own module on a probe input, so a model whose norm or rotary convention

@@ -8,10 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ARCHITECTURES, build_tiny, chat_records
+from smolora import attention
 from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
 from smolora.train import token_loss_sum
+
+
+# The default, and a threshold every span of the tiny examples reaches: on CPU, spans in two halves.
+SPLITS = [attention.SPLIT_QUERIES, 4]
 
 
 def examples_of(tokenizer, n=5):
@@ -22,7 +27,9 @@ def examples_of(tokenizer, n=5):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_logits_equal_logits_alone(tokenizer, arch):
+@pytest.mark.parametrize("split_queries", SPLITS)
+def test_packed_logits_equal_logits_alone(tokenizer, arch, split_queries, monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
     model = build_tiny(arch, len(tokenizer))
     examples = examples_of(tokenizer)
     mb = collate(examples, packed=True)
@@ -98,7 +105,9 @@ def test_mix_tasks_follows_weights_and_tags_records():
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_shared_prefix_packing_is_exact(tokenizer, arch):
+@pytest.mark.parametrize("split_queries", SPLITS)
+def test_shared_prefix_packing_is_exact(tokenizer, arch, split_queries, monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
     from smolora.data.batching import shared_prefix_length
 
     model = build_tiny(arch, len(tokenizer))
@@ -161,7 +170,9 @@ def test_chunked_linear_cross_entropy_equals_the_plain_one():
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch):
+@pytest.mark.parametrize("split_queries", SPLITS)
+def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, split_queries, monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
     from smolora.attention import StepPrefix
     from smolora.data.batching import shared_prefix_length
 
@@ -181,3 +192,26 @@ def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch):
                            smolora_segments=mb.segments, smolora_step_prefix=step).logits[0]
             for i, (start, end) in zip(range(*rows), mb.segments.spans):
                 torch.testing.assert_close(logits[start:end], alone[i][n:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prefix, n", [(0, 384), (7, 385), (7, 383), (0, 20)])
+def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n):
+    """Values and gradients of the split attention equal one call over the whole span."""
+    import functools
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, n, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, prefix + n, 8, generator=gen, requires_grad=True) for _ in range(2))
+    attend = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
+    parts = attention._span_attention(attend, q, k, v)
+    assert len(parts) == (2 if n >= attention.SPLIT_QUERIES else 1)
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool).tril()
+    grad = torch.randn(1, 4, n, 8, generator=gen)
+    ours = torch.autograd.grad(torch.cat(parts, dim=2), (q, k, v), grad)
+    ref = torch.autograd.grad(attend(q, k, v, attn_mask=mask), (q, k, v), grad)
+    torch.testing.assert_close(torch.cat(parts, dim=2), attend(q, k, v, attn_mask=mask), atol=1e-6, rtol=0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -41,12 +41,36 @@ class Segments:
         return (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]
 
 
+# Torch's CPU flash kernel takes all keys as one block below 512 of them, so a causal call saves
+# nothing there. On CPU a span this long is attended in two halves instead, the first seeing only
+# the keys it can: ~25% less work (fwd+bwd -13% at 450 tokens); a half shorter than 192 queries gets
+# the kernel's smaller tiles and loses more than that saves. GPU kernels skip masked blocks themselves.
+SPLIT_QUERIES = 384
+
+
 @functools.lru_cache(maxsize=256)
-def _prefix_mask(prefix: int, n: int, device: torch.device) -> torch.Tensor:
-    """(n, prefix + n) bool: every query sees the whole prefix, then its own tokens causally."""
-    mask = torch.ones(n, prefix + n, dtype=torch.bool, device=device)
-    mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return mask
+def _causal_mask(prefix: int, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """(end - start, prefix + end) bool: queries start..end-1 of a span see the whole prefix, then
+    the span's tokens up to their own."""
+    i = torch.arange(start, end, device=device)[:, None]
+    return torch.arange(prefix + end, device=device)[None, :] <= prefix + i
+
+
+def _span_attention(attend, q, k, v) -> list[torch.Tensor]:
+    """One span's queries (1, H, n, D) against its keys and values (1, KV, prefix + n, D)."""
+    n = q.shape[2]
+    prefix = k.shape[2] - n
+    outputs, start = [], 0
+    halves = n >= SPLIT_QUERIES and q.device.type == "cpu"
+    for part in q.split([n // 2, n - n // 2] if halves else [n], dim=2):
+        end = start + part.shape[2]
+        keys, values = k[:, :, : prefix + end], v[:, :, : prefix + end]
+        if prefix == 0 and start == 0:
+            outputs.append(attend(part, keys, values, is_causal=True))
+        else:
+            outputs.append(attend(part, keys, values, attn_mask=_causal_mask(prefix, start, end, q.device)))
+        start = end
+    return outputs
 
 
 class StepPrefix:
@@ -122,14 +146,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     outputs = []
     if seg.prefix:
         kp, vp = ks[0], vs[0]
-        outputs.append(attend(qs[0], kp, vp, is_causal=True))
+        outputs += _span_attention(attend, qs[0], kp, vp)
         qs, ks, vs = qs[1:], ks[1:], vs[1:]
     for q, k, v in zip(qs, ks, vs):
-        if kp is None:
-            outputs.append(attend(q, k, v, is_causal=True))
-        else:
-            mask = _prefix_mask(kp.shape[2], q.shape[2], q.device)
-            outputs.append(attend(q, torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2), attn_mask=mask))
+        if kp is not None:
+            k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
+        outputs += _span_attention(attend, q, k, v)
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, build_tiny
 
+from conftest import ARCHITECTURES, build_tiny
 from smolora.fused import RMSNormFunction, RotaryFunction, apply_rotary_pos_emb, fused_layers
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +16,6 @@ from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
 from smolora.train import token_loss_sum
-
 
 # The default, and a threshold every span of the tiny examples reaches: on CPU, spans in two halves.
 SPLITS = [attention.SPLIT_QUERIES, 4]
@@ -197,10 +199,6 @@ def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, spl
 @pytest.mark.parametrize("prefix, n", [(0, 384), (7, 385), (7, 383), (0, 20)])
 def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n):
     """Values and gradients of the split attention equal one call over the whole span."""
-    import functools
-
-    import torch.nn.functional as F
-
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, n, 8, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, prefix + n, 8, generator=gen, requires_grad=True) for _ in range(2))

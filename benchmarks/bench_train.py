@@ -7,8 +7,11 @@
 
 Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct
 (or ``--model``/``--arch``), with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj; batch 1 x accumulation 8;
-lr 2e-4; AdamW; fp32; max_length 1024. Throughput counts the dataset's own tokens and examples,
-never tokens computed. The first optimizer step of each run is a warm-up and is not timed.
+lr 2e-4; AdamW; fp32; max_length 1024. TRL runs with its own default of gradient checkpointing on
+(trl 1.x; the spec's config leaves it unset); ``trl_no_ckpt`` runs it off and ``smolora_ckpt`` runs
+SmoLoRA with it on, for the like-for-like pairs (smolora / trl_no_ckpt, smolora_ckpt / trl).
+Throughput counts the dataset's own tokens and examples, never tokens computed. The first
+optimizer step of each run is a warm-up and is not timed.
 MFU = FLOPs of the matmuls each implementation actually runs (counted analytically) / the fp32
 GEMM peak measured at the model's shapes: the highest rate of the probes run at the start and at
 the start of every worker (the machine's speed drifts; the highest probe never flatters).
@@ -266,7 +269,10 @@ def trl_row(record: dict) -> dict:
             "completion": [{"role": "assistant", "content": record["completion"]}]}
 
 
-def worker_trl(records, steps, seed, bf16: bool = False) -> dict:
+def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing: bool = True) -> dict:
+    """TRL's SFTTrainer + PEFT. TRL's SFTConfig turns gradient checkpointing on by default (trl 1.x);
+    it is set here explicitly, so the anchor does not change under a new TRL, and ``trl_no_ckpt``
+    runs it off: the like-for-like anchor for SmoLoRA's default, which keeps activations."""
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -286,7 +292,7 @@ def worker_trl(records, steps, seed, bf16: bool = False) -> dict:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
                          learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=bf16,
                          max_length=SPEC["max_length"], report_to=[], save_strategy="no", use_cpu=True, seed=seed,
-                         dataloader_num_workers=0, disable_tqdm=True)
+                         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=gradient_checkpointing)
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(),
                              processing_class=tok, callbacks=[Clock()])
         trainer.train()
@@ -298,6 +304,7 @@ def worker_trl(records, steps, seed, bf16: bool = False) -> dict:
 
 
 WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
+           "trl_no_ckpt": lambda records, steps, seed: worker_trl(records, steps, seed, gradient_checkpointing=False),
            "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True),
            # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
            "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
@@ -404,7 +411,8 @@ def print_table(variant: str, steps: int, med: dict) -> None:
     for impl, m in med.items():
         print(f"| {impl} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
               f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
-    for ours, theirs in (("smolora", "trl"), ("smolora_bf16", "trl_bf16"), ("smolora_bf16", "trl")):
+    for ours, theirs in (("smolora", "trl"), ("smolora", "trl_no_ckpt"), ("smolora_ckpt", "trl"), ("smolora_bf16", "trl_bf16"),
+                         ("smolora_bf16", "trl")):
         if ours in med and theirs in med:
             s, t = med[ours], med[theirs]
             print(f"\n{ours} / {theirs}: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")

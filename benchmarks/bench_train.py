@@ -1,6 +1,7 @@
 """Training throughput and memory: SmoLoRA vs TRL's SFTTrainer (the anchor) vs a plain reference loop.
 
-    python benchmarks/bench_train.py                  # short + long chat data, 3 repetitions
+    python benchmarks/bench_train.py                  # short + long chat data, 3 repetitions, like-for-like pairs
+    python benchmarks/bench_train.py --impls trl,smolora,reference   # the issue's pair and the loss check only
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants short   # a quick look
     python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
     python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
@@ -349,7 +350,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--long-steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="trl,smolora,reference")
+    ap.add_argument("--impls", default="trl,trl_no_ckpt,smolora,smolora_ckpt,reference",
+                    help="workers, comma-separated: " + ", ".join(WORKERS))
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes")

@@ -271,9 +271,8 @@ def trl_row(record: dict) -> dict:
 
 
 def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing: bool = True) -> dict:
-    """TRL's SFTTrainer + PEFT. TRL's SFTConfig turns gradient checkpointing on by default (trl 1.x);
-    it is set here explicitly, so the anchor does not change under a new TRL, and ``trl_no_ckpt``
-    runs it off: the like-for-like anchor for SmoLoRA's default, which keeps activations."""
+    """TRL's SFTTrainer + PEFT; gradient checkpointing set explicitly (TRL's own default, see above),
+    so the anchor does not change under a new TRL."""
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer

@@ -326,10 +326,9 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
 def peak_rss_mib() -> float:
     """This process's own peak resident set size, in MiB.
 
-    Linux: the memory map's high-water mark (``VmHWM``). Not ``ru_maxrss``: a process started by
-    ``subprocess`` inherits in it its parent's peak (the kernel keeps it across exec), so every
-    worker would report at least what the parent once held — on a first run, which converts the
-    embedded GGUF in the parent, 1580 MiB for every implementation alike.
+    Linux: the memory map's high-water mark (``VmHWM``). Not ``ru_maxrss``, which the kernel carries
+    across exec: a worker started by ``subprocess`` would report at least its parent's peak — on a
+    first run, where the parent converts the embedded GGUF, 1580 MiB for every implementation.
     """
     try:
         with open("/proc/self/status") as status:

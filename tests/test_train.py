@@ -154,6 +154,32 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tokenizer, tmp
         torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_adapter_on_lm_head_is_in_the_loss_and_trains(tokenizer, tmp_path, tie):
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from smolora.data.batching import collate
+    from smolora.train import token_loss_sum
+
+    model = add_lora(build_tiny_llama(len(tokenizer), tie=tie), LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
+                     warn=lambda *_: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lm_head.lora_B" in n:
+                p.normal_(0, 0.5)  # an adapter that moves the logits
+    examples = encode_records(chat_records(4), tokenizer, FormatOptions())[0]
+    mb = collate(examples, packed=False, pad_id=0)
+    keep = mb.targets != -100
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        expected = F.cross_entropy(logits[keep], mb.targets[keep], reduction="sum")
+        torch.testing.assert_close(token_loss_sum(model, mb), expected)
+    head_lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lm_head.lora_" in n}
+    train(model, examples, cfg(tmp_path, max_steps=2, gradient_accumulation_steps=1), **QUIET)
+    assert head_lora and all(not torch.equal(p, head_lora[n]) for n, p in model.named_parameters() if n in head_lora)
+
+
 def test_lr_schedules():
     assert lr_at(0, 10, 1.0, "constant", 4) == 0.25
     assert lr_at(3, 10, 1.0, "linear", 4) == 1.0

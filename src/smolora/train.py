@@ -91,10 +91,13 @@ def token_loss_sum(model, mb: MicroBatch, step_prefix: StepPrefix | None = None)
         # else: restarting position ids with no mask make transformers build the block mask itself
     head = lm.get_output_embeddings()
     with varlen:
-        if _head_is_plain_linear(lm) and getattr(head, "bias", None) is None:
-            hidden = lm.base_model(**inputs).last_hidden_state  # (B, T, H)
-            return LinearCrossEntropy.apply(hidden[keep], head.weight, mb.targets[keep])
-        logits = lm(**inputs).logits[keep]  # softcapped, scaled or biased logits: the model's own head
+        if not _logits_are_head_output(lm):  # softcapped or scaled logits: the model's own forward
+            logits = lm(**inputs).logits[keep]
+        else:
+            hidden = lm.base_model(**inputs).last_hidden_state[keep]  # (N, H)
+            if type(head) is torch.nn.Linear and head.bias is None:
+                return LinearCrossEntropy.apply(hidden, head.weight, mb.targets[keep])
+            logits = head(hidden)  # a biased head, or one with an adapter of its own
     return F.cross_entropy(logits.float(), mb.targets[keep], reduction="sum")
 
 
@@ -150,7 +153,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None
 
 
-def _head_is_plain_linear(lm) -> bool:
+def _logits_are_head_output(lm) -> bool:
+    """The model's logits are ``output_embeddings(last hidden state)``, nothing applied after."""
     cfg = lm.config
     return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0))
 

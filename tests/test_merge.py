@@ -109,6 +109,33 @@ def test_generation_with_unmerged_adapter_folds_then_restores_bit_exactly(tmp_pa
         assert torch.equal(model(IDS).logits, unmerged_logits)  # the adapter is live again, unmerged
 
 
+def test_merging_an_adapter_on_a_tied_lm_head_unties_it_and_leaves_the_embedding_alone(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    from conftest import build_tiny_llama
+
+    model_dir = tmp_path / "base"
+    build_tiny_llama(len(tokenizer), tie=True).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = add_lora(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), warn=lambda *_: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        unmerged = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()(IDS).logits
+        merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(model_dir)),
+                                                      dtype=torch.float32).eval()
+        torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-4, rtol=0)
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert torch.equal(merged.get_input_embeddings().weight, original.get_input_embeddings().weight)
+    assert not merged.config.tie_word_embeddings
+    assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
 def test_folding_an_adapter_on_a_tied_lm_head_leaves_the_embedding_alone_and_restores(tokenizer):
     from peft import LoraConfig
 

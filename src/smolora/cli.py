@@ -166,7 +166,7 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     from smolora.generate import chat_loop, generate
-    from smolora.merge import adapter_base_reference, load_adapter
+    from smolora.merge import adapter_base_reference, load_adapter, merge_and_unload
     from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
 
     reference = args.model
@@ -178,7 +178,7 @@ def cmd_generate(args) -> int:
     if args.adapter:
         # This process only generates: fold the adapter into the weights in memory once (same math
         # as `smolora merge`, nothing written) instead of paying PEFT's extra ops on every token.
-        model = load_adapter(model, args.adapter).merge_and_unload()
+        model = merge_and_unload(load_adapter(model, args.adapter))
     model.eval()
     sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
     if args.prompt is None:

@@ -54,10 +54,26 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
         return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
 
 
+def merge_and_unload(peft_model):
+    """PEFT's ``merge_and_unload``, except for an adapted ``lm_head`` tied to the input embeddings:
+    merged into the shared tensor, its update would change the embeddings too. It gets a weight of
+    its own instead, and the config says the two are no longer tied."""
+    from peft.tuners.lora import LoraLayer
+
+    lm = peft_model.get_base_model()
+    head, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if isinstance(head, LoraLayer) and embeddings is not None and head.get_base_layer().weight is embeddings.weight:
+        base = head.get_base_layer()
+        base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (lm.config, lm.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
+
+
 def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False):
     """Fresh fp32 base + adapter, merged and unloaded; raises if any weight is not finite."""
     base = load_model(source, "cpu", torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    model = load_adapter(base, adapter_dir).merge_and_unload()
+    model = merge_and_unload(load_adapter(base, adapter_dir))
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SmoLoRAError(f"merge: {name} has NaN/inf values after merging; nothing was written")

@@ -12,6 +12,7 @@ import torch
 from conftest import build_tiny_llama, chat_records
 from smolora.checkpoint import list_checkpoints
 from smolora.config import LoraSettings, TrainConfig
+from smolora.data.batching import collate
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
 from smolora.train import NonFiniteLossError, lr_at, train
@@ -188,10 +189,19 @@ def test_lr_schedules():
     assert lr_at(9, 10, 2.0, "constant", 0) == 2.0
 
 
-def test_epochs_instead_of_max_steps(tokenizer, tmp_path):
+@pytest.mark.parametrize("n, batch, accum, epochs, steps", [(16, 2, 2, 2, 8), (10, 1, 4, 2, 5), (7, 1, 8, 3, 3), (9, 2, 2, 1, 3)])
+def test_epochs_instead_of_max_steps_train_every_example_that_many_times(tokenizer, tmp_path, monkeypatch, n, batch, accum,
+                                                                          epochs, steps):
+    import smolora.train
+
     model, examples = setup(tokenizer)
-    result = train(model, examples, cfg(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2), **QUIET)
-    assert result.steps == 2 * (16 // 2 // 2)
+    seen = []
+    monkeypatch.setattr(smolora.train, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
+    c = cfg(tmp_path, max_steps=-1, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+            max_tokens_per_batch=0, share_prefix=False)
+    result = train(model, examples[:n], c, **QUIET)
+    assert result.steps == steps
+    assert sorted(seen) == sorted(id(e) for e in examples[:n] for _ in range(epochs))
 
 
 # One row per micro-batch and no StepPrefix forward: the final norm runs exactly twice a step.

@@ -107,11 +107,17 @@ class TrainConfig:
     save_total_limit: int = _help("keep only the newest N checkpoints (0 = keep all)", 2)
     device: str = _help("auto, cpu, cuda, cuda:N or mps", "auto")
 
-    def total_steps(self, micro_batches_per_epoch: int) -> int:
+    def total_micro_batches(self, micro_batches_per_epoch: int) -> int | None:
+        """With ``max_steps`` -1, the micro-batches ``num_train_epochs`` epochs hold (None: ``max_steps`` counts)."""
         if self.max_steps > 0:
-            return self.max_steps
-        per_epoch = max(1, micro_batches_per_epoch // self.gradient_accumulation_steps)
-        return max(1, math.ceil(per_epoch * self.num_train_epochs))
+            return None
+        return max(1, math.ceil(micro_batches_per_epoch * self.num_train_epochs))
+
+    def total_steps(self, micro_batches_per_epoch: int) -> int:
+        """Optimizer steps; by epochs, the last one takes whatever micro-batches are left, so every
+        example is trained on exactly ``num_train_epochs`` times (whole epochs)."""
+        total = self.total_micro_batches(micro_batches_per_epoch)
+        return self.max_steps if total is None else math.ceil(total / self.gradient_accumulation_steps)
 
 
 @dataclass

@@ -254,7 +254,7 @@ def train(
         return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
 
     groups = groups_for(0)
-    total_steps = cfg.total_steps(len(groups))
+    total_steps, total_micro = cfg.total_steps(len(groups)), cfg.total_micro_batches(len(groups))
     run_info = run_info or {}
     state = ckpt.TrainState()
     if resume_from is not None:
@@ -295,8 +295,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # 1. the next gradient_accumulation_steps micro-batches, rolling over epochs
-            rows = []
-            for _ in range(cfg.gradient_accumulation_steps):
+            rows, accum = [], cfg.gradient_accumulation_steps
+            if total_micro is not None:  # by epochs: the last step takes what is left
+                accum = min(accum, total_micro - state.step * accum)
+            for _ in range(accum):
                 if state.cursor >= len(groups):
                     state.epoch, state.cursor = state.epoch + 1, 0
                     groups = groups_for(state.epoch)

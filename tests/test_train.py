@@ -323,6 +323,21 @@ def test_resume_refuses_other_data_or_base_model():
     check_compatible(saved, {**saved, "train_config": {"learning_rate": 1e-3, "save_steps": 5}}, allow_config_change=False)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_resume_for_more_steps_only_where_the_schedule_does_not_depend_on_the_length(schedule):
+    from smolora.checkpoint import check_compatible
+    from smolora.errors import SmoLoRAError
+
+    saved = {"data_fingerprint": "a", "model_fingerprint": "m", "train_config": {"lr_scheduler_type": schedule, "max_steps": 100}}
+    longer = {**saved, "train_config": {"lr_scheduler_type": schedule, "max_steps": 200}}
+    if schedule == "constant":
+        check_compatible(saved, longer, allow_config_change=False)
+    else:
+        with pytest.raises(SmoLoRAError, match=f"max_steps: 100 -> 200 \\(sets the {schedule} schedule's learning rates\\)"):
+            check_compatible(saved, longer, allow_config_change=False)
+    check_compatible(saved, longer, allow_config_change=True)
+
+
 def test_partial_target_match_warns_with_count(tokenizer):
     from smolora.lora import check_targets
 

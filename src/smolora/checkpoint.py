@@ -35,8 +35,10 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TENSOR_FILE = "optimizer.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-# Settings that may change between a run and its resume without changing the result.
-RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "max_steps", "num_train_epochs", "eval_steps"}
+# Settings that may change between a run and its resume without changing the result (its length,
+# LENGTH_FIELDS, only under a constant learning rate: see check_compatible).
+LENGTH_FIELDS = {"max_steps", "num_train_epochs"}
+RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "eval_steps"} | LENGTH_FIELDS
 
 
 @dataclass
@@ -234,11 +236,17 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
     if allow_config_change:
         return
     changed = []
+    schedule = run_info.get("train_config", {}).get("lr_scheduler_type", "constant")
+    # A run's length sets the learning rate of every step of a decaying schedule: changing it is
+    # safe only under a constant one.
+    length_safe = schedule == "constant" and saved.get("train_config", {}).get("lr_scheduler_type", "constant") == "constant"
+    safe = RESUME_SAFE_FIELDS if length_safe else RESUME_SAFE_FIELDS - LENGTH_FIELDS
     for section in ("train_config", "lora_config"):
         old, new = saved.get(section, {}), run_info.get(section, {})
         for k in sorted(set(old) | set(new)):
-            if k not in RESUME_SAFE_FIELDS and old.get(k) != new.get(k):
-                changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+            if k not in safe and old.get(k) != new.get(k):
+                why = f" (sets the {schedule} schedule's learning rates)" if k in LENGTH_FIELDS else ""
+                changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}{why}")
     if changed:
         raise SmoLoRAError("cannot resume: settings differ from the checkpoint's (" + "; ".join(changed) + "); pass --allow-config-change to resume anyway")
 

@@ -79,7 +79,7 @@ def main() -> None:
             merge_times = []
             for _ in range(args.reps):
                 t = time.perf_counter()
-                merge_adapter(adapter, merged_dir)
+                merge_adapter(adapter, merged_dir, overwrite=True)
                 merge_times.append(time.perf_counter() - t)
             unmerged = load_adapter(load_model(source), adapter)
             merged = load_model(resolve_model(str(merged_dir)))

@@ -46,6 +46,14 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(out / "final_merged" / "model.safetensors"), load_file(tmp_path / "merged2" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an existing folder is replaced only when asked, and never one holding what is being merged
+    r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged2")
+    assert r.returncode == 2 and "exists and is not empty; pass --overwrite" in r.stderr
+    assert smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged2", "--overwrite").returncode == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", out, "--overwrite")
+    assert r.returncode == 2 and "holds the adapter or the base model" in r.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
     for extra in (["--model", out / "final_merged"], ["--adapter", out / "adapter_checkpoint"]):
         r = smolora("generate", *extra, "--prompt", "what is 2 plus 2?", "--max-new-tokens", 5, "--greedy", "--no-stream")
@@ -80,11 +88,12 @@ def test_missing_model_and_refusing_to_overwrite(tmp_path, tiny_model_dir, data_
     r = smolora("train", "--data", data_file, "--model", tmp_path / "nope")
     assert r.returncode == 2 and "model path does not exist" in r.stderr
     out = tmp_path / "run"
-    args = ["train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--no-merge"]
-    assert smolora(*args).returncode == 0
+    args = ["train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1]
+    assert smolora(*args).returncode == 0 and (out / "final_merged").is_dir()
     r = smolora(*args)
     assert r.returncode == 2 and "holds an earlier run" in r.stderr
-    assert smolora(*args, "--overwrite").returncode == 0
+    assert smolora(*args, "--overwrite", "--no-merge").returncode == 0
+    assert (out / "adapter_checkpoint").is_dir() and not (out / "final_merged").exists()  # the earlier run's is gone
 
 
 def final_state(out: Path):

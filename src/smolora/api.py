@@ -95,8 +95,9 @@ class SmoLoRA:
         }
         if resume_from is not None:
             ckpt.check_compatible(ckpt.read_run_info(resume_from), run_info, allow_config_change)
-        if overwrite and resume_from is None and out.exists():
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if overwrite and resume_from is None and out.exists():  # nothing of the earlier run may pass for this one's
+            for folder in ("checkpoints", "adapter_checkpoint", "final_merged"):
+                shutil.rmtree(out / folder, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
                             resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,
@@ -125,8 +126,8 @@ class SmoLoRA:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             torch.mps.empty_cache()
         out = ckpt.safe_child(self.sft_config.output_dir, "final_merged")
-        merge_adapter(self.adapter_checkpoint, out, self.base_model_name,
-                      allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
+        merge_adapter(self.adapter_checkpoint, out, self.base_model_name,  # this run's own final_merged/
+                      allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code, overwrite=True)
         self.merged_model_path = str(out)
         print(f"[smolora] merged model saved to {out}", flush=True)
         return self.merged_model_path

@@ -110,6 +110,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--output", required=True, help="folder for the merged model")
     m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
     _add_safety_flags(m)
 
     g = sub.add_parser("generate", help="generate from a prompt, or chat interactively", description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.")
@@ -159,7 +160,8 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     from smolora.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    out = merge_adapter(args.adapter, args.output, args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                        overwrite=args.overwrite)
     print(f"[smolora] merged model saved to {out}")
     return 0
 

@@ -87,14 +87,23 @@ def merge_adapter(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Merge ``adapter_dir`` into its base model and save a standalone HF folder at ``output_dir``.
 
     The folder holds config.json, generation_config.json, model.safetensors, the tokenizer files
-    and chat template; transformers loads it with no smolora installed.
+    and chat template; transformers loads it with no smolora installed. A folder already at
+    ``output_dir`` is replaced only with ``overwrite``, and never one holding the adapter or the base.
     """
+    out = Path(output_dir)
     reference = base_model if base_model is not None else adapter_base_reference(adapter_dir)
     source = resolve_model(reference)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise SmoLoRAError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        inputs = [Path(adapter_dir)] + ([Path(source.folder)] if source.is_local else [])
+        if any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
+            raise SmoLoRAError(f"{out}: holds the adapter or the base model being merged; choose another output folder")
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code)
     model.config.use_cache = True
@@ -103,6 +112,6 @@ def merge_adapter(
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    out = atomic_folder(Path(output_dir), write)
+    out = atomic_folder(out, write)
     (out / "COMPLETE").unlink(missing_ok=True)  # a model folder, not a checkpoint
     return out

@@ -105,6 +105,19 @@ def test_mix_tasks_follows_weights_and_tags_records():
     assert len({r["text"] for r in mixed if r["_task"] == "A"}) == 10  # every A record used before any repeats
 
 
+@pytest.mark.parametrize("val_size", [0.2, 4])
+def test_validation_split_of_mixed_tasks_never_holds_a_record_that_is_trained_on(val_size):
+    from smolora.data import split_validation
+
+    # A's 5 records are repeated 5 times each to reach its half of the mix; B's 45 are subsampled
+    mixed = mix_tasks([("A", [{"text": f"a{i}"} for i in range(5)], 1.0), ("B", [{"text": f"b{i}"} for i in range(45)], 1.0)], seed=0)
+    train, val = split_validation(mixed, val_size, seed=42)
+    held_out = [r["text"] for r in val]
+    assert len(held_out) == len(set(held_out)) == (6 if val_size == 0.2 else 4)  # 30 distinct records; each held out once
+    assert not set(held_out) & {r["text"] for r in train}
+    assert len(train) + sum(sum(m["text"] == t for m in mixed) for t in held_out) == len(mixed)  # every copy goes one way
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("split_queries", SPLITS)

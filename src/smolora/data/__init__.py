@@ -71,11 +71,17 @@ def prepare_data(
 
 
 def split_validation(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic split: a fraction (< 1) or a count of records goes to validation."""
-    count = int(round(len(records) * val_size)) if val_size < 1 else int(val_size)
-    if count <= 0 or count >= len(records):
-        raise SmoLoRAError(f"val_size={val_size} leaves no training or no validation records (have {len(records)})")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:count])
-    return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]
+    """Deterministic split: a fraction (< 1) or a count of records goes to validation.
+
+    Copies of one record (multi-task mixing repeats records: their ``_origin``) count once and go
+    to one side, so no validation record is also trained on; validation holds each once.
+    """
+    keys = [r.get("_origin", i) for i, r in enumerate(records)]
+    distinct = list(dict.fromkeys(keys))
+    count = int(round(len(distinct) * val_size)) if val_size < 1 else int(val_size)
+    if count <= 0 or count >= len(distinct):
+        raise SmoLoRAError(f"val_size={val_size} leaves no training or no validation records (have {len(distinct)})")
+    random.Random(seed).shuffle(distinct)
+    held_out = set(distinct[:count])
+    val = {k: r for k, r in zip(keys, records) if k in held_out}  # one copy each
+    return [r for k, r in zip(keys, records) if k not in held_out], list(val.values())

@@ -192,7 +192,8 @@ def mix_tasks(tasks: Sequence[tuple[str, list[dict], float]], seed: int) -> list
 
     Each task contributes a share of the total proportional to its weight: larger shares repeat
     records (sampling without replacement until exhausted, then again), smaller ones subsample.
-    Every record gets ``_task`` so the task prefix and per-task counts can be applied later.
+    Every record gets ``_task`` so the task prefix and per-task counts can be applied later, and
+    ``_origin`` (task, index), the same for every copy of a record, so a split keeps copies together.
     """
     if not tasks:
         raise SmoLoRAError("no datasets to mix")
@@ -207,10 +208,10 @@ def mix_tasks(tasks: Sequence[tuple[str, list[dict], float]], seed: int) -> list
     mixed: list[dict] = []
     for name, recs, weight in tasks:
         want = max(1, round(total * weight / weight_sum))
-        picked: list[dict] = []
+        picked: list[int] = []
         while len(picked) < want:
             idx = list(range(len(recs)))
             rng.shuffle(idx)
-            picked.extend(recs[i] for i in idx[: want - len(picked)])
-        mixed.extend({**r, "_task": name} for r in picked)
+            picked.extend(idx[: want - len(picked)])
+        mixed.extend({**recs[i], "_task": name, "_origin": (name, i)} for i in picked)
     return mixed

@@ -120,7 +120,7 @@ def record_to_messages(record: dict, shape: str, opts: FormatOptions) -> list[di
 
 def _need_str(record: dict, name: str, where: str) -> str:
     if name not in record:
-        have = ", ".join(k for k in record if k != "_where") or "none"
+        have = ", ".join(k for k in record if not k.startswith("_")) or "none"
         raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have}); "
                            "name the text field with --dataset-text-field or rename fields with --field-map")
     value = record[name]

@@ -155,3 +155,32 @@ def test_folding_an_adapter_on_a_tied_lm_head_leaves_the_embedding_alone_and_res
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]), n
         assert torch.equal(model(IDS).logits, unmerged)
+
+
+@pytest.mark.parametrize("records", ["chat", "text"])
+def test_a_base_without_chat_template_keeps_the_one_it_was_trained_with(tmp_path, records):
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny_llama, build_tokenizer, chat_records
+    from smolora import SmoLoRA
+    from smolora.data.formats import CHATML_TEMPLATE
+    from smolora.generate import prompt_ids, stop_token_ids
+
+    plain = build_tokenizer(chat_template=None)
+    plain.eos_token = "<|endoftext|>"  # a base model whose eos is not ChatML's end of turn
+    build_tiny_llama(len(plain)).save_pretrained(tmp_path / "base")
+    plain.save_pretrained(tmp_path / "base")
+    data = chat_records(8) if records == "chat" else [{"text": f"the quick brown fox {i}"} for i in range(8)]
+    lora = SmoLoRA(base_model_name=str(tmp_path / "base"), dataset_name=data, output_dir=str(tmp_path / "out"))
+    lora.sft_config.max_steps, lora.sft_config.gradient_accumulation_steps = 1, 1
+    lora.train()
+    merged = AutoTokenizer.from_pretrained(lora.save())
+    _, with_adapter = lora.load_model(lora.adapter_checkpoint)
+    for tok in (merged, with_adapter):
+        if records == "chat":  # prompted, and stopped, the way it was trained
+            assert tok.chat_template == CHATML_TEMPLATE
+            assert tok.decode(prompt_ids(tok, "hi")[0]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final_merged")
+            assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok, model)
+        else:  # trained on plain text: prompted with plain text
+            assert not tok.chat_template

@@ -109,7 +109,7 @@ class SmoLoRA:
     def _save_adapter(self, folder: Path) -> Path:
         def write(tmp: Path) -> None:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
-            write_adapter_info(tmp, self.base_model_name)
+            write_adapter_info(tmp, self.base_model_name, getattr(self.tokenizer, "chat_template", None))
 
         folder = ckpt.atomic_folder(folder, write)
         (folder / ckpt.MARKER).unlink(missing_ok=True)
@@ -136,16 +136,17 @@ class SmoLoRA:
         """Load a merged model folder (or an adapter folder, attached to its base): (model, tokenizer)."""
         folder = Path(path)
         if (folder / "adapter_config.json").is_file():
-            from smolora.merge import adapter_base_reference
+            from smolora.merge import adapter_base_reference, adapter_tokenizer
 
             source = resolve_model(adapter_base_reference(folder))
             model = load_adapter(load_model(source, self.device, allow_pickle=self.allow_pickle), folder)
+            self.tokenizer = adapter_tokenizer(source, folder, self.trust_remote_code)
         else:
             source = resolve_model(str(folder))
             model = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+            self.tokenizer = load_tokenizer(source, self.trust_remote_code)
         model.eval()
         self.model = model
-        self.tokenizer = load_tokenizer(source, self.trust_remote_code)
         return self.model, self.tokenizer
 
     def inference(self, prompt: str, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,

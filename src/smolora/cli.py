@@ -168,14 +168,14 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     from smolora.generate import chat_loop, generate
-    from smolora.merge import adapter_base_reference, load_adapter, merge_and_unload
+    from smolora.merge import adapter_base_reference, adapter_tokenizer, load_adapter, merge_and_unload
     from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
 
     reference = args.model
     if reference is None and args.adapter:
         reference = adapter_base_reference(args.adapter)
     source = resolve_model(reference)
-    tokenizer = load_tokenizer(source, args.trust_remote_code)
+    tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code) if args.adapter else load_tokenizer(source, args.trust_remote_code)
     model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     if args.adapter:
         # This process only generates: fold the adapter into the weights in memory once (same math

@@ -21,14 +21,15 @@ def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool | None = None) ->
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
-    ids = []
+    """The model's and tokenizer's end-of-sequence tokens, and a ChatML template's end-of-turn token
+    (a base model given ChatML for chat data learns to end its reply with it, not with its eos)."""
     configured = model.generation_config.eos_token_id
-    for t in configured if isinstance(configured, list) else [configured]:
-        if t is not None:
-            ids.append(int(t))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+    candidates = [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]
+    if "<|im_end|>" in (getattr(tokenizer, "chat_template", None) or ""):
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
+            candidates.append(end_of_turn)
+    return list(dict.fromkeys(int(t) for t in candidates if t is not None))
 
 
 @contextlib.contextmanager

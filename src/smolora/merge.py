@@ -17,11 +17,23 @@ from smolora.errors import SmoLoRAError
 from smolora.lora import quiet_peft
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 
-RUN_FILE = "smolora.json"  # written beside the adapter: which base model it belongs to
+RUN_FILE = "smolora.json"  # written beside the adapter: its base model, the chat template it was trained with
 
 
-def write_adapter_info(adapter_dir: Path, base_reference: str | None) -> None:
-    (Path(adapter_dir) / RUN_FILE).write_text(json.dumps({"base_model": base_reference}) + "\n")
+def write_adapter_info(adapter_dir: Path, base_reference: str | None, chat_template: str | None = None) -> None:
+    info = {"base_model": base_reference, **({"chat_template": chat_template} if chat_template else {})}
+    (Path(adapter_dir) / RUN_FILE).write_text(json.dumps(info) + "\n")
+
+
+def adapter_tokenizer(source: ModelSource, adapter_dir: str | Path, trust_remote_code: bool = False):
+    """The base model's tokenizer, given the chat template the adapter was trained with where the
+    base has none (chat data on such a base is rendered with ChatML)."""
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    info = Path(adapter_dir) / RUN_FILE
+    trained_with = json.loads(info.read_text()).get("chat_template") if info.is_file() else None
+    if trained_with and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = trained_with
+    return tokenizer
 
 
 def adapter_base_reference(adapter_dir: str | Path) -> str | None:
@@ -105,7 +117,7 @@ def merge_adapter(
         if any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
             raise SmoLoRAError(f"{out}: holds the adapter or the base model being merged; choose another output folder")
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    tokenizer = adapter_tokenizer(source, adapter_dir, trust_remote_code)
     model.config.use_cache = True
 
     def write(tmp: Path) -> None:

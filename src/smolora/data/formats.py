@@ -73,6 +73,8 @@ class EncodeStats:
 
 
 def ensure_chat_template(tokenizer) -> None:
+    """Chat data on a model without a chat template is rendered with ChatML (and the adapter
+    records it, so generation prompts the trained model the same way)."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
 
@@ -193,6 +195,7 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is not None:
             first_user["content"] = opts.task_prefix.format(task=task) + first_user["content"]
+    ensure_chat_template(tokenizer)
     text, spans = render_chat(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -221,7 +224,6 @@ def _encoded(records: list[dict], tokenizer, opts: FormatOptions):
 
 def encode_records(records: list[dict], tokenizer, opts: FormatOptions) -> tuple[list[Example], EncodeStats]:
     """Tokenize, truncate to ``max_length`` and drop examples with nothing left to learn."""
-    ensure_chat_template(tokenizer)
     stats = EncodeStats()
     examples = []
     for ex in _encoded(records, tokenizer, opts):

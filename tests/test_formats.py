@@ -107,6 +107,19 @@ def test_bad_records_name_the_problem(tokenizer, record, message):
         encode_record(record, tokenizer, FormatOptions())
 
 
+def test_a_conversation_the_chat_template_rejects_is_named_with_the_template_s_reason():
+    from conftest import build_tokenizer
+
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                 "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok = build_tokenizer(chat_template=no_system)
+    record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello"}], "_where": "chats.jsonl:4"}
+    with pytest.raises(SmoLoRAError, match="^chats.jsonl:4: the model's chat template rejects this conversation: System role not supported$"):
+        encode_record(record, tok, FormatOptions())
+
+
 def test_multi_task_prefix_and_counts(tmp_path, tokenizer):
     import json
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
 from smolora.errors import SmoLoRAError
 
 IGNORE = -100
@@ -196,7 +198,12 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
         if first_user is not None:
             first_user["content"] = opts.task_prefix.format(task=task) + first_user["content"]
     ensure_chat_template(tokenizer)
-    text, spans = render_chat(tokenizer, messages)
+    try:
+        text, spans = render_chat(tokenizer, messages)
+    except TemplateError as e:  # e.g. a template that takes no system turn, or strictly alternating roles
+        raise SmoLoRAError(f"{where}: the model's chat template rejects this conversation: {e}") from None
+    except SmoLoRAError as e:
+        raise SmoLoRAError(f"{where}: {e}") from None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     if opts.train_on_prompt:

@@ -231,8 +231,10 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
 def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     poison_after(model, calls=4, until=6)  # only step 3 is poisoned
-    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, **NO_STEP_PREFIX), skip_nonfinite_steps=1, **QUIET)
+    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, save_steps=3, save_total_limit=0, **NO_STEP_PREFIX),
+                   skip_nonfinite_steps=1, **QUIET)
     assert len(result.losses) == 4 and result.steps == 5
+    assert [c.name for c in list_checkpoints(tmp_path / "a")] == ["step-000003", "step-000005"]  # a skipped step still saves
     model, examples = setup(tokenizer)
     poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
     with pytest.raises(NonFiniteLossError, match="step 6"):

@@ -280,6 +280,17 @@ def train(
         ckpt.prune_checkpoints(out, cfg.save_total_limit)
         return folder
 
+    def after_step() -> None:
+        """After every step, updated or skipped: evaluate, checkpoint, honour Ctrl-C / SIGTERM."""
+        bar.update(1)
+        if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write, autocast)
+        if cfg.save_steps and state.step % cfg.save_steps == 0:
+            result.last_checkpoint = save(state)
+        if stop_signal:
+            result.last_checkpoint = save(state)
+            raise TrainingInterrupted(result.last_checkpoint)
+
     model.train()
     cleanup = contextlib.ExitStack()
     if cfg.packing and supports_varlen(lm):
@@ -319,7 +330,7 @@ def train(
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
                 state.step += 1
-                bar.update(1)
+                after_step()
                 continue
             # 2. forward/backward each micro-batch; each loss is scaled by the step's token count
             step_loss = 0.0
@@ -355,7 +366,7 @@ def train(
                     raise NonFiniteLossError(f"non-finite values at step {state.step + 1} ({what}); stopped without updating{kept}")
                 log(f"[smolora] warning: step {state.step + 1} skipped: {what}")
                 state.step += 1
-                bar.update(1)
+                after_step()
                 continue
             if scaler is not None:
                 scaler.step(optimizer)  # skipped on overflow
@@ -369,8 +380,7 @@ def train(
             state.step += 1
             state.losses.append(step_loss)
             result.step_seconds.append(time.perf_counter() - step_start)
-            bar.update(1)
-            # 4. log, evaluate, checkpoint
+            # 4. log; then evaluate, checkpoint
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 recent = state.losses[-cfg.logging_steps :]
@@ -384,13 +394,7 @@ def train(
                 bar.write(memory_line(device))
                 metrics.write(entry)
                 window_tokens, window_start = 0, time.perf_counter()
-            if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write, autocast)
-            if cfg.save_steps and state.step % cfg.save_steps == 0:
-                result.last_checkpoint = save(state)
-            if stop_signal:
-                result.last_checkpoint = save(state)
-                raise TrainingInterrupted(result.last_checkpoint)
+            after_step()
     finally:
         cleanup.close()
         bar.close()

@@ -305,12 +305,62 @@ def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
     import math
 
     model, examples = setup(tokenizer)
-    result = train(model, examples[:12], cfg(tmp_path, max_steps=4, eval_steps=2), val_examples=examples[12:], **QUIET)
-    assert [s for s, _ in result.eval_losses] == [2, 4, 4]
+    result = train(model, examples[:12], cfg(tmp_path, max_steps=5, eval_steps=2), val_examples=examples[12:], **QUIET)
+    assert [s for s, _ in result.eval_losses] == [2, 4, 5]  # and at the end, unless it just did
     assert all(math.isfinite(loss) and loss > 0 for _, loss in result.eval_losses)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in logged if "eval_loss" in e]
     assert len(evals) == 3 and abs(evals[0]["eval_perplexity"] - math.exp(evals[0]["eval_loss"])) / evals[0]["eval_perplexity"] < 1e-3
+
+
+def scripted_eval(monkeypatch, losses, start=0):
+    """Validation losses in this order, one per evaluation (``start``: how many a resumed run has had)."""
+    import smolora.train
+
+    calls = iter(losses[start:])
+    monkeypatch.setattr(smolora.train, "evaluate_loss", lambda *a, **k: next(calls))
+
+
+EARLY = dict(eval_steps=1, early_stopping_patience=2, lr_scheduler_type="constant", max_steps=8, save_steps=1, save_total_limit=0)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_adapter(tokenizer, tmp_path, monkeypatch):
+    scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6, 1.0])  # best at step 2; steps 3 and 4 no better: stop after 4
+    model, examples = setup(tokenizer)
+    result = train(model, examples[:12], cfg(tmp_path / "run", **EARLY), val_examples=examples[12:], **QUIET)
+    assert result.steps == 4 and result.best_step == 2 and [s for s, _ in result.eval_losses] == [1, 2, 3, 4]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == {"step": 4, "best_step": 2, "best_eval_loss": 2.0}
+    # the kept adapter is bit for bit the one a 2-step run ends with
+    reference, _ = setup(tokenizer)
+    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"), **QUIET)
+    for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_early_stopping_resumes_exactly(tokenizer, tmp_path, monkeypatch):
+    losses = [3.0, 2.0, 2.5, 2.6]
+    scripted_eval(monkeypatch, losses)
+    model, examples = setup(tokenizer)
+    fresh = copy.deepcopy(model)
+    full = train(model, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:], **QUIET)
+    scripted_eval(monkeypatch, losses, start=3)  # resumed after step 3: the best (step 2) comes from the checkpoint
+    resumed = train(fresh, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:], **QUIET,
+                    resume_from=tmp_path / "checkpoints" / "step-000003")
+    assert resumed.steps == full.steps == 4 and resumed.best_step == full.best_step == 2
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_early_stopping_needs_evaluations_and_validation_data():
+    from smolora.config import DataConfig, validate
+    from smolora.errors import SmoLoRAError
+
+    lora = LoraSettings()
+    with pytest.raises(SmoLoRAError, match="needs eval_steps > 0.*needs validation data"):
+        validate(lora, TrainConfig(early_stopping_patience=3), DataConfig())
+    validate(lora, TrainConfig(early_stopping_patience=3, eval_steps=10, val_size=0.1), DataConfig())
+    validate(lora, TrainConfig(early_stopping_patience=3, eval_steps=10), DataConfig(validation_data="val.jsonl"))
 
 
 def test_resume_refuses_other_data_or_base_model():

@@ -50,6 +50,13 @@ class TrainState:
     cursor: int = 0
     losses: list[float] = field(default_factory=list)  # per optimizer step
     loss_scale: dict | None = None  # fp16's gradient scaler state
+    # early stopping: the lowest validation loss so far, its step and adapter weights, and the
+    # evaluations since; ``stopped`` once patience ran out
+    best_eval: float | None = None
+    best_step: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    evals_since_best: int = 0
+    stopped: bool = False
 
 
 def fingerprint_examples(examples) -> str:
@@ -182,9 +189,11 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info:
         model.save_pretrained(str(tmp), safe_serialization=True)
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
         rng_meta, rng_tensors = rng_snapshot()
-        save_file({**opt_tensors, **rng_tensors}, str(tmp / TENSOR_FILE))
+        best = {f"best.{name}": w.detach().cpu().contiguous() for name, w in (state.best_weights or {}).items()}
+        save_file({**opt_tensors, **rng_tensors, **best}, str(tmp / TENSOR_FILE))
         doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses, "loss_scale": state.loss_scale,
-               "optimizer": opt_meta, "rng": rng_meta, **run_info}
+               "best_eval": state.best_eval, "best_step": state.best_step, "evals_since_best": state.evals_since_best,
+               "stopped": state.stopped, "optimizer": opt_meta, "rng": rng_meta, **run_info}
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
 
     return atomic_folder(folder, write)
@@ -264,5 +273,9 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
     tensors = load_file(str(folder / TENSOR_FILE))
     _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, doc["optimizer"])
     rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+    device = next(model.parameters()).device
     return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])),
-                      loss_scale=doc.get("loss_scale"))
+                      loss_scale=doc.get("loss_scale"), best_eval=doc.get("best_eval"), best_step=doc.get("best_step", 0),
+                      best_weights={k: v.to(device) for k, v in best.items()} or None,
+                      evals_since_best=doc.get("evals_since_best", 0), stopped=doc.get("stopped", False))

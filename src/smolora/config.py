@@ -103,6 +103,8 @@ class TrainConfig:
     train_on_prompt: bool = _help("supervise prompt tokens too (no completion-only masking)", False)
     val_size: float = _help("validation split: a fraction (<1) or a count of examples (0 = none)", 0.0)
     eval_steps: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 0)
+    early_stopping_patience: int = _help(
+        "stop after N evaluations without a lower validation loss; the adapter kept is the best one (0 = off)", 0)
     save_steps: int = _help("write a resumable checkpoint every N steps (0 = only at the end)", 0)
     save_total_limit: int = _help("keep only the newest N checkpoints (0 = keep all)", 2)
     device: str = _help("auto, cpu, cuda, cuda:N or mps", "auto")
@@ -164,6 +166,11 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
     need(train.val_size >= 0, f"val_size must be >= 0 (got {train.val_size})")
     need(train.eval_steps >= 0, f"eval_steps must be >= 0 (got {train.eval_steps})")
+    need(train.early_stopping_patience >= 0, f"early_stopping_patience must be >= 0 (got {train.early_stopping_patience})")
+    if train.early_stopping_patience:
+        need(train.eval_steps > 0, "early_stopping_patience needs eval_steps > 0 (evaluations to compare)")
+        need(train.val_size > 0 or bool(data and data.validation_data),
+             "early_stopping_patience needs validation data (val_size or validation_data)")
     need(train.save_steps >= 0, f"save_steps must be >= 0 (got {train.save_steps})")
     need(train.save_total_limit >= 0, f"save_total_limit must be >= 0 (got {train.save_total_limit})")
     need(train.curriculum in ("", "length"), f"curriculum must be '' or length (got {train.curriculum!r})")

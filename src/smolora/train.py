@@ -52,6 +52,7 @@ class TrainResult:
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     last_checkpoint: Path | None = None
+    best_step: int | None = None  # early stopping: the step whose adapter was kept
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
@@ -240,7 +241,8 @@ def train(
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg)
@@ -280,11 +282,22 @@ def train(
         ckpt.prune_checkpoints(out, cfg.save_total_limit)
         return folder
 
+    def evaluate(write) -> None:
+        loss = _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, write, autocast)
+        if not cfg.early_stopping_patience:
+            return
+        if state.best_eval is None or loss < state.best_eval:
+            state.best_eval, state.best_step, state.evals_since_best = loss, state.step, 0
+            state.best_weights = {n: p.detach().clone() for n, p in trainable}
+        else:
+            state.evals_since_best += 1
+            state.stopped = state.evals_since_best >= cfg.early_stopping_patience
+
     def after_step() -> None:
         """After every step, updated or skipped: evaluate, checkpoint, honour Ctrl-C / SIGTERM."""
         bar.update(1)
         if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-            _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, bar.write, autocast)
+            evaluate(bar.write)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
             result.last_checkpoint = save(state)
         if stop_signal:
@@ -300,7 +313,7 @@ def train(
     cleanup.enter_context(fast_dropout(model))
     cleanup.enter_context(fused_layers(lm))
     try:
-        while state.step < total_steps:
+        while state.step < total_steps and not state.stopped:
             step_start = time.perf_counter()
             lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
             for group in optimizer.param_groups:
@@ -400,19 +413,30 @@ def train(
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if val_examples:
-        _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, log, autocast)
+    if val_examples and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):  # not evaluated at this step yet
+        evaluate(log)
     if not (result.last_checkpoint and result.last_checkpoint.name == f"step-{state.step:06d}"):
         result.last_checkpoint = save(state)
+    if state.best_weights is not None:  # early stopping keeps the best adapter (the checkpoint keeps the last)
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(state.best_weights[n])
+        result.best_step = state.best_step
+        why = (f"stopped at step {state.step}, no lower validation loss in {cfg.early_stopping_patience} evaluations"
+               if state.stopped else f"ran all {state.step} steps")
+        log(f"[smolora] early stopping: {why}; keeping the adapter of step {state.best_step}, "
+            f"the lowest validation loss ({state.best_eval:.4f})")
+        metrics.write({"step": state.step, "best_step": state.best_step, "best_eval_loss": round(state.best_eval, 4)})
     result.steps = state.step
     result.seconds = time.perf_counter() - start_time
     return result
 
 
-def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write, autocast=contextlib.nullcontext) -> None:
+def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write, autocast=contextlib.nullcontext) -> float:
     with autocast():
         loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id)
     result.eval_losses.append((step, loss))
     entry = {"step": step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
     write(str(entry))
     metrics.write(entry)
+    return loss

@@ -20,9 +20,9 @@ from conftest import chat_records
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def smolora(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+def smolora(*args, timeout=300, env=ENV, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "smolora.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, **kw)
+                          timeout=timeout, env=env, **kw)
 
 
 @pytest.fixture
@@ -165,3 +165,51 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(tmp_path, tiny
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
     stopped_at = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
     assert 0 < stopped_at < 400
+
+
+def test_data_arguments(tmp_path, monkeypatch):
+    from smolora.cli import parse_data_arg
+    from smolora.errors import SmoLoRAError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "lr=1e-3").mkdir(parents=True)
+    (tmp_path / "runs" / "lr=1e-3" / "train.jsonl").write_text("")
+    (tmp_path / "me@home.jsonl").write_text("")
+    assert parse_data_arg(["a.jsonl"]) == "a.jsonl"
+    assert parse_data_arg(["runs/lr=1e-3/train.jsonl"]) == "runs/lr=1e-3/train.jsonl"  # an existing path, '=' and all
+    assert parse_data_arg(["me@home.jsonl"]) == "me@home.jsonl"
+    assert parse_data_arg(["qa=a.jsonl@2", "sum=me@home.jsonl"]) == {"qa": ("a.jsonl", 2.0), "sum": ("me@home.jsonl", 1.0)}
+    assert parse_data_arg(["a.jsonl", "b.jsonl@3"]) == {"task1": ("a.jsonl", 1.0), "task2": ("b.jsonl", 3.0)}
+    for bad, message in ((["qa=a.jsonl", "qa=b.jsonl"], "task 'qa' is given twice"),
+                         (["a=a.jsonl@nan", "b=b.jsonl"], "must be a positive number \\(got nan\\)"),
+                         (["a=a.jsonl@inf", "b=b.jsonl"], "must be a positive number"),
+                         (["a=a.jsonl@x", "b=b.jsonl"], "weight after @ must be a number")):
+        with pytest.raises(SmoLoRAError, match=message):
+            parse_data_arg(bad)
+
+
+def test_bad_models_and_devices_exit_2_with_one_line(tmp_path, tiny_model_dir):
+    """A file that is not GGUF, a device that is not there, and a hub id whose cached weights are
+    pickled (read offline from a hand-made Hugging Face cache: never unpickled without --allow-pickle)."""
+    from conftest import build_tiny_llama, build_tokenizer
+
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf file")
+    snapshot = tmp_path / "hub" / "models--someone--tiny-bin" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    tok = build_tokenizer()
+    model = build_tiny_llama(len(tok))
+    model.config.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+    env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for args, message in ((["--model", tmp_path / "fake.gguf"], "not a GGUF file"),
+                          (["--model", tiny_model_dir, "--device", "gpu"], "device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+                          (["--model", "someone/tiny-bin"], "pickled weights need --allow-pickle")):
+        r = smolora("generate", *args, "--prompt", "hi", "--max-new-tokens", 2, env=env)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("smolora: error:")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    if not torch.cuda.is_available():
+        r = smolora("generate", "--model", tiny_model_dir, "--device", "cuda", "--prompt", "hi")
+        assert r.returncode == 2 and "no such CUDA GPU here" in r.stderr

@@ -76,7 +76,7 @@ def fingerprint_model(model) -> str:
     return h.hexdigest()[:32]
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():
             with open(p, "rb") as f:
@@ -112,7 +112,7 @@ def atomic_folder(final: Path, write) -> Path:
     try:
         write(tmp)
         (tmp / MARKER).write_text("ok\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import types
 import typing
+from pathlib import Path
 
 from smolora.config import DataConfig, LoraSettings, TrainConfig
 from smolora.errors import SmoLoRAError
@@ -71,17 +74,28 @@ def build_from(cls, args: argparse.Namespace, base=None):
 
 
 def parse_data_arg(items: list[str]):
-    """``--data PATH`` once, or several ``--data TASK=PATH[@WEIGHT]`` for multi-task mixing."""
-    if len(items) == 1 and "=" not in items[0]:
-        return items[0]
+    """``--data PATH`` once, or several ``--data TASK=PATH[@WEIGHT]`` for multi-task mixing. A value
+    that names an existing file or folder is always a path, even with '=' or '@' in it."""
     tasks = {}
     for i, item in enumerate(items):
-        name, _, rest = item.partition("=") if "=" in item else (f"task{i + 1}", "", item)
-        path, _, weight = rest.partition("@")
-        try:
-            tasks[name] = (path, float(weight) if weight else 1.0)
-        except ValueError:
-            raise SmoLoRAError(f"--data {item}: weight after @ must be a number") from None
+        name, sep, rest = item.partition("=")
+        if Path(item).exists() or not sep or "/" in name or os.sep in name:
+            name, rest = None, item
+        path, weight = rest, None
+        if not Path(rest).exists() and "@" in rest:
+            path, _, text = rest.rpartition("@")
+            try:
+                weight = float(text)
+            except ValueError:
+                raise SmoLoRAError(f"--data {item}: weight after @ must be a number") from None
+            if not (math.isfinite(weight) and weight > 0):
+                raise SmoLoRAError(f"--data {item}: weight after @ must be a positive number (got {text})")
+        if len(items) == 1 and name is None and weight is None:
+            return path
+        name = name or f"task{i + 1}"
+        if name in tasks:
+            raise SmoLoRAError(f"--data {item}: task {name!r} is given twice")
+        tasks[name] = (path, 1.0 if weight is None else weight)
     return tasks
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,8 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(train.save_total_limit >= 0, f"save_total_limit must be >= 0 (got {train.save_total_limit})")
     need(train.curriculum in ("", "length"), f"curriculum must be '' or length (got {train.curriculum!r})")
     need(not (train.fp16 and train.bf16), "fp16 and bf16 cannot both be on")
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", train.device) is not None,
+         f"device must be auto, cpu, cuda, cuda:N or mps (got {train.device!r})")
     if data is not None:
         need(data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"), f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})")
         need(data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})")

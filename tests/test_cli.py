@@ -51,8 +51,10 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
     assert r.returncode == 2 and "exists and is not empty; pass --overwrite" in r.stderr
     assert smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged2", "--overwrite").returncode == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", out, "--overwrite")
-    assert r.returncode == 2 and "holds the adapter or the base model" in r.stderr
+    for output in (out, tiny_model_dir):  # the adapter's folder, the base model's
+        r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--model", tiny_model_dir, "--output", output, "--overwrite")
+        assert r.returncode == 2 and "holds the adapter or the base model" in r.stderr
+    assert (tiny_model_dir / "model.safetensors").is_file()
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
     for extra in (["--model", out / "final_merged"], ["--adapter", out / "adapter_checkpoint"]):
@@ -92,6 +94,8 @@ def test_missing_model_and_refusing_to_overwrite(tmp_path, tiny_model_dir, data_
     assert smolora(*args).returncode == 0 and (out / "final_merged").is_dir()
     r = smolora(*args)
     assert r.returncode == 2 and "holds an earlier run" in r.stderr
+    r = smolora("train", "--data", data_file, "--output", out, "--model", out / "final_merged", "--overwrite")
+    assert r.returncode == 2 and "which this run replaces" in r.stderr and (out / "final_merged" / "model.safetensors").is_file()
     assert smolora(*args, "--overwrite", "--no-merge").returncode == 0
     assert (out / "adapter_checkpoint").is_dir() and not (out / "final_merged").exists()  # the earlier run's is gone
 

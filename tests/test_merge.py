@@ -184,3 +184,12 @@ def test_a_base_without_chat_template_keeps_the_one_it_was_trained_with(tmp_path
             assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok, model)
         else:  # trained on plain text: prompted with plain text
             assert not tok.chat_template
+
+
+def test_a_model_lives_in_its_folder_and_beside_the_gguf_it_came_from(tmp_path):
+    from smolora.models import ModelSource
+
+    converted = ModelSource(str(tmp_path / "cache" / "model-1234"), str(tmp_path / "gguf" / "model.gguf"), True)
+    assert converted.lives_in(tmp_path / "gguf") and converted.lives_in(tmp_path / "cache") and converted.lives_in(tmp_path)
+    assert not converted.lives_in(tmp_path / "elsewhere")
+    assert not ModelSource("someone/model", "someone/model", False).lives_in(".")

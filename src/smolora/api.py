@@ -78,6 +78,10 @@ class SmoLoRA:
         out = Path(cfg.output_dir)
         resume_from = ckpt.find_resume_checkpoint(out, resume)
         _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite)
+        replaced = [out / name for name in ("checkpoints", "adapter_checkpoint", "final_merged")]
+        if any(self.source.lives_in(folder) for folder in replaced):
+            raise SmoLoRAError(f"{self.source.name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
+                               "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
         if self.dataset_name is None:
             raise SmoLoRAError("no training data: pass dataset_name")
         records = load_source(self.dataset_name, data, cfg.seed)

@@ -113,8 +113,8 @@ def merge_adapter(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise SmoLoRAError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-        inputs = [Path(adapter_dir)] + ([Path(source.folder)] if source.is_local else [])
-        if any(out.resolve() in (p.resolve(), *p.resolve().parents) for p in inputs):
+        adapter = Path(adapter_dir).resolve()
+        if source.lives_in(out) or out.resolve() in (adapter, *adapter.parents):
             raise SmoLoRAError(f"{out}: holds the adapter or the base model being merged; choose another output folder")
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
     tokenizer = adapter_tokenizer(source, adapter_dir, trust_remote_code)

@@ -40,6 +40,13 @@ class ModelSource:
     name: str  # what to show the user and record in checkpoints
     is_local: bool
 
+    def lives_in(self, folder: str | Path) -> bool:
+        """Whether ``folder`` holds this model's files (its folder, or the .gguf it was converted from)."""
+        if not self.is_local:
+            return False
+        root = Path(folder).resolve()
+        return any(root == p or root in p.parents for p in (Path(self.folder).resolve(), Path(self.name).resolve()))
+
 
 def smolora_home() -> Path:
     return Path(os.environ.get("SMOLORA_HOME", Path.home() / ".cache" / "smolora"))

@@ -352,6 +352,30 @@ def test_early_stopping_resumes_exactly(tokenizer, tmp_path, monkeypatch):
         assert torch.equal(a, b), n
 
 
+def test_the_end_of_run_evaluation_may_be_best_but_does_not_count_toward_patience(tokenizer, tmp_path, monkeypatch):
+    scripted_eval(monkeypatch, [2.0, 2.5, 2.6])  # steps 2 and 4 on schedule; step 5 only because the run ends there
+    model, examples = setup(tokenizer)
+    result = train(model, examples[:12], cfg(tmp_path, **{**EARLY, "eval_steps": 2, "max_steps": 5}), val_examples=examples[12:], **QUIET)
+    assert result.steps == 5 and result.best_step == 2
+    state = json.loads((tmp_path / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert state["evals_since_best"] == 1 and not state["stopped"]  # resumable for more steps
+
+
+def test_resume_with_early_stopping_refuses_other_evaluations():
+    from smolora.checkpoint import check_compatible
+    from smolora.errors import SmoLoRAError
+
+    saved = {"data_fingerprint": "a", "model_fingerprint": "m", "val_fingerprint": "v",
+             "train_config": {"lr_scheduler_type": "constant", "eval_steps": 10, "early_stopping_patience": 3}}
+    with pytest.raises(SmoLoRAError, match="eval_steps: 10 -> 20 \\(decides which adapter early stopping keeps\\)"):
+        check_compatible(saved, {**saved, "train_config": {**saved["train_config"], "eval_steps": 20}}, allow_config_change=False)
+    with pytest.raises(SmoLoRAError, match="validation data"):
+        check_compatible(saved, {**saved, "val_fingerprint": "w"}, allow_config_change=False)
+    plain = {**saved, "train_config": {"lr_scheduler_type": "constant", "eval_steps": 10}}
+    check_compatible(plain, {**plain, "val_fingerprint": "w", "train_config": {"lr_scheduler_type": "constant", "eval_steps": 20}},
+                     allow_config_change=False)
+
+
 def test_early_stopping_needs_evaluations_and_validation_data():
     from smolora.config import DataConfig, validate
     from smolora.errors import SmoLoRAError

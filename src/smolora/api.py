@@ -95,7 +95,7 @@ class SmoLoRA:
         run_info = {
             "train_config": asdict(cfg), "lora_config": asdict(lora), "data_config": asdict(data),
             "base_model": self.base_model_name, "model_fingerprint": ckpt.fingerprint_model(self.model),
-            "data_fingerprint": ckpt.fingerprint_examples(prepared.train),
+            "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
         }
         if resume_from is not None:
             ckpt.check_compatible(ckpt.read_run_info(resume_from), run_info, allow_config_change)

@@ -245,17 +245,22 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
     if allow_config_change:
         return
     changed = []
-    schedule = run_info.get("train_config", {}).get("lr_scheduler_type", "constant")
-    # A run's length sets the learning rate of every step of a decaying schedule: changing it is
-    # safe only under a constant one.
-    length_safe = schedule == "constant" and saved.get("train_config", {}).get("lr_scheduler_type", "constant") == "constant"
-    safe = RESUME_SAFE_FIELDS if length_safe else RESUME_SAFE_FIELDS - LENGTH_FIELDS
+    old_train, new_train = saved.get("train_config", {}), run_info.get("train_config", {})
+    schedule = new_train.get("lr_scheduler_type", "constant")
+    unsafe = {}  # resume-safe fields this run's settings make matter, and why
+    # A run's length sets the learning rate of every step of a decaying schedule.
+    if schedule != "constant" or old_train.get("lr_scheduler_type", "constant") != "constant":
+        unsafe |= dict.fromkeys(LENGTH_FIELDS, f"sets the {schedule} schedule's learning rates")
+    # Early stopping compares evaluations: when they happen, and on what, decides the adapter kept.
+    if old_train.get("early_stopping_patience") or new_train.get("early_stopping_patience"):
+        unsafe["eval_steps"] = "decides which adapter early stopping keeps"
+        if saved.get("val_fingerprint") != run_info.get("val_fingerprint"):
+            changed.append("validation data (decides which adapter early stopping keeps)")
     for section in ("train_config", "lora_config"):
         old, new = saved.get(section, {}), run_info.get(section, {})
         for k in sorted(set(old) | set(new)):
-            if k not in safe and old.get(k) != new.get(k):
-                why = f" (sets the {schedule} schedule's learning rates)" if k in LENGTH_FIELDS else ""
-                changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}{why}")
+            if (k not in RESUME_SAFE_FIELDS or k in unsafe) and old.get(k) != new.get(k):
+                changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" + (f" ({unsafe[k]})" if k in unsafe else ""))
     if changed:
         raise SmoLoRAError("cannot resume: settings differ from the checkpoint's (" + "; ".join(changed) + "); pass --allow-config-change to resume anyway")
 

@@ -282,14 +282,16 @@ def train(
         ckpt.prune_checkpoints(out, cfg.save_total_limit)
         return folder
 
-    def evaluate(write) -> None:
+    def evaluate(write, scheduled: bool = True) -> None:
+        """Validation loss; with early stopping, keep the best adapter and count evaluations since.
+        The end-of-run evaluation off the eval_steps schedule may be the best, but counts for nothing."""
         loss = _log_eval(model, val_examples, cfg, pad_id, state.step, result, metrics, write, autocast)
         if not cfg.early_stopping_patience:
             return
         if state.best_eval is None or loss < state.best_eval:
-            state.best_eval, state.best_step, state.evals_since_best = loss, state.step, 0
-            state.best_weights = {n: p.detach().clone() for n, p in trainable}
-        else:
+            state.best_eval, state.best_step, state.best_weights = loss, state.step, {n: p.detach().clone() for n, p in trainable}
+            state.evals_since_best = 0 if scheduled else state.evals_since_best
+        elif scheduled:
             state.evals_since_best += 1
             state.stopped = state.evals_since_best >= cfg.early_stopping_patience
 
@@ -414,7 +416,7 @@ def train(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if val_examples and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):  # not evaluated at this step yet
-        evaluate(log)
+        evaluate(log, scheduled=False)
     if not (result.last_checkpoint and result.last_checkpoint.name == f"step-{state.step:06d}"):
         result.last_checkpoint = save(state)
     if state.best_weights is not None:  # early stopping keeps the best adapter (the checkpoint keeps the last)

@@ -146,6 +146,22 @@ def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
     assert second.losses == full.losses
 
 
+def test_fp16_checkpoint_at_a_skipped_step_holds_the_lowered_loss_scale(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    fresh = copy.deepcopy(model)
+    poison_after(model, calls=4, until=6)  # step 3 is NaN: skipped, and the scaler halves its scale
+    settings = dict(max_steps=5, save_steps=1, save_total_limit=0, fp16=True, lr_scheduler_type="constant", **NO_STEP_PREFIX)
+    full = train(model, examples, cfg(tmp_path, **settings), skip_nonfinite_steps=1, **QUIET)
+    scale = {s: json.loads((tmp_path / "checkpoints" / f"step-{s:06d}" / "trainer_state.json").read_text())["loss_scale"]["scale"]
+             for s in (2, 3)}
+    assert scale[3] == scale[2] / 2
+    second = train(fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000003",
+                   skip_nonfinite_steps=1, **QUIET)
+    assert second.losses == full.losses
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tokenizer, tmp_path):
     plain = adapter_update(tokenizer, tmp_path / "a", batch=8, accum=1, dropout=0.3)
     checkpointed = adapter_update(tokenizer, tmp_path / "b", batch=8, accum=1, dropout=0.3, gradient_checkpointing=True)

@@ -373,6 +373,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()  # closes this step's unscale_
+                    state.loss_scale = scaler.state_dict()
                 nonfinite += 1
                 what = f"loss {step_loss}, grad norm {grad_norm}"
                 if nonfinite > skip_nonfinite_steps:

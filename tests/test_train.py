@@ -220,6 +220,22 @@ def test_epochs_instead_of_max_steps_train_every_example_that_many_times(tokeniz
     assert sorted(seen) == sorted(id(e) for e in examples[:n] for _ in range(epochs))
 
 
+def test_epochs_are_exact_when_each_epoch_groups_its_own_way(tokenizer, tmp_path, monkeypatch):
+    """Unpacked micro-batches under a token budget: each shuffled epoch makes a different number of them."""
+    import smolora.train
+
+    model, _ = setup(tokenizer)
+    records = [{"messages": [{"role": "user", "content": "what is " + " plus".join(str(j) for j in range(i % 7 + 1)) + "?"},
+                             {"role": "assistant", "content": "x " * (1 + 5 * (i % 5))}]} for i in range(24)]
+    examples = encode_records(records, tokenizer, FormatOptions())[0]
+    seen = []
+    monkeypatch.setattr(smolora.train, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
+    c = cfg(tmp_path, max_steps=-1, num_train_epochs=2, packing=False, max_tokens_per_batch=150, per_device_train_batch_size=4,
+            gradient_accumulation_steps=1)
+    train(model, examples, c, **QUIET)
+    assert sorted(seen) == sorted(id(e) for e in examples for _ in range(2))
+
+
 # One row per micro-batch and no StepPrefix forward: the final norm runs exactly twice a step.
 NO_STEP_PREFIX = dict(max_tokens_per_batch=0, share_prefix=False)
 

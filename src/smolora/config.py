@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from smolora.errors import SmoLoRAError
 
@@ -110,17 +110,22 @@ class TrainConfig:
     save_total_limit: int = _help("keep only the newest N checkpoints (0 = keep all)", 2)
     device: str = _help("auto, cpu, cuda, cuda:N or mps", "auto")
 
-    def total_micro_batches(self, micro_batches_per_epoch: int) -> int | None:
-        """With ``max_steps`` -1, the micro-batches ``num_train_epochs`` epochs hold (None: ``max_steps`` counts)."""
+    def total_micro_batches(self, micro_batches_in_epoch: Callable[[int], int]) -> int | None:
+        """With ``max_steps`` -1, the micro-batches ``num_train_epochs`` epochs hold, given how many
+        epoch ``e`` has (they can differ: a token budget groups each epoch's order its own way).
+        None: ``max_steps`` counts."""
         if self.max_steps > 0:
             return None
-        return max(1, math.ceil(micro_batches_per_epoch * self.num_train_epochs))
+        whole, part = int(self.num_train_epochs), self.num_train_epochs % 1
+        total = sum(micro_batches_in_epoch(e) for e in range(whole))
+        return max(1, total + (math.ceil(part * micro_batches_in_epoch(whole)) if part else 0))
 
-    def total_steps(self, micro_batches_per_epoch: int) -> int:
+    def total_steps(self, total_micro_batches: int | None) -> int:
         """Optimizer steps; by epochs, the last one takes whatever micro-batches are left, so every
         example is trained on exactly ``num_train_epochs`` times (whole epochs)."""
-        total = self.total_micro_batches(micro_batches_per_epoch)
-        return self.max_steps if total is None else math.ceil(total / self.gradient_accumulation_steps)
+        if total_micro_batches is None:
+            return self.max_steps
+        return math.ceil(total_micro_batches / self.gradient_accumulation_steps)
 
 
 @dataclass

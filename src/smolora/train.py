@@ -256,7 +256,8 @@ def train(
         return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
 
     groups = groups_for(0)
-    total_steps, total_micro = cfg.total_steps(len(groups)), cfg.total_micro_batches(len(groups))
+    total_micro = cfg.total_micro_batches(lambda e: len(groups if e == 0 else groups_for(e)))
+    total_steps = cfg.total_steps(total_micro)
     run_info = run_info or {}
     state = ckpt.TrainState()
     if resume_from is not None:

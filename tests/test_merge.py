@@ -193,3 +193,21 @@ def test_a_model_lives_in_its_folder_and_beside_the_gguf_it_came_from(tmp_path):
     assert converted.lives_in(tmp_path / "gguf") and converted.lives_in(tmp_path / "cache") and converted.lives_in(tmp_path)
     assert not converted.lives_in(tmp_path / "elsewhere")
     assert not ModelSource("someone/model", "someone/model", False).lives_in(".")
+
+
+def test_an_adapter_on_tied_input_embeddings_merges_and_folds_without_touching_lm_head(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import build_tiny_llama
+    from smolora.generate import folded_adapter
+    from smolora.merge import merge_and_unload
+
+    model = get_peft_model(build_tiny_llama(len(tokenizer), tie=True),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+        with folded_adapter(model):
+            torch.testing.assert_close(model(IDS).logits, unmerged, atol=1e-5, rtol=0)
+        merged = merge_and_unload(model)
+        torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-5, rtol=0)
+    assert not merged.config.tie_word_embeddings

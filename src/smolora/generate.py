@@ -45,6 +45,8 @@ def folded_adapter(model):
     """
     from peft.tuners.lora import LoraLayer
 
+    from smolora.lora import tied_adapted_embeddings
+
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged] if hasattr(model, "merge_adapter") else []
     if not layers:
         yield
@@ -52,6 +54,9 @@ def folded_adapter(model):
     plain = all(isinstance(m.get_base_layer(), torch.nn.Linear)
                 and not any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in m.active_adapters)
                 for m in layers)
+    if not plain and tied_adapted_embeddings(model):  # merging in place would change both embeddings
+        yield
+        return
     if not plain:
         saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
         model.merge_adapter()

@@ -48,6 +48,21 @@ def add_lora(model: nn.Module, peft_config, warn=print):
         return get_peft_model(model, peft_config)
 
 
+def tied_adapted_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The adapted one(s) of the input and output embeddings, where the two share one weight: merging
+    an adapter into that shared tensor would change the other module too."""
+    from peft.tuners.lora import LoraLayer
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pair = [lm.get_input_embeddings(), lm.get_output_embeddings()]
+    if any(m is None for m in pair):
+        return []
+    base = [m.get_base_layer() if isinstance(m, LoraLayer) else m for m in pair]
+    if base[0].weight is not base[1].weight:
+        return []
+    return [m for m in pair if isinstance(m, LoraLayer)]
+
+
 @contextlib.contextmanager
 def quiet_peft():
     """PEFT calls a transformers attribute deprecated in v5; its warning is noise to our users."""

@@ -14,7 +14,7 @@ import torch
 
 from smolora.checkpoint import atomic_folder
 from smolora.errors import SmoLoRAError
-from smolora.lora import quiet_peft
+from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 
 RUN_FILE = "smolora.json"  # written beside the adapter: its base model, the chat template it was trained with
@@ -67,16 +67,15 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
 
 
 def merge_and_unload(peft_model):
-    """PEFT's ``merge_and_unload``, except for an adapted ``lm_head`` tied to the input embeddings:
-    merged into the shared tensor, its update would change the embeddings too. It gets a weight of
-    its own instead, and the config says the two are no longer tied."""
-    from peft.tuners.lora import LoraLayer
-
+    """PEFT's ``merge_and_unload``, except for an adapted embedding or ``lm_head`` whose weight the two
+    share: merged into the shared tensor, its update would change the other module too. It gets a
+    weight of its own instead, and the config says the two are no longer tied."""
     lm = peft_model.get_base_model()
-    head, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
-    if isinstance(head, LoraLayer) and embeddings is not None and head.get_base_layer().weight is embeddings.weight:
-        base = head.get_base_layer()
+    adapted = tied_adapted_embeddings(peft_model)
+    for module in adapted:
+        base = module.get_base_layer()
         base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    if adapted:
         for config in {id(c): c for c in (lm.config, lm.config.get_text_config())}.values():
             config.tie_word_embeddings = False
     return peft_model.merge_and_unload()

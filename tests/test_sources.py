@@ -54,6 +54,15 @@ def error_of(source, **kw) -> str:
     return msg
 
 
+def test_lines_end_only_at_newlines_not_at_unicode_separators(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("one\x85still one\rtwo\n", encoding="utf-8")
+    (tmp_path / "a.csv").write_text('text\n"x\u2028y"\n', encoding="utf-8")
+    assert [r["text"] for r in load_records(str(tmp_path / "a.jsonl"))] == ["one\u2028two"]
+    assert [r["text"] for r in load_records(str(tmp_path / "a.txt"))] == ["one\x85still one", "two"]
+    assert [r["text"] for r in load_records(str(tmp_path / "a.csv"))] == ["x\u2028y"]
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n{"text": "ok2"}\n{"text": broken}\n')

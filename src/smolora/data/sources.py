@@ -104,7 +104,9 @@ def _decode_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise SmoLoRAError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
-    return text.splitlines()
+    # Lines end at \n, \r\n or \r only: str.splitlines would also split inside a record at U+2028,
+    # U+0085 and other characters JSON strings and CSV cells may hold as they are.
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:

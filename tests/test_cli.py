@@ -217,3 +217,16 @@ def test_bad_models_and_devices_exit_2_with_one_line(tmp_path, tiny_model_dir):
     if not torch.cuda.is_available():
         r = smolora("generate", "--model", tiny_model_dir, "--device", "cuda", "--prompt", "hi")
         assert r.returncode == 2 and "no such CUDA GPU here" in r.stderr
+
+
+def test_interactive_chat_and_plain_completion_without_a_chat_template(tmp_path, tiny_model_dir):
+    from conftest import build_tiny_llama, build_tokenizer
+
+    plain = tmp_path / "no-template"
+    tok = build_tokenizer(chat_template=None)
+    build_tiny_llama(len(tok)).save_pretrained(plain)
+    tok.save_pretrained(plain)
+    for model, mode in ((tiny_model_dir, "chat: type a message"), (plain, "completion: each line")):
+        r = smolora("generate", "--model", model, "--max-new-tokens", 3, "--greedy", input="hello\nthe quick\n\n")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert mode in r.stdout and r.stdout.count("model> ") == 2

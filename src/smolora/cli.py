@@ -198,7 +198,7 @@ def cmd_generate(args) -> int:
     model.eval()
     sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
     if args.prompt is None:
-        chat_loop(model, tokenizer, **sample)
+        chat_loop(model, tokenizer, **sample, raw=args.raw)
         return 0
     stream = not args.no_stream
     reply = generate(model, tokenizer, args.prompt, **sample, chat=False if args.raw else None, stream=stream)

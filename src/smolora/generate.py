@@ -133,10 +133,17 @@ def generate(
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0, system: str | None = None) -> None:
-    """Interactive chat on stdin/stdout; history is kept; empty line or Ctrl-D ends it."""
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    print("chat: type a message; an empty line or Ctrl-D quits.", flush=True)
+def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,
+              system: str | None = None, raw: bool = False) -> None:
+    """Interactive chat on stdin/stdout; history is kept; empty line or Ctrl-D ends it. A model
+    without a chat template (or ``raw``) continues each line as plain text instead, without history."""
+    chat = not raw and bool(getattr(tokenizer, "chat_template", None))
+    history: list[dict] = [{"role": "system", "content": system}] if system and chat else []
+    if chat:
+        print("chat: type a message; an empty line or Ctrl-D quits.", flush=True)
+    else:
+        print("completion: each line you type is continued as plain text (no chat template); an empty line or Ctrl-D quits.",
+              flush=True)
     while True:
         try:
             line = input("you> ")
@@ -145,8 +152,11 @@ def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = Tru
             return
         if not line.strip():
             return
-        history.append({"role": "user", "content": line})
         sys.stdout.write("model> ")
         sys.stdout.flush()
+        if not chat:
+            generate(model, tokenizer, line, max_new_tokens, do_sample, temperature, chat=False, stream=True)
+            continue
+        history.append({"role": "user", "content": line})
         reply = generate(model, tokenizer, history, max_new_tokens, do_sample, temperature, stream=True)
         history.append({"role": "assistant", "content": reply})

@@ -211,3 +211,27 @@ def test_an_adapter_on_tied_input_embeddings_merges_and_folds_without_touching_l
         merged = merge_and_unload(model)
         torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-5, rtol=0)
     assert not merged.config.tie_word_embeddings
+
+
+def test_an_adapter_for_another_base_or_with_broken_info_is_a_one_line_error(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(SmoLoRAError, match="the adapter does not fit this base model \\(size mismatch for "):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(other))
+    (tmp_path / "adapter" / "smolora.json").write_text('{"base_model": "x"')
+    with pytest.raises(SmoLoRAError, match="smolora.json: not valid JSON"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_demo_refuses_empty_sizes_before_writing(tmp_path):
+    from smolora.demo import run_demo
+
+    with pytest.raises(SmoLoRAError, match="eval_size must be >= 1"):
+        run_demo(str(tmp_path / "demo"), eval_size=0)
+    assert not (tmp_path / "demo").exists()

@@ -143,7 +143,8 @@ class SmoLoRA:
             from smolora.merge import adapter_base_reference, adapter_tokenizer
 
             source = resolve_model(adapter_base_reference(folder))
-            model = load_adapter(load_model(source, self.device, allow_pickle=self.allow_pickle), folder)
+            base = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+            model = load_adapter(base, folder)
             self.tokenizer = adapter_tokenizer(source, folder, self.trust_remote_code)
         else:
             source = resolve_model(str(folder))

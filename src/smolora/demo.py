@@ -14,6 +14,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from smolora.errors import SmoLoRAError
+
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
 INSTRUCTION = "Rewrite the date in ISO format (YYYY-MM-DD). Reply with the date only."
 
@@ -61,6 +63,9 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     from smolora.config import expand_targets
     from smolora.models import load_model
 
+    for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("r", r)):
+        if value < 1:
+            raise SmoLoRAError(f"demo: {name} must be >= 1 (got {value})")
     t0 = time.perf_counter()
     out = Path(output_dir)
     train_records = make_examples(train_size, seed)

@@ -25,12 +25,22 @@ def write_adapter_info(adapter_dir: Path, base_reference: str | None, chat_templ
     (Path(adapter_dir) / RUN_FILE).write_text(json.dumps(info) + "\n")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmoLoRAError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise SmoLoRAError(f"{path}: expected a JSON object")
+    return info
+
+
 def adapter_tokenizer(source: ModelSource, adapter_dir: str | Path, trust_remote_code: bool = False):
     """The base model's tokenizer, given the chat template the adapter was trained with where the
     base has none (chat data on such a base is rendered with ChatML)."""
     tokenizer = load_tokenizer(source, trust_remote_code)
     info = Path(adapter_dir) / RUN_FILE
-    trained_with = json.loads(info.read_text()).get("chat_template") if info.is_file() else None
+    trained_with = _read_json(info).get("chat_template") if info.is_file() else None
     if trained_with and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = trained_with
     return tokenizer
@@ -41,11 +51,11 @@ def adapter_base_reference(adapter_dir: str | Path) -> str | None:
     adapter_dir = Path(adapter_dir)
     info = adapter_dir / RUN_FILE
     if info.is_file():
-        return json.loads(info.read_text()).get("base_model")
+        return _read_json(info).get("base_model")
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
         raise SmoLoRAError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    return json.loads(config.read_text()).get("base_model_name_or_path")
+    return _read_json(config).get("base_model_name_or_path")
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
@@ -62,8 +72,14 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     path = check_adapter_dir(adapter_dir)
-    with quiet_peft():
-        return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    _read_json(path / "adapter_config.json")
+    try:
+        with quiet_peft():
+            return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    except RuntimeError as e:  # load_state_dict: shapes that do not match this base
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else type(e).__name__)
+        raise SmoLoRAError(f"{path}: the adapter does not fit this base model ({detail})") from None
 
 
 def merge_and_unload(peft_model):

@@ -127,8 +127,10 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read
+        (Path(alone) / gguf.name).symlink_to(gguf.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -225,3 +225,51 @@ def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n):
     grad = torch.randn(1, 4, n, 8, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+OTHER_MODELS = {  # what the four architectures above do not exercise
+    "granite logits_scaling": ("Granite", dict(logits_scaling=8.0), ["q_proj", "v_proj", "down_proj"]),
+    "mistral sliding window": ("Mistral", dict(sliding_window=16), ["q_proj", "v_proj", "down_proj"]),
+    "phi3 partial rotary": ("Phi3", dict(partial_rotary_factor=0.75), ["qkv_proj", "o_proj", "gate_up_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_MODELS)
+def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokenizer, tmp_path, name):
+    """One packed optimizer step (one row, a shared prefix) updates the adapter exactly as the plain
+    per-example loss does, for heads with scaled logits, sliding-window attention, partial rotary."""
+    import transformers
+    from peft import LoraConfig
+
+    from smolora.config import TrainConfig
+    from smolora.lora import add_lora
+    from smolora.train import train
+
+    arch, extra, targets = OTHER_MODELS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, arch + "Config")(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, **extra)
+    model = add_lora(getattr(transformers, arch + "ForCausalLM")(config), LoraConfig(r=4, lora_dropout=0.0, target_modules=targets),
+                     warn=lambda *_: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)  # A and B both get gradients
+    examples = examples_of(tokenizer, 4)
+    assert max(len(e.input_ids) for e in examples) > 16  # longer than the sliding window
+    model.zero_grad()
+    targets_total = sum(sum(x != IGNORE for x in e.labels[1:]) for e in examples)
+    for e in examples:  # the reference: each example alone, full logits
+        logits = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0, :-1]
+        F.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE, reduction="sum").div(targets_total).backward()
+    expected = {n: -p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    train(model, examples, TrainConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                       optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0, logging_steps=1),
+          log=lambda *_: None)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach() - before[n], expected[n], atol=1e-6, rtol=1e-4)

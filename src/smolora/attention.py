@@ -168,9 +168,15 @@ def _register() -> None:
         _registered = True
 
 
+def has_sliding_window(lm) -> bool:
+    """Some of the model's layers attend only to a window of recent tokens (Mistral, Gemma 2 and 3)."""
+    return bool(getattr(lm.config, "sliding_window", None))
+
+
 def supports_varlen(lm) -> bool:
-    """Models written against transformers' attention interface (Llama, Qwen, Mistral, Gemma, ...)."""
-    return bool(getattr(lm, "_supports_attention_backend", False)) and not getattr(lm.config, "sliding_window", None)
+    """Models written against transformers' attention interface (Llama, Qwen, Gemma, ...), without a
+    sliding window."""
+    return bool(getattr(lm, "_supports_attention_backend", False)) and not has_sliding_window(lm)
 
 
 @contextlib.contextmanager

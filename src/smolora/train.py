@@ -13,6 +13,7 @@ import functools
 import math
 import signal
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
-from smolora.attention import StepPrefix, supports_varlen, varlen_attention
+from smolora.attention import StepPrefix, has_sliding_window, supports_varlen, varlen_attention
 from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches, shared_prefix_length
 from smolora.data.formats import IGNORE, Example
@@ -154,10 +155,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None
 
 
+_HEAD_IS_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _logits_are_head_output(lm) -> bool:
-    """The model's logits are ``output_embeddings(last hidden state)``, nothing applied after."""
-    cfg = lm.config
-    return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0))
+    """Whether the model's logits are its output embeddings' output as is, with nothing applied after
+    (Gemma 2's softcapping, Granite's logits_scaling, Cohere's logit_scale, ...): found once per model
+    by a forward on a probe input, where the two must be bit-equal. ``train`` asks before it routes
+    attention through ``smolora.attention``; call it outside that too."""
+    if lm not in _HEAD_IS_LOGITS:
+        head, captured = lm.get_output_embeddings(), []
+        handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        was_training = lm.training
+        lm.eval()
+        try:
+            with torch.no_grad():
+                ids = torch.arange(min(8, lm.get_input_embeddings().num_embeddings), device=head.weight.device)[None]
+                logits = lm(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+            lm.train(was_training)
+        _HEAD_IS_LOGITS[lm] = len(captured) == 1 and captured[0].shape == logits.shape and torch.equal(captured[0], logits)
+    return _HEAD_IS_LOGITS[lm]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -247,6 +266,7 @@ def train(
         raise SmoLoRAError("the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg)
     autocast, scaler = mixed_precision(cfg, device, log)
+    _logits_are_head_output(lm)  # probed now, while the model runs its own attention
     lengths = [len(e.input_ids) for e in examples]
     difficulty = [e.difficulty for e in examples] if any(e.difficulty is not None for e in examples) else None
 
@@ -341,7 +361,10 @@ def train(
             if len(rows) > 1 and cfg.packing and cfg.share_prefix and supports_varlen(lm):
                 shared = shared_prefix_length([e for exs in row_examples for e in exs])
             step_prefix = StepPrefix(row_examples[0][0].input_ids[:shared]) if shared else None
-            micro = [collate(exs, cfg.packing, pad_id, cfg.share_prefix, shared) for exs in row_examples]
+            # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and
+            # one mask cannot hold a sliding window that only some layers use: such models share none.
+            share_rows = cfg.share_prefix and not has_sliding_window(lm)
+            micro = [collate(exs, cfg.packing, pad_id, share_rows, shared) for exs in row_examples]
             num_targets = sum(mb.num_targets for mb in micro)
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")

@@ -241,10 +241,13 @@ NO_STEP_PREFIX = dict(max_tokens_per_batch=0, share_prefix=False)
 
 
 def poison_after(model, calls: int, until: int = 10**9):  # use with NO_STEP_PREFIX: 2 calls a step
-    """Make the final norm's output NaN for forward calls number calls+1 .. until."""
+    """Make the final norm's output NaN for training forward calls number calls+1 .. until (forwards
+    without autograd, such as train()'s probe of the LM head, are not counted)."""
     count = {"n": 0}
 
     def hook(_module, _inputs, output):
+        if not torch.is_grad_enabled():
+            return output
         count["n"] += 1
         return output * float("nan") if calls < count["n"] <= until else output
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
-from smolora.attention import StepPrefix, has_sliding_window, supports_varlen, varlen_attention
+from smolora.attention import NAME as ATTENTION_NAME
+from smolora.attention import Segments, StepPrefix, has_sliding_window, supports_varlen, varlen_attention
 from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches, shared_prefix_length
 from smolora.data.formats import IGNORE, Example
@@ -161,8 +162,7 @@ _HEAD_IS_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _logits_are_head_output(lm) -> bool:
     """Whether the model's logits are its output embeddings' output as is, with nothing applied after
     (Gemma 2's softcapping, Granite's logits_scaling, Cohere's logit_scale, ...): found once per model
-    by a forward on a probe input, where the two must be bit-equal. ``train`` asks before it routes
-    attention through ``smolora.attention``; call it outside that too."""
+    by a forward on a probe input, where the two must be bit-equal."""
     if lm not in _HEAD_IS_LOGITS:
         head, captured = lm.get_output_embeddings(), []
         handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
@@ -171,7 +171,9 @@ def _logits_are_head_output(lm) -> bool:
         try:
             with torch.no_grad():
                 ids = torch.arange(min(8, lm.get_input_embeddings().num_embeddings), device=head.weight.device)[None]
-                logits = lm(input_ids=ids, use_cache=False).logits
+                routed = lm.config._attn_implementation == ATTENTION_NAME  # inside varlen_attention
+                extra = {"smolora_segments": Segments(0, ((0, ids.shape[1]),))} if routed else {}
+                logits = lm(input_ids=ids, use_cache=False, **extra).logits
         finally:
             handle.remove()
             lm.train(was_training)
@@ -266,7 +268,6 @@ def train(
         raise SmoLoRAError("the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg)
     autocast, scaler = mixed_precision(cfg, device, log)
-    _logits_are_head_output(lm)  # probed now, while the model runs its own attention
     lengths = [len(e.input_ids) for e in examples]
     difficulty = [e.difficulty for e in examples] if any(e.difficulty is not None for e in examples) else None
 

@@ -230,3 +230,22 @@ def test_interactive_chat_and_plain_completion_without_a_chat_template(tmp_path,
         r = smolora("generate", "--model", model, "--max-new-tokens", 3, "--greedy", input="hello\nthe quick\n\n")
         assert r.returncode == 0, r.stderr[-2000:]
         assert mode in r.stdout and r.stdout.count("model> ") == 2
+
+
+def test_an_adapter_finds_a_base_named_by_a_relative_path_from_anywhere(tmp_path, tiny_model_dir, data_file):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    r = smolora("train", "--data", data_file, "--model", "./base", "--output", "run", "--max-steps", 1, "--no-merge", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = smolora("merge", "--adapter", tmp_path / "run" / "adapter_checkpoint", "--output", "merged", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bad_data_fails_before_the_embedded_model_is_converted(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    r = smolora("train", "--data", tmp_path / "bad.jsonl", "--output", tmp_path / "run", env={**ENV, "SMOLORA_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2 and "bad.jsonl:2: malformed JSON" in r.stderr
+    assert "converting" not in r.stdout and not (tmp_path / "home").exists()

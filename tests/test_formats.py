@@ -149,3 +149,10 @@ def test_curriculum_length_puts_short_examples_first(tokenizer):
     difficulty = [e.difficulty for e in prepared.train]
     assert difficulty == [5.0, 1.0, 3.0]
     assert epoch_order(3, 0, 0, difficulty=difficulty) == [1, 2, 0]
+
+
+def test_a_text_field_named_explicitly_wins_over_other_shapes(tokenizer):
+    record = {"prompt": "q", "completion": "a", "content": "the quick brown fox"}
+    assert encode_record(record, tokenizer, FormatOptions()).labels.count(IGNORE) > 0  # auto: prompt/completion
+    ex = encode_record(record, tokenizer, FormatOptions(text_field="content"))
+    assert tokenizer.decode(ex.input_ids).startswith("the quick brown fox") and IGNORE not in ex.labels

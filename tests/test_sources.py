@@ -170,3 +170,15 @@ def test_empty_system_prompt_suppresses_the_default(tokenizer):
 
     ex = encode_record({"prompt": "hi", "completion": "yo"}, tokenizer, FormatOptions(system_prompt=""))
     assert "You are a test bot" not in tokenizer.decode(ex.input_ids)
+
+
+def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_the_record(tokenizer):
+    records = [{"text": "three words here", "_where": "a.txt:1"}, {"text": "one", "_where": "a.txt:2"},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "_where": "a.txt:3"}]
+    seen = []
+    prepared = prepare_data([dict(r) for r in records], tokenizer, TrainConfig(), DataConfig(),
+                            difficulty=lambda x: seen.append(x) or (len(x.split()) if isinstance(x, str) else 0), log=lambda *_: None)
+    assert seen[:2] == ["three words here", "one"] and isinstance(seen[2], dict)
+    assert [e.difficulty for e in prepared.train] == [3.0, 1.0, 0.0]
+    with pytest.raises(SmoLoRAError, match="a.txt:1: difficulty_fn failed: AttributeError"):
+        prepare_data([dict(r) for r in records], tokenizer, TrainConfig(), DataConfig(), difficulty=lambda x: x.nope, log=lambda *_: None)

@@ -485,3 +485,34 @@ def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_pat
     with fast_dropout(model):
         assert sum(isinstance(m, FastDropout) for m in model.modules()) == len(drops) > 0
     assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == drops
+
+
+def test_every_lora_config_field_set_through_the_api_reaches_the_adapter(tmp_path, tiny_model_dir):
+    from smolora import SmoLoRA
+
+    lora = SmoLoRA(base_model_name=str(tiny_model_dir), dataset_name=chat_records(8), output_dir=str(tmp_path))
+    lora.peft_config.use_rslora = True
+    lora.peft_config.layers_to_transform = [0]
+    lora.peft_config.target_modules = "all-linear"
+    lora.sft_config.max_steps, lora.sft_config.gradient_accumulation_steps = 1, 1
+    lora.train()
+    saved = json.loads((tmp_path / "adapter_checkpoint" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] and saved["layers_to_transform"] == [0]
+    assert sorted(saved["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert all(".layers.0." in n for n, p in lora.model.named_parameters() if p.requires_grad)
+
+
+def test_settings_refuse_unknown_names_and_say_which_spec_names_do_nothing():
+    from smolora.config import DataConfig
+
+    c = TrainConfig()
+    with pytest.raises(AttributeError, match="no setting 'max_step'; did you mean 'max_steps'"):
+        c.max_step = 10
+    with pytest.warns(UserWarning, match="dataloader_num_workers has no effect"):
+        c.dataloader_num_workers = 2
+    with pytest.raises(AttributeError, match="no setting 'lora_r'"):
+        LoraSettings().lora_r = 4
+    with pytest.raises(AttributeError):
+        DataConfig().shapes = "chat"
+    c.max_steps = 10
+    assert c.max_steps == 10

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 import os
 import shutil
 from dataclasses import asdict
@@ -12,13 +14,13 @@ from typing import Any, Callable
 import torch
 
 from smolora import checkpoint as ckpt
-from smolora.config import DataConfig, LoraSettings, TrainConfig, lora_settings_from_peft, validate
+from smolora.config import DataConfig, LoraSettings, TrainConfig, expand_targets, lora_settings_from_peft, validate
 from smolora.data import load_source, prepare_data
 from smolora.errors import SmoLoRAError
 from smolora.generate import generate
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import load_adapter, merge_adapter, write_adapter_info
-from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+from smolora.models import ModelSource, base_reference, load_model, load_tokenizer, pick_device, resolve_model
 from smolora.train import TrainResult, train
 
 
@@ -55,13 +57,38 @@ class SmoLoRA:
         self.sft_config = TrainConfig(output_dir=output_dir, dataset_text_field=text_field)
         self.data_config = DataConfig()
         self.dataset_name = dataset_name
-        self.difficulty_fn: Callable[[dict], float] | None = None
-        self.source = resolve_model(base_model_name)
-        self.tokenizer = load_tokenizer(self.source, trust_remote_code)
+        self.difficulty_fn: Callable[[Any], float] | None = None
+        self._source: ModelSource | None = None  # resolved, and the tokenizer loaded, when first needed:
+        self._tokenizer = None  # a first use of a GGUF converts it, which bad data should not wait for
         self.model = None
         self.adapter_checkpoint: str | None = None
         self.merged_model_path: str | None = None
         self.result: TrainResult | None = None
+
+    @property
+    def source(self) -> ModelSource:
+        if self._source is None:
+            self._source = resolve_model(self.base_model_name)
+        return self._source
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source, self.trust_remote_code)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    @property
+    def text_field(self) -> str:
+        """The field holding plain text: ``sft_config.dataset_text_field``."""
+        return self.sft_config.dataset_text_field
+
+    @text_field.setter
+    def text_field(self, value: str) -> None:
+        self.sft_config.dataset_text_field = value
 
     @property
     def device(self) -> torch.device:
@@ -78,22 +105,25 @@ class SmoLoRA:
         out = Path(cfg.output_dir)
         resume_from = ckpt.find_resume_checkpoint(out, resume)
         _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite)
-        replaced = [out / name for name in ("checkpoints", "adapter_checkpoint", "final_merged")]
-        if any(self.source.lives_in(folder) for folder in replaced):
-            raise SmoLoRAError(f"{self.source.name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
-                               "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
         if self.dataset_name is None:
             raise SmoLoRAError("no training data: pass dataset_name")
         records = load_source(self.dataset_name, data, cfg.seed)
         val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
+        replaced = [out / name for name in ("checkpoints", "adapter_checkpoint", "final_merged")]
+        if any(self.source.lives_in(folder) for folder in replaced):
+            raise SmoLoRAError(f"{self.source.name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
+                               "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
         prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn)
 
         torch.manual_seed(cfg.seed)  # LoRA A init
         base = load_model(self.source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
-        self.model = add_lora(base, lora.to_peft())
+        peft_config = copy.deepcopy(self.peft_config)  # every LoraConfig field the user set, presets expanded
+        peft_config.target_modules = expand_targets(lora.target_modules)
+        lora_config = json.loads(json.dumps(peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+        self.model = add_lora(base, peft_config)
         print(format_parameter_report(self.model), flush=True)
         run_info = {
-            "train_config": asdict(cfg), "lora_config": asdict(lora), "data_config": asdict(data),
+            "train_config": asdict(cfg), "lora_config": lora_config, "data_config": asdict(data),
             "base_model": self.base_model_name, "model_fingerprint": ckpt.fingerprint_model(self.model),
             "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
         }
@@ -113,7 +143,7 @@ class SmoLoRA:
     def _save_adapter(self, folder: Path) -> Path:
         def write(tmp: Path) -> None:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
-            write_adapter_info(tmp, self.base_model_name, getattr(self.tokenizer, "chat_template", None))
+            write_adapter_info(tmp, base_reference(self.base_model_name), getattr(self.tokenizer, "chat_template", None))
 
         folder = ckpt.atomic_folder(folder, write)
         (folder / ckpt.MARKER).unlink(missing_ok=True)

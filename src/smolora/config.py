@@ -8,10 +8,12 @@ gradient_accumulation_steps, learning_rate, ...) so code written against the spe
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from smolora.errors import SmoLoRAError
 
@@ -26,6 +28,7 @@ TARGET_PRESETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+TARGET_PRESETS["all-linear"] = TARGET_PRESETS["all"]  # PEFT's name for it
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
@@ -34,8 +37,24 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
 
+class _Settings:
+    """Setting a field the dataclass does not have is an error: a typo would otherwise do nothing."""
+
+    IGNORED: ClassVar[dict[str, str]] = {}  # accepted for the spec's code, with why they do nothing
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            if name in self.IGNORED:
+                warnings.warn(f"{type(self).__name__}.{name} has no effect in SmoLoRA: {self.IGNORED[name]}", stacklevel=2)
+                return
+            close = difflib.get_close_matches(name, names, n=1)
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        super().__setattr__(name, value)
+
+
 @dataclass
-class LoraSettings:
+class LoraSettings(_Settings):
     """LoRA adapter settings, the spec's defaults (LoRA paper, Hu et al. 2021)."""
 
     r: int = _help("rank of the adapter matrices A (r x d_in) and B (d_out x r)", 8)
@@ -72,8 +91,12 @@ def expand_targets(targets: list[str] | str) -> list[str]:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Settings):
     """Training settings. Field names follow the spec's SFTConfig."""
+
+    IGNORED: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns"),
+        "examples are tokenized once and packed in the training loop; there is no DataLoader")
 
     output_dir: str = _help("where checkpoints, the adapter and the merged model go", "./fine_tuned_model")
     per_device_train_batch_size: int = _help("examples per micro-batch (packed into one row)", 1)
@@ -129,7 +152,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Settings):
     """How records are read and rendered."""
 
     shape: str = _help("record shape: auto, chat, sharegpt, prompt_completion, alpaca or text", "auto")

@@ -112,6 +112,15 @@ def resolve_model(reference: str | os.PathLike | None) -> ModelSource:
     return ModelSource(str(reference), str(reference), False)
 
 
+def base_reference(reference: str | os.PathLike | None) -> str | None:
+    """A model reference to record beside an adapter: a local path made absolute, so that the
+    adapter finds its base from any working directory; a hub id or None as it is."""
+    if reference is None or str(reference) in ("", "default", "embedded"):
+        return None
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.exists() else str(reference)
+
+
 def gguf_cache_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder; later calls reuse it."""
     stat = gguf.stat()

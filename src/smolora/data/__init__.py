@@ -43,7 +43,7 @@ def prepare_data(
     data: DataConfig,
     *,
     val_records: list[dict] | None = None,
-    difficulty: Callable[[dict], float] | None = None,
+    difficulty: Callable[[Any], float] | None = None,
     log=print,
 ) -> PreparedData:
     """Split, tokenize, mask and truncate. Fails if nothing is left to learn from."""
@@ -55,10 +55,17 @@ def prepare_data(
         chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
         chunk_stride=data.chunk_stride,
     )
-    score = difficulty or (DIFFICULTY[cfg.curriculum] if cfg.curriculum else None)
-    if score is not None:
+    if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record
+        field = data.field_map.get(cfg.dataset_text_field, cfg.dataset_text_field)
         for rec in records:
-            rec["_difficulty"] = float(score({k: v for k, v in rec.items() if not k.startswith("_")}))
+            public = {k: v for k, v in rec.items() if not k.startswith("_")}
+            try:
+                rec["_difficulty"] = float(difficulty(public[field] if isinstance(public.get(field), str) else public))
+            except Exception as e:
+                raise SmoLoRAError(f"{rec.get('_where', 'record')}: difficulty_fn failed: {type(e).__name__}: {e}") from None
+    elif cfg.curriculum:
+        for rec in records:
+            rec["_difficulty"] = float(DIFFICULTY[cfg.curriculum]({k: v for k, v in rec.items() if not k.startswith("_")}))
     train, stats = encode_records(records, tokenizer, opts)
     if not train:
         raise SmoLoRAError(f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})")

@@ -82,9 +82,14 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def detect_shape(record: dict, opts: FormatOptions) -> str:
+    """The record's shape: the one named, else the first that fits of chat messages, ShareGPT
+    conversations, prompt/completion, alpaca, plain text — but a text field named other than
+    ``text`` and present in the record means plain text."""
     if opts.shape != "auto":
         return opts.shape
     f = lambda name: opts.field_map.get(name, name)  # noqa: E731
+    if opts.text_field != "text" and f(opts.text_field) in record:
+        return "text"
     if f("messages") in record:
         return "chat"
     if f("conversations") in record:

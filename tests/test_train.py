@@ -288,6 +288,15 @@ def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
         assert torch.equal(a, b), n
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tokenizer, tmp_path):
+    model, examples = setup(tokenizer)
+    settings = dict(max_steps=6, save_steps=2, save_total_limit=0, lr_scheduler_type="constant")
+    train(copy.deepcopy(model), examples, cfg(tmp_path, **settings), **QUIET)
+    train(model, examples, cfg(tmp_path, **{**settings, "max_steps": 3}), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET)
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]  # what a plain --resume sees
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("abandoned-*")) == ["abandoned-step-000004", "abandoned-step-000006"]
+
+
 def test_output_names_cannot_escape_or_follow_symlinks(tmp_path):
     from smolora.checkpoint import safe_child
     from smolora.errors import SmoLoRAError

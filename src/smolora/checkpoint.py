@@ -212,6 +212,22 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints after ``step`` to ``abandoned-step-NNNNNN``: a run resumed
+    from an earlier one replaces their future, and a later ``--resume`` must not pick them up."""
+    moved = []
+    for folder in list_checkpoints(output_dir):
+        if int(STEP_DIR.match(folder.name).group(1)) > step:
+            target = folder.with_name(f"abandoned-{folder.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"abandoned-{n}-{folder.name}")
+            os.replace(folder, target)
+            moved.append(target)
+    return moved
+
+
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
     if keep <= 0:
         return

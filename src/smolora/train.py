@@ -287,6 +287,8 @@ def train(
             scaler.load_state_dict(state.loss_scale)
         groups = groups_for(state.epoch)
         log(f"[smolora] resumed from {resume_from} at step {state.step}")
+        for folder in ckpt.set_aside_newer(cfg.output_dir, state.step):
+            log(f"[smolora] a checkpoint after the one resumed is set aside: {folder}")
     else:
         torch.manual_seed(cfg.seed)  # dropout masks
     out = Path(cfg.output_dir)

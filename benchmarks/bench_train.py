@@ -131,13 +131,15 @@ def gemm_peak(cfg, tokens: int = 512, dtype: torch.dtype = torch.float32) -> dic
 # ---------------------------------------------------------------------------------------------
 # analytic FLOPs of the matmuls actually run in one optimizer step
 def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[str]) -> float:
-    """FLOPs of ``rows``: each (tokens computed, attention query-key pairs computed, LM-head positions).
+    """FLOPs of ``rows``: each (tokens computed, attention query-key pairs, LM-head positions).
 
     Per token: frozen linears 2·N forward, plus 2·N backward to their input (except layer 0's
-    q/k/v, whose input needs no gradient); LoRA 2·r·(din+dout) forward and 4x that backward
-    (weights and input); attention QK^T and AV at 4·pairs·hidden forward, twice that backward;
-    the LM head 2·H·V forward and 2·H·V backward to the hidden state. A causal kernel computes
-    about half of an L x L block (L²/2 pairs); a masked block computes all of it.
+    q/k/v, whose input needs no gradient); LoRA 2·r·(din+dout) forward and twice that backward
+    (the weights' gradients and the input's); attention QK^T and AV at 4·pairs·hidden forward,
+    twice that backward; the LM head 2·H·V forward and 2·H·V backward to the hidden state.
+    Attention pairs are the useful ones for every implementation — each query against the keys it
+    may see: L²/2 for a causal L-token example, n·p + n²/2 for n tokens after a p-token prefix —
+    never the masked-out part of a block a kernel may compute anyway.
     """
     h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
@@ -150,7 +152,7 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
             for name, (din, dout) in dims.items():
                 total += 2 * tokens * din * dout * (1 if layer == 0 and name in ("q_proj", "k_proj", "v_proj") else 2)
                 if name in targets:
-                    total += 5 * 2 * tokens * r * (din + dout)
+                    total += 3 * 2 * tokens * r * (din + dout)
             total += 3 * 4 * pairs * q
         total += 4 * head_positions * h * vocab
     return total
@@ -206,20 +208,19 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
-    rows = []  # what train() computes: (tokens, attention pairs, LM-head positions) of each forward
+    rows = []  # per step, what train() computes: (tokens, useful attention pairs, LM-head positions) of each forward
     for idx in step_order(len(examples), steps, seed):
+        rows.append([])
         lengths = [len(examples[i].input_ids) for i in idx]
         groups = [[examples[idx[i]] for i in g] for g in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch)]
         step_p = shared_prefix_length([e for g in groups for e in g]) if cfg.share_prefix and len(groups) > 1 else 0
         if step_p:  # one StepPrefix forward for the step's rows
-            rows.append((step_p, step_p * step_p / 2, 0))
+            rows[-1].append((step_p, step_p * step_p / 2, 0))
         for exs in groups:
             p = step_p or (shared_prefix_length(exs) if cfg.share_prefix else 0)
             tokens = (0 if step_p else p) + sum(len(e.input_ids) - p for e in exs)
-            # a masked block over [prefix, own tokens] is computed whole; a plain causal block half
-            pairs = ((0 if step_p else p * p / 2) + sum((len(e.input_ids) - p) * len(e.input_ids) for e in exs) if p
-                     else sum(len(e.input_ids) ** 2 / 2 for e in exs))
-            rows.append((tokens, pairs, sum(1 for e in exs for x in e.labels[1:] if x != -100)))
+            pairs = (0 if step_p else p * p / 2) + sum((len(e.input_ids) - p) * p + (len(e.input_ids) - p) ** 2 / 2 for e in exs)
+            rows[-1].append((tokens, pairs, sum(1 for e in exs for x in e.labels[1:] if x != -100)))
     return {"step_seconds": result.step_seconds, "losses": result.losses, "flops_rows": rows,
             "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
 
@@ -235,7 +236,7 @@ def worker_reference(records, steps, seed) -> dict:
     model = get_peft_model(model, peft_config())
     model.config.use_cache = False
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEC["lr"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEC["lr"], weight_decay=0.0)  # as SmoLoRA, TRL
     losses, times, rows = [], [], []
     for s, idx in enumerate(step_order(len(examples), steps, seed)):
         t0 = time.perf_counter()
@@ -243,6 +244,7 @@ def worker_reference(records, steps, seed) -> dict:
             g["lr"] = SPEC["lr"] * (1 - s / steps)  # linear decay, SmoLoRA's default schedule
         n_targets = sum(sum(1 for x in examples[i].labels[1:] if x != -100) for i in idx)
         step_loss = 0.0
+        rows.append([])
         for i in idx:
             ids = torch.tensor([examples[i].input_ids])
             labels = torch.tensor([examples[i].labels])
@@ -250,7 +252,7 @@ def worker_reference(records, steps, seed) -> dict:
             loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / n_targets
             loss.backward()
             step_loss += loss.item()
-            rows.append((ids.shape[1], ids.shape[1] ** 2 / 2, ids.shape[1]))
+            rows[-1].append((ids.shape[1], ids.shape[1] ** 2 / 2, ids.shape[1]))
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -278,7 +280,11 @@ def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing:
     from trl import SFTConfig, SFTTrainer
 
     source, tok, model = load_base()
-    rows = [trl_row(r) for r in records]
+    examples = encode(records, tok)
+    if len(examples) != len(records):
+        raise RuntimeError(f"{len(records) - len(examples)} records have nothing to learn; the order would not match SmoLoRA's")
+    order = step_order(len(examples), steps, seed)  # SmoLoRA's examples per step, in its order; TRL samples sequentially
+    rows = [trl_row(records[i]) for idx in order for i in idx]
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -292,15 +298,16 @@ def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
                          learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=bf16,
                          max_length=SPEC["max_length"], report_to=[], save_strategy="no", use_cpu=True, seed=seed,
-                         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=gradient_checkpointing)
+                         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,
+                         train_sampling_strategy="sequential")
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(),
                              processing_class=tok, callbacks=[Clock()])
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    examples = encode(records, tok)
-    per_step = sum(len(e.input_ids) for e in examples) / len(examples) * SPEC["accum"]
-    flops_rows = [(len(e.input_ids), len(e.input_ids) ** 2 / 2, len(e.input_ids)) for e in examples[: steps * SPEC["accum"]]]
-    return {"step_seconds": times, "losses": losses, "flops_rows": flops_rows, "tokens_per_step": [per_step] * steps}
+    flops_rows = [[(len(examples[i].input_ids), len(examples[i].input_ids) ** 2 / 2, len(examples[i].input_ids)) for i in idx]
+                  for idx in order]
+    return {"step_seconds": times, "losses": losses, "flops_rows": flops_rows,
+            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in order]}
 
 
 WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
@@ -396,7 +403,9 @@ def main() -> None:
             # implementation, so none always runs first
             for impl in impls[rep % len(impls):] + impls[: rep % len(impls)]:
                 data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep)
-                data["flops_per_step"] = step_flops(model_cfg, data["flops_rows"], SPEC["r"], SPEC["targets"]) / steps[variant]
+                per_step = [step_flops(model_cfg, rows, SPEC["r"], SPEC["targets"]) for rows in data["flops_rows"]]
+                timed = per_step[1:] or per_step  # the steps summarize() times: not the warm-up
+                data["flops_per_step"] = sum(timed) / len(timed)
                 raw[variant][impl].append(data)
                 print(f"  {variant} rep {rep} {impl}: {summarize(data, 1, 1)['tokens_per_s']:.0f} tok/s "
                       f"(GEMM probe {data['gemm_peak']:.0f})", flush=True)

@@ -23,6 +23,8 @@ from smolora.merge import load_adapter, merge_adapter, write_adapter_info
 from smolora.models import ModelSource, base_reference, load_model, load_tokenizer, pick_device, resolve_model
 from smolora.train import TrainResult, train
 
+RUN_FOLDERS = ("checkpoints", "adapter_checkpoint", "final_merged")  # what a run writes in output_dir, and --overwrite removes
+
 
 class SmoLoRA:
     """Fine-tune a causal LM with LoRA.
@@ -109,8 +111,7 @@ class SmoLoRA:
             raise SmoLoRAError("no training data: pass dataset_name")
         records = load_source(self.dataset_name, data, cfg.seed)
         val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
-        replaced = [out / name for name in ("checkpoints", "adapter_checkpoint", "final_merged")]
-        if any(self.source.lives_in(folder) for folder in replaced):
+        if any(self.source.lives_in(out / name) for name in RUN_FOLDERS):
             raise SmoLoRAError(f"{self.source.name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
                                "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
         prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn)
@@ -130,8 +131,8 @@ class SmoLoRA:
         if resume_from is not None:
             ckpt.check_compatible(ckpt.read_run_info(resume_from), run_info, allow_config_change)
         if overwrite and resume_from is None and out.exists():  # nothing of the earlier run may pass for this one's
-            for folder in ("checkpoints", "adapter_checkpoint", "final_merged"):
-                shutil.rmtree(out / folder, ignore_errors=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
                             resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,

@@ -156,9 +156,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)  # the weights are on disk before the folder is marked complete
         (tmp / ".complete").write_text(str(gguf) + "\n")
-        fsync_tree(tmp)
+        fsync_tree(tmp)  # all on disk before the folder appears under its name
         if folder.exists() and not (folder / ".complete").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder from before the marker existed
         try:

@@ -338,6 +338,9 @@ def train(
         cleanup.enter_context(varlen_attention(lm))
     cleanup.enter_context(fast_dropout(model))
     cleanup.enter_context(fused_layers(lm))
+    # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
+    # mask cannot hold a sliding window that only some layers use: such models share none.
+    share_rows = cfg.share_prefix and not has_sliding_window(lm)
     try:
         while state.step < total_steps and not state.stopped:
             step_start = time.perf_counter()
@@ -364,9 +367,6 @@ def train(
             if len(rows) > 1 and cfg.packing and cfg.share_prefix and supports_varlen(lm):
                 shared = shared_prefix_length([e for exs in row_examples for e in exs])
             step_prefix = StepPrefix(row_examples[0][0].input_ids[:shared]) if shared else None
-            # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and
-            # one mask cannot hold a sliding window that only some layers use: such models share none.
-            share_rows = cfg.share_prefix and not has_sliding_window(lm)
             micro = [collate(exs, cfg.packing, pad_id, share_rows, shared) for exs in row_examples]
             num_targets = sum(mb.num_targets for mb in micro)
             if num_targets == 0:

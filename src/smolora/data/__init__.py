@@ -55,17 +55,16 @@ def prepare_data(
         chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
         chunk_stride=data.chunk_stride,
     )
+    score, what = (DIFFICULTY[cfg.curriculum], f"curriculum {cfg.curriculum!r}") if cfg.curriculum else (None, "")
     if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record
         field = data.field_map.get(cfg.dataset_text_field, cfg.dataset_text_field)
+        score, what = lambda public: difficulty(public[field] if isinstance(public.get(field), str) else public), "difficulty_fn"
+    if score is not None:
         for rec in records:
-            public = {k: v for k, v in rec.items() if not k.startswith("_")}
             try:
-                rec["_difficulty"] = float(difficulty(public[field] if isinstance(public.get(field), str) else public))
+                rec["_difficulty"] = float(score({k: v for k, v in rec.items() if not k.startswith("_")}))
             except Exception as e:
-                raise SmoLoRAError(f"{rec.get('_where', 'record')}: difficulty_fn failed: {type(e).__name__}: {e}") from None
-    elif cfg.curriculum:
-        for rec in records:
-            rec["_difficulty"] = float(DIFFICULTY[cfg.curriculum]({k: v for k, v in rec.items() if not k.startswith("_")}))
+                raise SmoLoRAError(f"{rec.get('_where', 'record')}: {what} failed: {type(e).__name__}: {e}") from None
     train, stats = encode_records(records, tokenizer, opts)
     if not train:
         raise SmoLoRAError(f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})")

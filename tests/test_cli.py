@@ -35,11 +35,12 @@ def data_file(tmp_path):
 def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
     out = tmp_path / "run"
     r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 3,
-                "--gradient-accumulation-steps", 2, "--r", 4, "--target-modules", "q_proj,v_proj", "--logging-steps", 1)
+                "--gradient-accumulation-steps", 2, "--r", 4, "--grow-rank", 6, "--target-modules", "q_proj,v_proj", "--logging-steps", 1)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Trainable params:" in r.stdout and "'loss':" in r.stderr + r.stdout
+    assert "step 2: adapter rank 4 -> 6 (lora_alpha 24, same scaling" in r.stderr + r.stdout
     adapter_cfg = json.loads((out / "adapter_checkpoint" / "adapter_config.json").read_text())
-    assert adapter_cfg["r"] == 4 and sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert adapter_cfg["r"] == 6 and adapter_cfg["lora_alpha"] == 24 and sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert (out / "final_merged" / "model.safetensors").is_file()
 
     r = smolora("merge", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged2")
@@ -75,6 +76,7 @@ def test_help_for_every_command():
     ('{"text": "a"}\n', ["--r", "0", "--learning-rate", "-1"], "r must be > 0 (got 0); learning_rate must be > 0 (got -1.0)"),
     ('{"text": "a"}\n', ["--lr-scheduler-type", "warp"], "lr_scheduler_type must be one of"),
     ('{"text": "a"}\n', ["--target-modules", "nonexistent_proj"], "match no linear layer; the model has: "),
+    ('{"text": "a"}\n', ["--grow-rank", "16,4"], "grow_rank must be increasing ranks above r=8 (got [16, 4])"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_model_dir, content, flags, message):
     (tmp_path / "train.jsonl").write_text(content)

@@ -525,3 +525,125 @@ def test_settings_refuse_unknown_names_and_say_which_spec_names_do_nothing():
         DataConfig().shapes = "chat"
     c.max_steps = 10
     assert c.max_steps == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# rank growth
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_growing_the_rank_keeps_the_output_and_peft_loads_the_grown_adapter(tokenizer, tmp_path, rslora):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from smolora.lora import grow_rank
+
+    base = build_tiny_llama(len(tokenizer), tie=False)
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "down_proj", "lm_head", "embed_tokens"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)  # both factors nonzero, as after training
+    ids = torch.randint(0, len(tokenizer), (1, 12))
+    before = logits(model, ids)
+    generator = torch.Generator().manual_seed(0)
+    alpha = grow_rank(model, 6, generator=generator)
+    assert alpha == pytest.approx(8 * (6 / 4) ** (0.5 if rslora else 1.0))
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_A["default"].weight.shape == (6, 32)
+    assert layer.mlp.down_proj.lora_B["default"].weight.shape == (32, 6)
+    assert model.base_model.model.model.embed_tokens.lora_embedding_A["default"].shape == (6, len(tokenizer))
+    assert torch.allclose(logits(model, ids), before, atol=1e-5)
+    assert not torch.equal(layer.self_attn.q_proj.lora_A["default"].weight[4:], torch.zeros(2, 32))  # new directions to learn
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["r"] == 6 and saved["lora_alpha"] == pytest.approx(alpha)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # the real reader, from the files alone
+    assert torch.allclose(logits(loaded, ids), before, atol=1e-5)
+
+
+def test_the_optimizer_state_grows_with_the_adapter(tokenizer):
+    from smolora.lora import grow_rank
+
+    model, examples = setup(tokenizer, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    from smolora.train import token_loss_sum
+
+    token_loss_sum(model, collate(examples[:2])).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    moments = {k: v.clone() for k, v in optimizer.state[q.lora_A["default"].weight].items()}
+    grow_rank(model, 16, optimizer, torch.Generator().manual_seed(0))
+    a = q.lora_A["default"].weight  # a new Parameter, in the old one's place in the optimizer
+    assert sum(p is a for p in optimizer.param_groups[0]["params"]) == 1 and len(optimizer.state) == len(params)
+    state = optimizer.state[a]
+    assert a.shape == state["exp_avg"].shape == state["exp_avg_sq"].shape == (16, 32)
+    assert torch.equal(state["exp_avg"][:8], moments["exp_avg"]) and not state["exp_avg"][8:].any()
+    assert torch.equal(state["exp_avg_sq"][:8], moments["exp_avg_sq"])
+    assert torch.allclose(state["exp_avg_sq"][8:], moments["exp_avg_sq"].mean().expand(8, 32))
+    token_loss_sum(model, collate(examples[:2])).backward()
+    before = a.detach().clone()
+    optimizer.step()  # the optimizer trains the grown factor on
+    assert torch.isfinite(a).all() and not torch.equal(a, before)
+
+
+GROW = dict(grow_rank=[4, 8], max_steps=6, save_steps=1, save_total_limit=0)
+
+
+def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    from smolora.lora import add_lora
+
+    def fresh():
+        torch.manual_seed(0)
+        return add_lora(build_tiny_llama(len(tokenizer)), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+                        warn=lambda *_: None)
+
+    examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
+    model = fresh()
+    full = train(model, examples, cfg(tmp_path / "run", **GROW), **QUIET)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["rank"], e["lora_alpha"]) for e in logged if "rank" in e] == [(2, 4, 8), (4, 8, 16)]
+    ranks = [json.loads((c / "adapter_config.json").read_text())["r"] for c in list_checkpoints(tmp_path / "run")]
+    assert ranks == [2, 2, 4, 4, 8, 8]  # each checkpoint holds the rank its last step trained at
+    assert model.peft_config["default"].r == 8 and len(full.losses) == 6
+    for step in (2, 3):  # resumed just before a growth, and after one
+        resumed = fresh()
+        again = train(resumed, examples, cfg(tmp_path / "run", **GROW), resume_from=tmp_path / "run" / "checkpoints" / f"step-00000{step}", **QUIET)
+        assert again.losses == full.losses
+        for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+            assert torch.equal(a, b), n
+
+
+def test_early_stopping_keeps_the_best_adapter_of_a_lower_rank(tokenizer, tmp_path, monkeypatch):
+    scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6])  # best at step 2; 8 steps at ranks 8, 16, 32: 16 from step 3
+    model, examples = setup(tokenizer)
+    result = train(model, examples[:12], cfg(tmp_path / "run", **{**EARLY, "grow_rank": [16, 32]}), val_examples=examples[12:], **QUIET)
+    assert result.best_step == 2 and model.peft_config["default"].r == 16
+    reference, _ = setup(tokenizer)
+    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"), **QUIET)
+    ids = torch.tensor([examples[0].input_ids])
+    assert torch.allclose(logits(model, ids), logits(reference, ids), atol=1e-5)  # zero-padded: the same function
+
+
+def test_rank_growth_settings_are_checked():
+    from smolora.checkpoint import check_compatible
+    from smolora.config import validate
+    from smolora.errors import SmoLoRAError
+
+    for bad in ([8], [16, 12], [12, 12]):
+        with pytest.raises(SmoLoRAError, match="grow_rank must be increasing ranks above r=8"):
+            validate(LoraSettings(r=8), TrainConfig(grow_rank=bad))
+    validate(LoraSettings(r=4), TrainConfig(grow_rank=[8, 16]))
+    saved = {"data_fingerprint": "a", "model_fingerprint": "m",
+             "train_config": {"lr_scheduler_type": "constant", "max_steps": 100, "grow_rank": [16]}}
+    with pytest.raises(SmoLoRAError, match="max_steps: 100 -> 200 \\(sets the steps where the rank grows\\)"):
+        check_compatible(saved, {**saved, "train_config": {**saved["train_config"], "max_steps": 200}}, allow_config_change=False)

@@ -267,6 +267,9 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
     # A run's length sets the learning rate of every step of a decaying schedule.
     if schedule != "constant" or old_train.get("lr_scheduler_type", "constant") != "constant":
         unsafe |= dict.fromkeys(LENGTH_FIELDS, f"sets the {schedule} schedule's learning rates")
+    # Rank growth happens at shares of the run's length.
+    if old_train.get("grow_rank") or new_train.get("grow_rank"):
+        unsafe |= dict.fromkeys(LENGTH_FIELDS, "sets the steps where the rank grows")
     # Early stopping compares evaluations: when they happen, and on what, decides the adapter kept.
     if old_train.get("early_stopping_patience") or new_train.get("early_stopping_patience"):
         unsafe["eval_steps"] = "decides which adapter early stopping keeps"

@@ -34,6 +34,13 @@ def _parse_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _parse_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
 def _parse_map(text: str) -> dict[str, str]:
     pairs = {}
     for item in _parse_list(text):
@@ -56,7 +63,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
-            group.add_argument(flag, dest=f.name, type=_parse_list, default=None, metavar="A,B", help=help_text)
+            ints = typing.get_args(typing.get_type_hints(cls)[f.name]) == (int,)
+            group.add_argument(flag, dest=f.name, type=_parse_ints if ints else _parse_list, default=None,
+                               metavar="N,M" if ints else "A,B", help=help_text)
         elif kind is dict:
             group.add_argument(flag, dest=f.name, type=_parse_map, default=None, metavar="K=V,..", help=help_text)
         else:

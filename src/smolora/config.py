@@ -120,6 +120,9 @@ class TrainConfig(_Settings):
         "with packing: an optimizer step's examples (batch x accumulation) are packed into rows of at most this "
         "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)", 512)
     share_prefix: bool = _help("with packing: compute a prefix shared by a row's examples (e.g. the system prompt) once", True)
+    grow_rank: list[int] = _help(
+        "grow the adapters' rank during training through these ranks (e.g. r 4 with 8,16: a third of the steps at each of "
+        "4, 8, 16); lora_alpha grows with the rank, so the scaling and the model's output stay the same", default_factory=list)
     gradient_checkpointing: bool = _help("recompute each layer's activations in backward: less memory, ~1/3 more compute", False)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
@@ -180,6 +183,9 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
     need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
+    need(all(isinstance(g, int) and not isinstance(g, bool) for g in train.grow_rank)
+         and list(train.grow_rank) == sorted(set(train.grow_rank)) and (not train.grow_rank or train.grow_rank[0] > lora.r),
+         f"grow_rank must be increasing ranks above r={lora.r} (got {train.grow_rank!r})")
     need(train.learning_rate > 0, f"learning_rate must be > 0 (got {train.learning_rate})")
     need(train.max_steps > 0 or train.max_steps == -1, f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})")
     need(train.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {train.num_train_epochs})")

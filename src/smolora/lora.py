@@ -1,9 +1,12 @@
-"""LoRA adapters through PEFT: attach, check targets, report trainable parameters; fast CPU dropout."""
+"""LoRA adapters through PEFT: attach, check targets, report trainable parameters; fast CPU dropout;
+rank growth during training."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -134,3 +137,112 @@ def fast_dropout(model: nn.Module):
     finally:
         for drops, name, drop in swapped:
             drops[name] = drop
+
+
+# ---------------------------------------------------------------------------------------------
+# rank growth: train at a low rank first, then grow the adapters without changing what they compute
+
+
+def adapter_rank(model: nn.Module) -> int:
+    """The rank of the model's LoRA adapters (one rank for all of them)."""
+    if not getattr(model, "peft_config", None):
+        raise SmoLoRAError("rank growth needs a model with LoRA adapters (add_lora)")
+    ranks = {c.r for c in model.peft_config.values()}
+    if len(ranks) != 1:
+        raise SmoLoRAError(f"rank growth needs one rank for every adapter (found {sorted(ranks)})")
+    return ranks.pop()
+
+
+def rank_at(step: int, total_steps: int, ranks: Sequence[int]) -> int:
+    """The rank during optimizer step ``step`` (0-based) of a run that trains at each of ``ranks`` in
+    turn for an equal share of its ``total_steps`` (the first share at ``ranks[0]``)."""
+    share = sum(1 for i in range(1, len(ranks)) if step >= i * total_steps // len(ranks))
+    return ranks[share]
+
+
+def check_growable(model: nn.Module) -> None:
+    """Refuse, before training, what ``grow_rank`` cannot grow without changing the model."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, config in model.peft_config.items():
+        if config.rank_pattern or config.alpha_pattern:
+            raise SmoLoRAError(f"rank growth needs one rank and alpha for every layer; adapter {name!r} sets rank_pattern/alpha_pattern")
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            raise SmoLoRAError(f"rank growth supports PEFT's default or gaussian init only (adapter {name!r}: "
+                               f"init_lora_weights={config.init_lora_weights!r})")
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not all((a in module.lora_A and isinstance(module.lora_A[a], nn.Linear))
+                                                     or a in module.lora_embedding_A for a in module.r):
+            raise SmoLoRAError(f"rank growth supports adapters on linear and embedding layers, not {type(module).__name__}")
+    adapter_rank(model)
+
+
+def pad_to(t: torch.Tensor, shape: Sequence[int], fill: float = 0.0) -> torch.Tensor:
+    """``t`` in the leading corner of a ``shape`` tensor filled with ``fill``."""
+    out = t.new_full(tuple(shape), fill)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def grow_rank(model: nn.Module, new_r: int, optimizer: torch.optim.Optimizer | None = None,
+              generator: torch.Generator | None = None) -> float:
+    """Grow every LoRA adapter of ``model`` to rank ``new_r``; return the new lora_alpha.
+
+    A gains rows drawn as PEFT draws A's, B gains zero columns, so B·A, and the model's output, stay
+    the same; lora_alpha grows with the rank so the scaling (alpha/r, alpha/sqrt(r) with rsLoRA)
+    does too. Each grown factor is a new Parameter (a resized one would keep its autograd metadata),
+    put in the old one's place in ``optimizer`` with its state grown: zero for the new entries,
+    except Adam's second moment, which starts at the tensor's mean. (Adam's step count, and with it
+    its bias correction, is shared with the old entries: from a zero second moment the new entries'
+    first update would be ~3x a full one; from the mean, their updates ramp up as their first moment
+    fills.) Embedding adapters grow the other way round: PEFT starts their A at zero, their B random.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    old_r = adapter_rank(model)
+    if new_r <= old_r:
+        raise SmoLoRAError(f"rank growth: the new rank {new_r} must exceed the current {old_r}")
+    alphas = {}
+    for name, config in model.peft_config.items():
+        ratio = math.sqrt(new_r / old_r) if config.use_rslora else new_r / old_r
+        alphas[name] = config.lora_alpha * ratio
+        config.r, config.lora_alpha = new_r, alphas[name]
+    extra = new_r - old_r
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in list(module.r):
+            if name in module.lora_A:
+                a, b = module.lora_A[name], module.lora_B[name]
+                rows = torch.empty(extra, a.in_features)
+                if model.peft_config[name].init_lora_weights == "gaussian":
+                    rows.normal_(0.0, 1.0 / new_r, generator=generator)
+                else:  # kaiming_uniform_(a=sqrt(5)) on an (r, in) weight: U(-1/sqrt(in), 1/sqrt(in))
+                    bound = 1.0 / math.sqrt(a.in_features)
+                    rows.uniform_(-bound, bound, generator=generator)
+                a.out_features = b.in_features = new_r
+                a.weight = _grown(a.weight, torch.cat([a.weight.detach(), rows.to(a.weight)]), optimizer)
+                b.weight = _grown(b.weight, pad_to(b.weight.detach(), (b.out_features, new_r)), optimizer)
+            else:
+                a, b = module.lora_embedding_A, module.lora_embedding_B
+                columns = torch.empty(b[name].shape[0], extra).normal_(generator=generator)
+                a[name] = _grown(a[name], pad_to(a[name].detach(), (new_r, a[name].shape[1])), optimizer)
+                b[name] = _grown(b[name], torch.cat([b[name].detach(), columns.to(b[name])], dim=1), optimizer)
+            module.r[name], module.lora_alpha[name] = new_r, alphas[name]
+            rslora = module.use_rslora.get(name, False)
+            module.scaling[name] = alphas[name] / (math.sqrt(new_r) if rslora else new_r)
+    return next(iter(alphas.values()))
+
+
+def _grown(old: nn.Parameter, value: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> nn.Parameter:
+    new = nn.Parameter(value, requires_grad=old.requires_grad)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state:
+            optimizer.state[new] = {
+                k: pad_to(v, value.shape, v.mean().item() if k in ("exp_avg_sq", "max_exp_avg_sq") else 0.0)
+                if torch.is_tensor(v) and v.shape == old.shape else v
+                for k, v in state.items()}
+    return new

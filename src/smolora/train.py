@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 import time
@@ -29,7 +30,7 @@ from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
 from smolora.fused import fused_layers
-from smolora.lora import fast_dropout
+from smolora.lora import adapter_rank, check_growable, fast_dropout, grow_rank, pad_to, parameter_report, rank_at
 from smolora.monitor import MetricsFile, diagnose, memory_line
 
 
@@ -280,8 +281,21 @@ def train(
     total_micro = cfg.total_micro_batches(lambda e: len(groups if e == 0 else groups_for(e)))
     total_steps = cfg.total_steps(total_micro)
     run_info = run_info or {}
+    ranks = [adapter_rank(model), *cfg.grow_rank] if cfg.grow_rank else []  # rank growth: equal shares of the steps
+    if ranks:
+        check_growable(model)
+
+    def grow(rank: int, generator: torch.Generator | None = None) -> float:
+        alpha = grow_rank(model, rank, optimizer, generator)
+        trainable[:] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the grown ones are new
+        params[:] = [p for _, p in trainable]
+        return alpha
+
     state = ckpt.TrainState()
     if resume_from is not None:
+        saved_rank = json.loads((Path(resume_from) / "adapter_config.json").read_text()).get("r")
+        if ranks and saved_rank and saved_rank > ranks[0]:  # the checkpoint holds the adapter grown so far
+            grow(saved_rank)
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         if scaler is not None and state.loss_scale:
             scaler.load_state_dict(state.loss_scale)
@@ -344,6 +358,15 @@ def train(
     try:
         while state.step < total_steps and not state.stopped:
             step_start = time.perf_counter()
+            if ranks and rank_at(state.step, total_steps, ranks) > adapter_rank(model):
+                old_rank, new_rank = adapter_rank(model), rank_at(state.step, total_steps, ranks)
+                # the new A rows come from a generator of their own: torch's (dropout masks) is untouched
+                alpha = grow(new_rank, torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step))
+                if state.best_weights is not None:  # zero-padded: the same function at the new rank
+                    state.best_weights = {n: pad_to(state.best_weights[n], p.shape) for n, p in trainable}
+                bar.write(f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
+                          f"same scaling; {parameter_report(model)[0]:,} trainable parameters)")
+                metrics.write({"step": state.step, "rank": new_rank, "lora_alpha": alpha})
             lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

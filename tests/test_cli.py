@@ -76,7 +76,7 @@ def test_help_for_every_command():
     ('{"text": "a"}\n', ["--r", "0", "--learning-rate", "-1"], "r must be > 0 (got 0); learning_rate must be > 0 (got -1.0)"),
     ('{"text": "a"}\n', ["--lr-scheduler-type", "warp"], "lr_scheduler_type must be one of"),
     ('{"text": "a"}\n', ["--target-modules", "nonexistent_proj"], "match no linear layer; the model has: "),
-    ('{"text": "a"}\n', ["--grow-rank", "16,4"], "grow_rank must be increasing ranks above r=8 (got [16, 4])"),
+    ('{"text": "a"}\n', ["--grow-rank", "16,4"], "grow_rank must be a list of increasing ranks above r=8 (got [16, 4])"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_model_dir, content, flags, message):
     (tmp_path / "train.jsonl").write_text(content)

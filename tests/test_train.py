@@ -554,6 +554,7 @@ def test_growing_the_rank_keeps_the_output_and_peft_loads_the_grown_adapter(toke
     generator = torch.Generator().manual_seed(0)
     alpha = grow_rank(model, 6, generator=generator)
     assert alpha == pytest.approx(8 * (6 / 4) ** (0.5 if rslora else 1.0))
+    assert (config.r, config.lora_alpha) == (4, 8) and model.peft_config["default"].r == 6  # the caller's config is left alone
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_A["default"].weight.shape == (6, 32)
     assert layer.mlp.down_proj.lora_B["default"].weight.shape == (32, 6)
@@ -639,11 +640,40 @@ def test_rank_growth_settings_are_checked():
     from smolora.config import validate
     from smolora.errors import SmoLoRAError
 
-    for bad in ([8], [16, 12], [12, 12]):
-        with pytest.raises(SmoLoRAError, match="grow_rank must be increasing ranks above r=8"):
+    for bad in ([8], [16, 12], [12, 12], [16.0], 16, None):
+        with pytest.raises(SmoLoRAError, match="grow_rank must be a list of increasing ranks above r=8"):
             validate(LoraSettings(r=8), TrainConfig(grow_rank=bad))
     validate(LoraSettings(r=4), TrainConfig(grow_rank=[8, 16]))
+    validate(LoraSettings(r=4), TrainConfig(grow_rank=(8, 16)))
     saved = {"data_fingerprint": "a", "model_fingerprint": "m",
              "train_config": {"lr_scheduler_type": "constant", "max_steps": 100, "grow_rank": [16]}}
     with pytest.raises(SmoLoRAError, match="max_steps: 100 -> 200 \\(sets the steps where the rank grows\\)"):
         check_compatible(saved, {**saved, "train_config": {**saved["train_config"], "max_steps": 200}}, allow_config_change=False)
+
+
+def test_a_grown_checkpoint_resumes_into_a_fresh_model_even_without_growth_and_a_misfit_is_one_line(tokenizer, tmp_path):
+    from smolora.errors import SmoLoRAError
+
+    model, examples = setup(tokenizer)
+    train(model, examples, cfg(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, grow_rank=[16], seed=2**62), **QUIET)  # any seed
+    assert model.peft_config["default"].r == 16
+    fresh, _ = setup(tokenizer)  # rank 8, asked for no growth (--allow-config-change): the checkpoint's rank 16 stays
+    train(fresh, examples, cfg(tmp_path, max_steps=4, lr_scheduler_type="constant"), resume_from=tmp_path / "checkpoints" / "step-000003", **QUIET)
+    assert fresh.peft_config["default"].r == 16
+    bigger = add_lora(build_tiny_llama(len(tokenizer)), LoraSettings(r=32, target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    with pytest.raises(SmoLoRAError, match=r"step-000004: the checkpoint's adapter does not fit this run's \(size mismatch for"):
+        train(bigger, examples, cfg(tmp_path, max_steps=4), resume_from=tmp_path / "checkpoints" / "step-000004", **QUIET)
+
+
+def test_rank_growth_through_the_api_resumes_with_a_tuple_setting(tmp_path, tiny_model_dir):
+    from smolora import SmoLoRA
+
+    def run(resume):
+        lora = SmoLoRA(base_model_name=str(tiny_model_dir), dataset_name=chat_records(8), output_dir=str(tmp_path))
+        lora.peft_config.r, lora.sft_config.grow_rank = 4, (8,)
+        lora.sft_config.max_steps, lora.sft_config.gradient_accumulation_steps, lora.sft_config.save_steps = 2, 1, 1
+        lora.train(resume=resume)
+        return json.loads((tmp_path / "adapter_checkpoint" / "adapter_config.json").read_text())
+
+    assert run(None)["r"] == 8
+    assert run(True)["r"] == 8  # the saved settings read back as lists: the same run

@@ -124,7 +124,8 @@ class SmoLoRA:
         self.model = add_lora(base, peft_config)
         print(format_parameter_report(self.model), flush=True)
         run_info = {
-            "train_config": asdict(cfg), "lora_config": lora_config, "data_config": asdict(data),
+            # as JSON writes them (a tuple setting reads back as a list): resume compares them with the checkpoint's
+            "train_config": json.loads(json.dumps(asdict(cfg))), "lora_config": lora_config, "data_config": json.loads(json.dumps(asdict(data))),
             "base_model": self.base_model_name, "model_fingerprint": ckpt.fingerprint_model(self.model),
             "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
         }

@@ -290,7 +290,11 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
 
     doc = read_run_info(folder)
     adapter = load_file(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, adapter)
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as e:  # another rank or other targets than this run's adapter
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise SmoLoRAError(f"{folder}: the checkpoint's adapter does not fit this run's ({detail})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise SmoLoRAError(f"{folder}: adapter has keys this model lacks ({unexpected[0]} ...)")

@@ -4,6 +4,7 @@ rank growth during training."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -203,9 +204,10 @@ def grow_rank(model: nn.Module, new_r: int, optimizer: torch.optim.Optimizer | N
     if new_r <= old_r:
         raise SmoLoRAError(f"rank growth: the new rank {new_r} must exceed the current {old_r}")
     alphas = {}
-    for name, config in model.peft_config.items():
+    for name, config in list(model.peft_config.items()):
         ratio = math.sqrt(new_r / old_r) if config.use_rslora else new_r / old_r
         alphas[name] = config.lora_alpha * ratio
+        model.peft_config[name] = config = copy.copy(config)  # PEFT holds the caller's own LoraConfig
         config.r, config.lora_alpha = new_r, alphas[name]
     extra = new_r - old_r
     for module in model.modules():

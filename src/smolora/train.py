@@ -294,7 +294,8 @@ def train(
     state = ckpt.TrainState()
     if resume_from is not None:
         saved_rank = json.loads((Path(resume_from) / "adapter_config.json").read_text()).get("r")
-        if ranks and saved_rank and saved_rank > ranks[0]:  # the checkpoint holds the adapter grown so far
+        if isinstance(saved_rank, int) and hasattr(model, "peft_config") and saved_rank > adapter_rank(model):
+            check_growable(model)  # the checkpoint holds the adapter grown so far
             grow(saved_rank)
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         if scaler is not None and state.loss_scale:
@@ -361,7 +362,7 @@ def train(
             if ranks and rank_at(state.step, total_steps, ranks) > adapter_rank(model):
                 old_rank, new_rank = adapter_rank(model), rank_at(state.step, total_steps, ranks)
                 # the new A rows come from a generator of their own: torch's (dropout masks) is untouched
-                alpha = grow(new_rank, torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step))
+                alpha = grow(new_rank, torch.Generator().manual_seed((cfg.seed * 1_000_003 + state.step) % 2**63))
                 if state.best_weights is not None:  # zero-padded: the same function at the new rank
                     state.best_weights = {n: pad_to(state.best_weights[n], p.shape) for n, p in trainable}
                 bar.write(f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "

@@ -216,6 +216,8 @@ def test_bad_models_and_devices_exit_2_with_one_line(tmp_path, tiny_model_dir):
         r = smolora("generate", *args, "--prompt", "hi", "--max-new-tokens", 2, env=env)
         errors = [line for line in r.stderr.splitlines() if line.startswith("smolora: error:")]
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    r = smolora("generate", "--model", tmp_path / "never-loaded", "--prompt", "hi", "--max-new-tokens", 0)
+    assert r.returncode == 2 and "max_new_tokens must be >= 1 (got 0)" in r.stderr  # checked before any model loads
     if not torch.cuda.is_available():
         r = smolora("generate", "--model", tiny_model_dir, "--device", "cuda", "--prompt", "hi")
         assert r.returncode == 2 and "no such CUDA GPU here" in r.stderr

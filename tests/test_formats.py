@@ -66,6 +66,11 @@ def test_text_record_appends_and_trains_eos(tokenizer):
     assert ex.labels == ex.input_ids
 
 
+def test_whitespace_only_text_is_dropped_like_empty_text(tokenizer):
+    examples, stats = encode_records([{"text": ""}, {"text": " \n\t "}, {"text": "hello"}], tokenizer, FormatOptions())
+    assert (stats.kept, stats.dropped) == (1, 2)
+
+
 def test_custom_text_field_and_field_map(tokenizer):
     ex = encode_record({"body": "hello"}, tokenizer, FormatOptions(text_field="body"))
     assert tokenizer.decode(ex.input_ids).startswith("hello")

@@ -677,3 +677,42 @@ def test_rank_growth_through_the_api_resumes_with_a_tuple_setting(tmp_path, tiny
 
     assert run(None)["r"] == 8
     assert run(True)["r"] == 8  # the saved settings read back as lists: the same run
+
+
+def test_an_output_folder_with_a_runs_outputs_is_never_trained_over_silently(tmp_path, tiny_model_dir, monkeypatch):
+    import smolora.api
+    from smolora import SmoLoRA
+    from smolora.errors import SmoLoRAError
+
+    def lora():
+        run = SmoLoRA(base_model_name=str(tiny_model_dir), dataset_name=chat_records(8), output_dir=str(tmp_path))
+        run.sft_config.max_steps, run.sft_config.gradient_accumulation_steps = 2, 1
+        return run
+
+    (tmp_path / "final_merged").mkdir()
+    (tmp_path / "final_merged" / "keep.txt").write_text("mine")
+    with pytest.raises(SmoLoRAError, match=r"holds an earlier run \(final_merged\); pass --resume"):
+        lora().train()
+    with pytest.raises(SmoLoRAError, match=r"holds an earlier run \(final_merged\) but no complete checkpoint to resume"):
+        lora().train(resume=True)
+    assert (tmp_path / "final_merged" / "keep.txt").read_text() == "mine"
+    lora().train(overwrite=True)
+    changed = lora()
+    changed.sft_config.learning_rate = 1e-3
+    monkeypatch.setattr(smolora.api, "load_model", lambda *a, **k: pytest.fail("the model loaded before the settings were checked"))
+    with pytest.raises(SmoLoRAError, match="cannot resume: settings differ.*learning_rate"):
+        changed.train(resume=True)
+
+
+def test_settings_that_would_be_silently_ignored_or_misread_are_refused():
+    from smolora.config import DataConfig, validate
+    from smolora.errors import SmoLoRAError
+
+    lora = LoraSettings(r=4)
+    with pytest.raises(SmoLoRAError, match=r"val_size must be a fraction below 1 or a whole count of examples \(got 1.5\)"):
+        validate(lora, TrainConfig(val_size=1.5), DataConfig())
+    with pytest.raises(SmoLoRAError, match=r"eval_steps needs validation data"):
+        validate(lora, TrainConfig(eval_steps=10), DataConfig())
+    with pytest.raises(SmoLoRAError, match=r"grow_rank \[8, 16\] needs max_steps >= 3: a step or more at each rank \(got 2\)"):
+        validate(lora, TrainConfig(grow_rank=[8, 16], max_steps=2), DataConfig())
+    validate(lora, TrainConfig(val_size=5, eval_steps=10, grow_rank=[8, 16], max_steps=3), DataConfig())

@@ -106,7 +106,7 @@ class SmoLoRA:
         validate(lora, cfg, data)
         out = Path(cfg.output_dir)
         resume_from = ckpt.find_resume_checkpoint(out, resume)
-        _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite)
+        _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
         if self.dataset_name is None:
             raise SmoLoRAError("no training data: pass dataset_name")
         records = load_source(self.dataset_name, data, cfg.seed)
@@ -116,21 +116,25 @@ class SmoLoRA:
                                "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
         prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn)
 
-        torch.manual_seed(cfg.seed)  # LoRA A init
-        base = load_model(self.source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
         peft_config = copy.deepcopy(self.peft_config)  # every LoraConfig field the user set, presets expanded
         peft_config.target_modules = expand_targets(lora.target_modules)
         lora_config = json.loads(json.dumps(peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-        self.model = add_lora(base, peft_config)
-        print(format_parameter_report(self.model), flush=True)
         run_info = {
             # as JSON writes them (a tuple setting reads back as a list): resume compares them with the checkpoint's
             "train_config": json.loads(json.dumps(asdict(cfg))), "lora_config": lora_config, "data_config": json.loads(json.dumps(asdict(data))),
-            "base_model": self.base_model_name, "model_fingerprint": ckpt.fingerprint_model(self.model),
+            "base_model": self.base_model_name,
             "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
         }
-        if resume_from is not None:
-            ckpt.check_compatible(ckpt.read_run_info(resume_from), run_info, allow_config_change)
+        saved = ckpt.read_run_info(resume_from) if resume_from is not None else None
+        if saved is not None:  # settings and data before the model loads; the model after
+            ckpt.check_compatible(saved, run_info, allow_config_change)
+        torch.manual_seed(cfg.seed)  # LoRA A init
+        base = load_model(self.source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        self.model = add_lora(base, peft_config)
+        print(format_parameter_report(self.model), flush=True)
+        run_info["model_fingerprint"] = ckpt.fingerprint_model(self.model)
+        if saved is not None:
+            ckpt.check_compatible(saved, run_info, allow_config_change)
         if overwrite and resume_from is None and out.exists():  # nothing of the earlier run may pass for this one's
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
@@ -194,12 +198,16 @@ class SmoLoRA:
         return generate(self.model, self.tokenizer, prompt, max_new_tokens, do_sample, temperature, echo=echo)
 
 
-def _check_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+def _check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume: bool = False) -> None:
     """Refuse to train over another run's output unless resuming it or told to overwrite."""
     if out.exists() and not out.is_dir():
         raise SmoLoRAError(f"{out}: output_dir exists and is not a folder")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise SmoLoRAError(f"{out}: output folder is not writable")
-    if not resuming and not overwrite and (ckpt.list_checkpoints(out) or (out / "adapter_checkpoint").exists()):
-        raise SmoLoRAError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
+    earlier = [name for name in (*RUN_FOLDERS, "metrics.jsonl") if (out / name).exists()]  # what this run would replace
+    if not resuming and not overwrite and earlier:
+        if asked_to_resume:
+            raise SmoLoRAError(f"{out}: holds an earlier run ({', '.join(earlier)}) but no complete checkpoint to resume; "
+                               "pass --overwrite to start over")
+        raise SmoLoRAError(f"{out}: holds an earlier run ({', '.join(earlier)}); pass --resume to continue it or --overwrite to replace it")

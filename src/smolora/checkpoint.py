@@ -256,7 +256,7 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
     """Refuse to resume into a different run: other data, another base model, other settings."""
     if saved.get("data_fingerprint") != run_info.get("data_fingerprint"):
         raise SmoLoRAError("cannot resume: the training data differs from the checkpoint's (fingerprint mismatch)")
-    if saved.get("model_fingerprint") != run_info.get("model_fingerprint"):
+    if "model_fingerprint" in run_info and saved.get("model_fingerprint") != run_info["model_fingerprint"]:  # once the model is loaded
         raise SmoLoRAError("cannot resume: the base model differs from the checkpoint's")
     if allow_config_change:
         return

@@ -190,10 +190,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from smolora.generate import chat_loop, generate
+    from smolora.generate import chat_loop, check_sampling, generate
     from smolora.merge import adapter_base_reference, adapter_tokenizer, load_adapter, merge_and_unload
     from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
 
+    check_sampling(args.max_new_tokens, not args.greedy, args.temperature)  # before the model loads
     reference = args.model
     if reference is None and args.adapter:
         reference = adapter_base_reference(args.adapter)

@@ -187,6 +187,8 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(isinstance(grow, (list, tuple)) and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
          and list(grow) == sorted(set(grow)) and (not grow or grow[0] > lora.r),
          f"grow_rank must be a list of increasing ranks above r={lora.r} (got {grow!r})")
+    if isinstance(grow, (list, tuple)) and grow and train.max_steps > 0:
+        need(train.max_steps > len(grow), f"grow_rank {list(grow)} needs max_steps >= {len(grow) + 1}: a step or more at each rank (got {train.max_steps})")
     need(train.learning_rate > 0, f"learning_rate must be > 0 (got {train.learning_rate})")
     need(train.max_steps > 0 or train.max_steps == -1, f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})")
     need(train.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {train.num_train_epochs})")
@@ -200,8 +202,11 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(train.max_length >= 8, f"max_length must be >= 8 (got {train.max_length})")
     need(train.weight_decay >= 0, f"weight_decay must be >= 0 (got {train.weight_decay})")
     need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
-    need(train.val_size >= 0, f"val_size must be >= 0 (got {train.val_size})")
+    need(train.val_size >= 0 and (train.val_size < 1 or float(train.val_size).is_integer()),
+         f"val_size must be a fraction below 1 or a whole count of examples (got {train.val_size})")
     need(train.eval_steps >= 0, f"eval_steps must be >= 0 (got {train.eval_steps})")
+    if train.eval_steps and not train.early_stopping_patience and data is not None:
+        need(train.val_size > 0 or bool(data.validation_data), "eval_steps needs validation data (val_size or validation_data)")
     need(train.early_stopping_patience >= 0, f"early_stopping_patience must be >= 0 (got {train.early_stopping_patience})")
     if train.early_stopping_patience:
         need(train.eval_steps > 0, "early_stopping_patience needs eval_steps > 0 (evaluations to compare)")

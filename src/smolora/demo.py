@@ -68,8 +68,10 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
             raise SmoLoRAError(f"demo: {name} must be >= 1 (got {value})")
     t0 = time.perf_counter()
     out = Path(output_dir)
-    train_records = make_examples(train_size, seed)
-    held_out = [r for r in make_examples(eval_size * 3, seed + 1) if r not in train_records][:eval_size]
+    # A date drawn twice would be dropped as a duplicate in training: count the examples it trains on.
+    distinct = lambda records: list({json.dumps(r): r for r in records}.values())  # noqa: E731
+    train_records = distinct(make_examples(train_size, seed))
+    held_out = [r for r in distinct(make_examples(eval_size * 3, seed + 1)) if r not in train_records][:eval_size]
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "dates_train.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in train_records))

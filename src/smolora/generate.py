@@ -103,10 +103,7 @@ def generate(
     echo: bool = False,
 ) -> str:
     """Generate a reply. Returns only the new text unless ``echo`` is set."""
-    if max_new_tokens < 1:
-        raise SmoLoRAError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-    if do_sample and temperature <= 0:
-        raise SmoLoRAError(f"temperature must be > 0 when sampling (got {temperature})")
+    check_sampling(max_new_tokens, do_sample, temperature)
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None
@@ -131,6 +128,13 @@ def generate(
     model.train(was_training)
     new = out[0] if echo else out[0, ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float) -> None:
+    if max_new_tokens < 1:
+        raise SmoLoRAError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if do_sample and not temperature > 0:
+        raise SmoLoRAError(f"temperature must be > 0 when sampling (got {temperature})")
 
 
 def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,

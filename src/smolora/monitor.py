@@ -10,7 +10,8 @@ import torch
 
 
 def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[str]:
-    """The spec's warnings: loss rising over the recent logs, learning rate very low."""
+    """The spec's warnings: loss rising over the recent logs, learning rate very low. ``lr`` is the
+    configured (peak) rate: a schedule's warmup start and decayed tail are low by design."""
     warnings = []
     recent = logged_losses[-window:]
     if len(recent) > 5 and recent[-1] - recent[0] > 0:

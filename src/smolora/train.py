@@ -284,6 +284,8 @@ def train(
     ranks = [adapter_rank(model), *cfg.grow_rank] if cfg.grow_rank else []  # rank growth: equal shares of the steps
     if ranks:
         check_growable(model)
+        if total_steps < len(ranks):
+            raise SmoLoRAError(f"grow_rank: {total_steps} steps cannot hold a step at each of the ranks {ranks}")
 
     def grow(rank: int, generator: torch.Generator | None = None) -> float:
         alpha = grow_rank(model, rank, optimizer, generator)
@@ -456,7 +458,7 @@ def train(
                          "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1)}
                 logged_losses.append(entry["loss"])
                 bar.write(str(entry))
-                for w in diagnose(logged_losses, lr):
+                for w in diagnose(logged_losses, cfg.learning_rate):
                     bar.write(w)
                 bar.write(memory_line(device))
                 metrics.write(entry)

@@ -190,6 +190,8 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     shape = detect_shape(record, opts)
     if shape == "text":
         text = _need_str(record, opts.field_map.get(opts.text_field, opts.text_field), where)
+        if not text.strip():  # nothing to learn but an end of text: dropped with the examples that have no targets
+            return Example([], [], task, where)
         if task:
             text = opts.task_prefix.format(task=task) + text
         ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])

@@ -48,10 +48,13 @@ def make_examples(count: int, seed: int) -> list[dict]:
     return records
 
 
-def exact_match(model, tokenizer, records: list[dict]) -> tuple[float, list[str]]:
+def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") -> tuple[float, list[str]]:
+    from tqdm.auto import tqdm
+
     from smolora.generate import generate
 
-    outputs = [generate(model, tokenizer, r["prompt"], max_new_tokens=16, do_sample=False) for r in records]
+    outputs = [generate(model, tokenizer, r["prompt"], max_new_tokens=16, do_sample=False)
+               for r in tqdm(records, desc=f"[demo] {desc}", unit="date", leave=False, dynamic_ncols=True)]
     hits = sum(o.strip() == r["completion"] for o, r in zip(outputs, records))
     return 100.0 * hits / len(records), outputs
 
@@ -80,7 +83,7 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     lora = SmoLoRA(base_model_name=model, dataset_name=str(data_path), output_dir=str(out))
     print(f"[demo] task: {INSTRUCTION}\n[demo] {len(train_records)} training examples, {len(held_out)} held out", flush=True)
     base = load_model(lora.source, lora.device)
-    before, before_out = exact_match(base, lora.tokenizer, held_out)
+    before, before_out = exact_match(base, lora.tokenizer, held_out, "scoring the base model")
     del base
     print(f"[demo] base model exact match: {before:.0f}%", flush=True)
 
@@ -93,7 +96,7 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     cfg.max_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps = max_steps, 1e-3, "cosine", 5
     cfg.logging_steps, cfg.seed = 10, seed
     lora.train(overwrite=True)
-    after, after_out = exact_match(lora.model, lora.tokenizer, held_out)
+    after, after_out = exact_match(lora.model, lora.tokenizer, held_out, "scoring the fine-tuned model")
     print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
     merged = lora.save()
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, load_mismatch
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -293,8 +293,7 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
     try:
         result = set_peft_model_state_dict(model, adapter)
     except RuntimeError as e:  # another rank or other targets than this run's adapter
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise SmoLoRAError(f"{folder}: the checkpoint's adapter does not fit this run's ({detail})") from None
+        raise SmoLoRAError(f"{folder}: the checkpoint's adapter does not fit this run's ({load_mismatch(e)})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise SmoLoRAError(f"{folder}: adapter has keys this model lacks ({unexpected[0]} ...)")

@@ -183,11 +183,11 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
     need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
-    grow = train.grow_rank
-    need(isinstance(grow, (list, tuple)) and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
+    grow = train.grow_rank if isinstance(train.grow_rank, (list, tuple)) else None
+    need(grow is not None and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
          and list(grow) == sorted(set(grow)) and (not grow or grow[0] > lora.r),
-         f"grow_rank must be a list of increasing ranks above r={lora.r} (got {grow!r})")
-    if isinstance(grow, (list, tuple)) and grow and train.max_steps > 0:
+         f"grow_rank must be a list of increasing ranks above r={lora.r} (got {train.grow_rank!r})")
+    if grow and train.max_steps > 0:
         need(train.max_steps > len(grow), f"grow_rank {list(grow)} needs max_steps >= {len(grow) + 1}: a step or more at each rank (got {train.max_steps})")
     need(train.learning_rate > 0, f"learning_rate must be > 0 (got {train.learning_rate})")
     need(train.max_steps > 0 or train.max_steps == -1, f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})")

@@ -10,3 +10,9 @@ class SmoLoRAError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def load_mismatch(e: Exception) -> str:
+    """The line of a (many-line) state-dict load error that says what did not fit."""
+    lines = str(e).strip().splitlines()
+    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)

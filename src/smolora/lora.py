@@ -200,6 +200,7 @@ def grow_rank(model: nn.Module, new_r: int, optimizer: torch.optim.Optimizer | N
     """
     from peft.tuners.lora import LoraLayer
 
+    check_growable(model)
     old_r = adapter_rank(model)
     if new_r <= old_r:
         raise SmoLoRAError(f"rank growth: the new rank {new_r} must exceed the current {old_r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from smolora.checkpoint import atomic_folder
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, load_mismatch
 from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 
@@ -77,9 +77,7 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
         with quiet_peft():
             return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except RuntimeError as e:  # load_state_dict: shapes that do not match this base
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else type(e).__name__)
-        raise SmoLoRAError(f"{path}: the adapter does not fit this base model ({detail})") from None
+        raise SmoLoRAError(f"{path}: the adapter does not fit this base model ({load_mismatch(e)})") from None
 
 
 def merge_and_unload(peft_model):

@@ -297,8 +297,7 @@ def train(
     if resume_from is not None:
         saved_rank = json.loads((Path(resume_from) / "adapter_config.json").read_text()).get("r")
         if isinstance(saved_rank, int) and hasattr(model, "peft_config") and saved_rank > adapter_rank(model):
-            check_growable(model)  # the checkpoint holds the adapter grown so far
-            grow(saved_rank)
+            grow(saved_rank)  # the checkpoint holds the adapter grown so far
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         if scaler is not None and state.loss_scale:
             scaler.load_state_dict(state.loss_scale)
@@ -361,8 +360,7 @@ def train(
     try:
         while state.step < total_steps and not state.stopped:
             step_start = time.perf_counter()
-            if ranks and rank_at(state.step, total_steps, ranks) > adapter_rank(model):
-                old_rank, new_rank = adapter_rank(model), rank_at(state.step, total_steps, ranks)
+            if ranks and (new_rank := rank_at(state.step, total_steps, ranks)) > (old_rank := adapter_rank(model)):
                 # the new A rows come from a generator of their own: torch's (dropout masks) is untouched
                 alpha = grow(new_rank, torch.Generator().manual_seed((cfg.seed * 1_000_003 + state.step) % 2**63))
                 if state.best_weights is not None:  # zero-padded: the same function at the new rank

@@ -62,9 +62,25 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
         r = smolora("generate", *extra, "--prompt", "what is 2 plus 2?", "--max-new-tokens", 5, "--greedy", "--no-stream")
         assert r.returncode == 0, r.stderr[-2000:]
 
+    # GGUF export of the merged folder, and of base + adapter merged in memory: the same file
+    for name, extra in (("merged", ["--model", out / "final_merged"]), ("adapter", ["--adapter", out / "adapter_checkpoint"])):
+        r = smolora("export", *extra, "--output", tmp_path / f"{name}.gguf", "--type", "f32", "--name", "run")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"f32 GGUF saved to {tmp_path / f'{name}.gguf'}" in r.stdout
+    assert (tmp_path / "merged.gguf").read_bytes() == (tmp_path / "adapter.gguf").read_bytes()
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 40, 41, 42, 2, 50]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out / "final_merged", dtype=torch.float32)(ids).logits
+        gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="merged.gguf", dtype=torch.float32)(ids).logits
+    assert torch.equal(merged, gguf)
+    r = smolora("export", "--adapter", out / "adapter_checkpoint", "--output", tmp_path / "merged.gguf")
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
+
 
 def test_help_for_every_command():
-    for cmd in ("train", "merge", "generate", "demo"):
+    for cmd in ("train", "merge", "generate", "export", "demo"):
         r = smolora(cmd, "--help")
         assert r.returncode == 0 and "usage: smolora " + cmd in r.stdout
     assert "--learning-rate" in smolora("train", "--help").stdout

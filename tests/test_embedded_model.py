@@ -50,3 +50,25 @@ def test_twenty_steps_lower_the_loss_and_the_merged_model_stops(tmp_path, embedd
     new = out[0, ids["input_ids"].shape[1]:].tolist()
     assert tok.eos_token_id in new, tok.decode(new)  # it learned to stop
     assert len(new) < 30
+
+
+def test_gguf_export_matches_the_file_llama_cpp_made(tmp_path, embedded):
+    """The embedded model is a GGUF written by llama.cpp's converter: exported again at f32, every
+    tensor equals that file's, dequantized, under the same names, with the same tokenizer metadata."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    from smolora.export import export_gguf
+    from smolora.models import embedded_gguf_path, load_model
+
+    source, tok = embedded
+    path = export_gguf(load_model(source), tok, tmp_path / "smollm2.gguf", "f32")
+    ours, theirs = GGUFReader(path), GGUFReader(embedded_gguf_path())
+    mine = {t.name: t for t in ours.tensors}
+    assert mine.keys() == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        expected = dequantize(t.data, t.tensor_type).reshape(mine[t.name].data.shape)
+        assert np.array_equal(mine[t.name].data, expected), t.name
+    for key, field in theirs.fields.items():
+        if key.startswith(("tokenizer.", "llama.")):
+            assert [bytes(p) for p in ours.fields[key].parts[3:]] == [bytes(p) for p in field.parts[3:]], key

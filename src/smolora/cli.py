@@ -1,4 +1,4 @@
-"""`smolora` command line: train, merge, generate, demo.
+"""`smolora` command line: train, merge, generate, export, demo.
 
 Every TrainConfig, LoraSettings and DataConfig field is a flag in dashed form (``--max-steps 40``,
 ``--learning-rate 1e-3``, ``--r 16``, ``--target-modules q_proj,v_proj``), with its help text
@@ -148,6 +148,17 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(g)
 
+    x = sub.add_parser("export", help="write a model as one GGUF file (llama.cpp, Ollama)",
+                       description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.")
+    x.add_argument("--output", required=True, help="the .gguf file to write")
+    x.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    x.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
+    x.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="how the matrices are stored; norms stay f32 (default: f16)")
+    x.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_safety_flags(x)
+
     d = sub.add_parser("demo", help="fine-tune the embedded model on a built-in task; show before/after", description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; report held-out exact match before and after.")
     d.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
     d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
@@ -217,6 +228,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from smolora.export import check_output, export_gguf
+    from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir, merged_model
+    from smolora.models import load_model, load_tokenizer, resolve_model
+
+    check_output(args.output, args.type, args.overwrite)  # before the model loads
+    reference = args.model
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+        if reference is None:
+            reference = adapter_base_reference(args.adapter)
+    source = resolve_model(reference)
+    safety = dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if args.adapter:
+        model = merged_model(source, args.adapter, **safety)
+        tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code)
+    else:
+        model = load_model(source, **safety)
+        tokenizer = load_tokenizer(source, args.trust_remote_code)
+    out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
+    print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from smolora.demo import run_demo
 
@@ -227,7 +262,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except SmoLoRAError as e:

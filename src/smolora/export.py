@@ -1,0 +1,231 @@
+"""Export a model as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
+
+The weights are written under llama.cpp's tensor names (gguf-py's own name map, the one its
+converter uses), with the architecture's hyperparameters, the tokenizer (byte-level BPE: tokens,
+merges, special tokens) and the chat template as metadata. Norms and biases stay float32; the
+matrices are written as ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit blocks of 32 with an f16
+scale; a matrix whose rows do not split into such blocks is written f16). Supported: Llama
+(SmolLM2, Llama 2, others without rope scaling), Qwen2 and Qwen3 — architectures transformers can
+read back from GGUF, which is how the tests check every export; llama.cpp itself is not run here,
+but exporting the embedded model reproduces the file llama.cpp's converter made (test).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smolora.errors import SmoLoRAError
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
+# not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
+GPT2_PRE = "gpt-2"
+SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def check_output(path: str | Path, dtype: str, overwrite: bool = False) -> Path:
+    """Refuse a bad output name or type before any model is loaded."""
+    path = Path(path)
+    if dtype not in TYPES:
+        raise SmoLoRAError(f"--type {dtype!r}: expected one of {', '.join(TYPES)}")
+    if path.suffix != ".gguf":
+        raise SmoLoRAError(f"{path}: the output file's name must end in .gguf")
+    if path.is_dir():
+        raise SmoLoRAError(f"{path}: is a folder; expected a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise SmoLoRAError(f"{path}: exists; pass --overwrite to replace it")
+    return path
+
+
+def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write ``model`` (a transformers causal LM, merged: no adapters) and its tokenizer to ``path``.
+
+    The file appears only once complete; an existing file is replaced only with ``overwrite``.
+    """
+    import gguf
+
+    path = check_output(path, dtype, overwrite)
+    config = model.config
+    arch = config.model_type
+    if arch not in ARCHITECTURES:
+        raise SmoLoRAError(f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, "
+                           f"not {arch!r}")
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise SmoLoRAError(f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise SmoLoRAError("export: models with sliding-window attention are not supported")
+
+    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
+        _write_hyperparameters(writer, config, name or path.stem, dtype)
+        _write_tokenizer(writer, tokenizer, config.vocab_size)
+        _write_tensors(writer, model, gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers), arch, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the file is a model like any other
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _write_hyperparameters(writer, config, name: str, dtype: str) -> None:
+    import gguf
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE as llama.cpp's ``gpt2`` tokenizer model, padded to the embedding's rows."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    bpe = spec.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise SmoLoRAError("export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF")
+    ids = {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    if max(ids.values()) >= vocab_size:
+        raise SmoLoRAError(f"export: the tokenizer has token ids up to {max(ids.values())}, the model only {vocab_size} embeddings")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in ids.items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for t in spec.get("added_tokens", []):
+        types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer") or {}, tokens, merges)
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    else:
+        warnings.warn("export: this tokenizer's pre-tokenizer has no llama.cpp name; llama.cpp will split text "
+                      "its default way, which may tokenize some text differently", stacklevel=3)
+    byte_level = [p for p in [spec["pre_tokenizer"], *spec["pre_tokenizer"].get("pretokenizers", [])] if p.get("type") == "ByteLevel"]
+    writer.add_add_space_prefix(bool(byte_level[0].get("add_prefix_space")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{token}_token_id", None)
+        if token_id is not None:
+            add(token_id)
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _pre_tokenizer(spec: dict, tokens: list[str], merges: list[str]) -> str | None:
+    """llama.cpp's name for how this tokenizer splits text before BPE, where it has one."""
+    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    kinds = [(s.get("type"), s.get("use_regex", True), s.get("individual_digits")) for s in steps]
+    if kinds == [("ByteLevel", True, None)]:
+        # The embedded model's tokenizer as transformers rebuilds it from its GGUF; keep its name
+        embedded_tokens, embedded_merges, pre = _embedded_tokenizer()
+        return pre if (tokens, merges) == (embedded_tokens, embedded_merges) else GPT2_PRE
+    if kinds == [("Digits", True, True), ("ByteLevel", True, None)]:
+        return "smollm"
+    if len(kinds) == 2 and kinds[0][0] == "Split" and kinds[1][:2] == ("ByteLevel", False):
+        return SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+    return None
+
+
+@functools.lru_cache(maxsize=1)  # reading the embedded GGUF's metadata takes seconds
+def _embedded_tokenizer() -> tuple[list[str], list[str], str | None]:
+    from gguf import GGUFReader
+
+    from smolora.models import embedded_gguf_path
+
+    try:
+        fields = GGUFReader(embedded_gguf_path()).fields
+    except (SmoLoRAError, OSError):
+        return [], [], None
+
+    def strings(key: str) -> list[str]:
+        return [bytes(fields[key].parts[i]).decode("utf-8") for i in fields[key].data]
+
+    return strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges"), fields["tokenizer.ggml.pre"].contents()
+
+
+def _permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half layout of a q/k projection's rows -> llama.cpp's interleaved pairs
+    (what llama.cpp's converter does for Llama; transformers' GGUF reader undoes it)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:
+
+    config = model.config
+    tied = config.tie_word_embeddings
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and tied:
+            continue  # llama.cpp uses the token embedding when there is no output matrix
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise SmoLoRAError(f"export: no GGUF name for the model's tensor {hf_name!r}")
+        data = tensor.detach().to("cpu", torch.float32).numpy()
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
+            data = _permute_rope(data, heads)
+        array, raw_dtype = _encode(data, dtype)
+        writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+
+
+def _encode(data: np.ndarray, dtype: str):
+    """(array, raw_dtype) for the writer: vectors stay f32, matrices take ``dtype``."""
+    import gguf
+
+    if data.ndim < 2 or dtype == "f32":
+        return np.ascontiguousarray(data, dtype=np.float32), None
+    if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    if dtype == "bf16":
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    return data.astype(np.float16), None

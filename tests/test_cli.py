@@ -80,7 +80,7 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
 
 
 def test_help_for_every_command():
-    for cmd in ("train", "merge", "generate", "export", "demo"):
+    for cmd in ("train", "merge", "generate", "eval", "export", "demo"):
         r = smolora(cmd, "--help")
         assert r.returncode == 0 and "usage: smolora " + cmd in r.stdout
     assert "--learning-rate" in smolora("train", "--help").stdout

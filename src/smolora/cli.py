@@ -1,4 +1,4 @@
-"""`smolora` command line: train, merge, generate, export, demo.
+"""`smolora` command line: train, merge, generate, eval, export, demo.
 
 Every TrainConfig, LoraSettings and DataConfig field is a flag in dashed form (``--max-steps 40``,
 ``--learning-rate 1e-3``, ``--r 16``, ``--target-modules q_proj,v_proj``), with its help text
@@ -148,6 +148,21 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(g)
 
+    e = sub.add_parser("eval", help="loss, perplexity and exact match of a model on a data file",
+                       description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
+                                   "reply tokens, and with --exact-match greedy exact match of each last reply.")
+    e.add_argument("--data", action="append", required=True, metavar="PATH", help="evaluation data, in any format train reads")
+    e.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    e.add_argument("--adapter", default=None, help="evaluate with this adapter (merged in memory)")
+    e.add_argument("--exact-match", action="store_true", help="also generate each example's last reply greedily and compare")
+    e.add_argument("--max-new-tokens", type=int, default=64, help="with --exact-match: tokens to generate at most (default: 64)")
+    e.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
+    e.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
+    e.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_safety_flags(e)
+    add_dataclass_flags(e, DataConfig, skip=("validation_data",))
+
     x = sub.add_parser("export", help="write a model as one GGUF file (llama.cpp, Ollama)",
                        description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.")
     x.add_argument("--output", required=True, help="the .gguf file to write")
@@ -228,6 +243,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from smolora.config import validate
+    from smolora.data import load_source, prepare_data
+    from smolora.evaluate import evaluate, replies_to_score
+    from smolora.generate import check_sampling
+    from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir, load_adapter, merge_and_unload
+    from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+
+    # everything about the input is checked before the model loads
+    check_sampling(args.max_new_tokens, False, 1.0)
+    data = build_from(DataConfig, args)
+    cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
+    validate(LoraSettings(), cfg, data)
+    records = load_source(parse_data_arg(args.data), data)
+    reference = args.model
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+        if reference is None:
+            reference = adapter_base_reference(args.adapter)
+    source = resolve_model(reference)
+    tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code) if args.adapter else load_tokenizer(source, args.trust_remote_code)
+    examples = prepare_data(records, tokenizer, cfg, data).train
+    if args.exact_match:
+        replies_to_score(examples)
+    model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if args.adapter:
+        model = merge_and_unload(load_adapter(model, args.adapter))
+    result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
+    print(result.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return 0
+
+
 def cmd_export(args) -> int:
     from smolora.export import check_output, export_gguf
     from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir, merged_model
@@ -262,7 +313,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except SmoLoRAError as e:

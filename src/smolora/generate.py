@@ -93,7 +93,7 @@ def folded_adapter(model):
 def generate(
     model,
     tokenizer,
-    prompt: str | list[dict],
+    prompt: str | list[dict] | torch.Tensor,
     max_new_tokens: int = 200,
     do_sample: bool = True,
     temperature: float = 1.0,
@@ -102,10 +102,11 @@ def generate(
     stream: bool = False,
     echo: bool = False,
 ) -> str:
-    """Generate a reply. Returns only the new text unless ``echo`` is set."""
+    """Generate a reply to a prompt (text, chat messages, or token ids (1, T) used as they are).
+    Returns only the new text unless ``echo`` is set."""
     check_sampling(max_new_tokens, do_sample, temperature)
     device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, prompt, chat).to(device)
+    ids = (prompt if isinstance(prompt, torch.Tensor) else prompt_ids(tokenizer, prompt, chat)).to(device)
     streamer = None
     if stream:
         from transformers import TextStreamer

@@ -1,0 +1,82 @@
+"""Evaluate a model on held-out data: the mean loss and perplexity over the tokens training learns
+(the replies, with their end-of-turn token), and, if asked, greedy exact match of each example's
+last reply given everything before it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from smolora.data.formats import IGNORE, Example
+from smolora.errors import SmoLoRAError
+
+
+@dataclass
+class EvalResult:
+    examples: int
+    supervised_tokens: int
+    loss: float
+    perplexity: float
+    exact_match: float | None = None  # percent of the replies scored
+    matched: int | None = None
+    scored: int | None = None  # examples with a prompt before their last reply
+
+    def summary(self) -> str:
+        lines = [f"{self.examples} examples, {self.supervised_tokens} supervised tokens: "
+                 f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}"]
+        if self.exact_match is not None:
+            lines.append(f"exact match {self.exact_match:.1f}% ({self.matched} of {self.scored} last replies, greedy)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def last_reply(example: Example) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, reply ids): the example's last run of supervised tokens and all before it.
+    None where nothing comes before it (plain text, supervised throughout)."""
+    labels = example.labels
+    end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    if start == 0:
+        return None
+    return example.input_ids[:start], example.input_ids[start:end]
+
+
+def replies_to_score(examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, reply) pairs exact match scores; an error if there are none."""
+    pairs = [p for p in map(last_reply, examples) if p is not None]
+    if not pairs:
+        raise SmoLoRAError("exact match needs examples with a prompt before the reply (chat, prompt/completion, alpaca); "
+                           "these are plain text")
+    return pairs
+
+
+def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = False, max_new_tokens: int = 64,
+             batch_size: int = 8, progress: bool = True) -> EvalResult:
+    """Loss over ``examples``' supervised tokens; with ``exact_match``, also generate each last reply
+    greedily and compare it with the reference (whitespace at either end ignored)."""
+    from smolora.train import evaluate_loss
+
+    loss = evaluate_loss(model, examples, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0)
+    tokens = sum(1 for e in examples for x in e.labels[1:] if x != IGNORE)
+    result = EvalResult(len(examples), tokens, loss, math.exp(min(loss, 50)))
+    if not exact_match:
+        return result
+    pairs = replies_to_score(examples)
+    from tqdm.auto import tqdm
+
+    from smolora.generate import generate
+
+    device = next(model.parameters()).device
+    matched = 0
+    for prompt, reply in tqdm(pairs, desc="[smolora] exact match", unit="example", leave=False, disable=not progress):
+        out = generate(model, tokenizer, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False)
+        matched += out.strip() == tokenizer.decode(reply, skip_special_tokens=True).strip()
+    result.matched, result.scored = matched, len(pairs)
+    result.exact_match = 100.0 * matched / len(pairs)
+    return result

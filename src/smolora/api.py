@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from smolora import checkpoint as ckpt
+from smolora import distributed
 from smolora.config import DataConfig, LoraSettings, TrainConfig, expand_targets, lora_settings_from_peft, validate
 from smolora.data import load_source, prepare_data
 from smolora.errors import SmoLoRAError
@@ -94,7 +95,8 @@ class SmoLoRA:
 
     @property
     def device(self) -> torch.device:
-        return pick_device(self.sft_config.device)
+        device = pick_device(self.sft_config.device)
+        return (distributed.local_device() or device) if device.type == "cuda" else device  # torchrun: one GPU each
 
     def train(self, resume: str | bool | None = None, overwrite: bool = False, allow_config_change: bool = False,
               skip_nonfinite_steps: int = 0) -> TrainResult:
@@ -124,6 +126,7 @@ class SmoLoRA:
             "train_config": json.loads(json.dumps(asdict(cfg))), "lora_config": lora_config, "data_config": json.loads(json.dumps(asdict(data))),
             "base_model": self.base_model_name,
             "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
+            **distributed.run_info(),
         }
         saved = ckpt.read_run_info(resume_from) if resume_from is not None else None
         if saved is not None:  # settings and data before the model loads; the model after
@@ -135,15 +138,20 @@ class SmoLoRA:
         run_info["model_fingerprint"] = ckpt.fingerprint_model(self.model)
         if saved is not None:
             ckpt.check_compatible(saved, run_info, allow_config_change)
-        if overwrite and resume_from is None and out.exists():  # nothing of the earlier run may pass for this one's
+        if overwrite and resume_from is None and out.exists() and distributed.world(self.device).main:  # nothing of the earlier run may pass for this one's
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
                             resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,
                             skip_nonfinite_steps=skip_nonfinite_steps)
-        self.adapter_checkpoint = str(self._save_adapter(ckpt.safe_child(out, "adapter_checkpoint")))
-        print(f"[smolora] adapter saved to {self.adapter_checkpoint}", flush=True)
+        world = distributed.world(self.device)
+        folder = ckpt.safe_child(out, "adapter_checkpoint")
+        if world.main:
+            self._save_adapter(folder)
+            print(f"[smolora] adapter saved to {folder}", flush=True)
+        distributed.barrier(world)  # on disk before any process uses it
+        self.adapter_checkpoint = str(folder)
         return self.result
 
     def _save_adapter(self, folder: Path) -> Path:
@@ -166,6 +174,9 @@ class SmoLoRA:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             torch.mps.empty_cache()
         out = ckpt.safe_child(self.sft_config.output_dir, "final_merged")
+        if not distributed.world().main:  # torchrun: process 0 merges
+            self.merged_model_path = str(out)
+            return self.merged_model_path
         merge_adapter(self.adapter_checkpoint, out, self.base_model_name,  # this run's own final_merged/
                       allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code, overwrite=True)
         self.merged_model_path = str(out)

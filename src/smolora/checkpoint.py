@@ -168,29 +168,36 @@ def rng_snapshot() -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def rng_restore(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+def rng_restore(meta: dict, tensors: dict[str, torch.Tensor], rank: int = 0, device: torch.device | None = None) -> None:
+    """Restore the RNG states; a data-parallel run's process ``rank`` takes its own torch states."""
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npy = meta["numpy"]
     np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    own = tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"])
+    torch.set_rng_state(own)
+    if f"rng.cuda.rank{rank}" in tensors and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
+    else:
+        cuda = sorted(k for k in tensors if k.startswith("rng.cuda.") and ".rank" not in k)
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
     # Verify rather than trust: a silently failed restore would break exact resume.
-    if not torch.equal(torch.get_rng_state(), tensors["rng.torch"]):
+    if not torch.equal(torch.get_rng_state(), own):
         raise SmoLoRAError("checkpoint: torch RNG state did not restore")
 
 
-def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info: dict) -> Path:
-    """Write a complete checkpoint atomically. ``run_info`` holds config and fingerprints."""
+def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info: dict,
+                    process_rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint atomically. ``run_info`` holds config and fingerprints;
+    ``process_rng`` a data-parallel run's per-process RNG states."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
         rng_meta, rng_tensors = rng_snapshot()
         best = {f"best.{name}": w.detach().cpu().contiguous() for name, w in (state.best_weights or {}).items()}
-        save_file({**opt_tensors, **rng_tensors, **best}, str(tmp / TENSOR_FILE))
+        save_file({**opt_tensors, **rng_tensors, **(process_rng or {}), **best}, str(tmp / TENSOR_FILE))
         doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses, "loss_scale": state.loss_scale,
                "best_eval": state.best_eval, "best_step": state.best_step, "evals_since_best": state.evals_since_best,
                "stopped": state.stopped, "optimizer": opt_meta, "rng": rng_meta, **run_info}
@@ -275,6 +282,8 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
         unsafe["eval_steps"] = "decides which adapter early stopping keeps"
         if saved.get("val_fingerprint") != run_info.get("val_fingerprint"):
             changed.append("validation data (decides which adapter early stopping keeps)")
+    if saved.get("processes", 1) != run_info.get("processes", 1):  # torchrun's process count
+        changed.append(f"processes: {saved.get('processes', 1)} -> {run_info.get('processes', 1)} (sets each step's examples)")
     for section in ("train_config", "lora_config"):
         old, new = saved.get(section, {}), run_info.get(section, {})
         for k in sorted(set(old) | set(new)):
@@ -284,8 +293,9 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
         raise SmoLoRAError("cannot resume: settings differ from the checkpoint's (" + "; ".join(changed) + "); pass --allow-config-change to resume anyway")
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
-    """Restore adapter weights, optimizer and RNG states from ``folder``; return the train state."""
+def load_checkpoint(folder: Path, model, optimizer, rank: int = 0) -> TrainState:
+    """Restore adapter weights, optimizer and RNG states (process ``rank``'s, in a data-parallel
+    run) from ``folder``; return the train state."""
     from peft.utils import set_peft_model_state_dict
 
     doc = read_run_info(folder)
@@ -299,9 +309,9 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainState:
         raise SmoLoRAError(f"{folder}: adapter has keys this model lacks ({unexpected[0]} ...)")
     tensors = load_file(str(folder / TENSOR_FILE))
     _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, doc["optimizer"])
-    rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
-    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
     device = next(model.parameters()).device
+    rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")}, rank, device)
+    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
     return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])),
                       loss_scale=doc.get("loss_scale"), best_eval=doc.get("best_eval"), best_step=doc.get("best_step", 0),
                       best_weights={k: v.to(device) for k, v in best.items()} or None,

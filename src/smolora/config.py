@@ -146,12 +146,13 @@ class TrainConfig(_Settings):
         total = sum(micro_batches_in_epoch(e) for e in range(whole))
         return max(1, total + (math.ceil(part * micro_batches_in_epoch(whole)) if part else 0))
 
-    def total_steps(self, total_micro_batches: int | None) -> int:
+    def total_steps(self, total_micro_batches: int | None, processes: int = 1) -> int:
         """Optimizer steps; by epochs, the last one takes whatever micro-batches are left, so every
-        example is trained on exactly ``num_train_epochs`` times (whole epochs)."""
+        example is trained on exactly ``num_train_epochs`` times (whole epochs). A step holds
+        ``gradient_accumulation_steps`` micro-batches per process."""
         if total_micro_batches is None:
             return self.max_steps
-        return math.ceil(total_micro_batches / self.gradient_accumulation_steps)
+        return math.ceil(total_micro_batches / (self.gradient_accumulation_steps * processes))
 
 
 @dataclass

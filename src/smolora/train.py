@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
+from smolora import distributed
 from smolora.attention import NAME as ATTENTION_NAME
 from smolora.attention import Segments, StepPrefix, has_sliding_window, supports_varlen, varlen_attention
 from smolora.config import TrainConfig
@@ -260,6 +261,7 @@ def train(
     at the end, and on Ctrl-C / SIGTERM. ``resume_from`` continues a run exactly.
     """
     device = next(model.parameters()).device
+    world = distributed.world(device)  # torchrun: this process's share of every step
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -279,8 +281,8 @@ def train(
 
     groups = groups_for(0)
     total_micro = cfg.total_micro_batches(lambda e: len(groups if e == 0 else groups_for(e)))
-    total_steps = cfg.total_steps(total_micro)
-    run_info = run_info or {}
+    total_steps = cfg.total_steps(total_micro, world.size)
+    run_info = {**(run_info or {}), **distributed.run_info()}
     ranks = [adapter_rank(model), *cfg.grow_rank] if cfg.grow_rank else []  # rank growth: equal shares of the steps
     if ranks:
         check_growable(model)
@@ -298,28 +300,35 @@ def train(
         saved_rank = json.loads((Path(resume_from) / "adapter_config.json").read_text()).get("r")
         if isinstance(saved_rank, int) and hasattr(model, "peft_config") and saved_rank > adapter_rank(model):
             grow(saved_rank)  # the checkpoint holds the adapter grown so far
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, world.rank)
         if scaler is not None and state.loss_scale:
             scaler.load_state_dict(state.loss_scale)
         groups = groups_for(state.epoch)
         log(f"[smolora] resumed from {resume_from} at step {state.step}")
-        for folder in ckpt.set_aside_newer(cfg.output_dir, state.step):
+        for folder in ckpt.set_aside_newer(cfg.output_dir, state.step) if world.main else []:
             log(f"[smolora] a checkpoint after the one resumed is set aside: {folder}")
     else:
-        torch.manual_seed(cfg.seed)  # dropout masks
+        torch.manual_seed(cfg.seed + world.rank)  # dropout masks: each process its own
     out = Path(cfg.output_dir)
-    metrics = MetricsFile(out / "metrics.jsonl")
+    metrics = MetricsFile(out / "metrics.jsonl" if world.main else None)
     result = TrainResult(steps=state.step, losses=state.losses)
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     logged_losses: list[float] = []
     window_tokens, window_start, nonfinite = 0, time.perf_counter(), 0
     start_time = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.main)
+    write = bar.write if world.main else _silent  # process 0 speaks for all
+    log = log if world.main else _silent
+    synced_stop = [False]  # torchrun: a stop request as all processes agreed on it at the last step
 
     def save(step_state: ckpt.TrainState) -> Path:
-        folder = ckpt.save_checkpoint(ckpt.checkpoint_dir(out, step_state.step), model, optimizer, step_state, run_info)
-        ckpt.prune_checkpoints(out, cfg.save_total_limit)
+        folder = ckpt.checkpoint_dir(out, step_state.step)
+        process_rng = distributed.gather_rng(world, device)  # every process takes part
+        if world.main:
+            ckpt.save_checkpoint(folder, model, optimizer, step_state, run_info, process_rng)
+            ckpt.prune_checkpoints(out, cfg.save_total_limit)
+        distributed.barrier(world)  # written before any process goes on (or stops)
         return folder
 
     def evaluate(write, scheduled: bool = True) -> None:
@@ -339,10 +348,10 @@ def train(
         """After every step, updated or skipped: evaluate, checkpoint, honour Ctrl-C / SIGTERM."""
         bar.update(1)
         if val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-            evaluate(bar.write)
+            evaluate(write)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
             result.last_checkpoint = save(state)
-        if stop_signal:
+        if synced_stop[0] if world.size > 1 else stop_signal:
             result.last_checkpoint = save(state)
             raise TrainingInterrupted(result.last_checkpoint)
 
@@ -365,14 +374,14 @@ def train(
                 alpha = grow(new_rank, torch.Generator().manual_seed((cfg.seed * 1_000_003 + state.step) % 2**63))
                 if state.best_weights is not None:  # zero-padded: the same function at the new rank
                     state.best_weights = {n: pad_to(state.best_weights[n], p.shape) for n, p in trainable}
-                bar.write(f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
-                          f"same scaling; {parameter_report(model)[0]:,} trainable parameters)")
+                write(f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
+                      f"same scaling; {parameter_report(model)[0]:,} trainable parameters)")
                 metrics.write({"step": state.step, "rank": new_rank, "lora_alpha": alpha})
             lr = lr_at(state.step, total_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 1. the next gradient_accumulation_steps micro-batches, rolling over epochs
-            rows, accum = [], cfg.gradient_accumulation_steps
+            # 1. the next gradient_accumulation_steps micro-batches (per process), rolling over epochs
+            rows, accum = [], cfg.gradient_accumulation_steps * world.size
             if total_micro is not None:  # by epochs: the last step takes what is left
                 accum = min(accum, total_micro - state.step * accum)
             for _ in range(accum):
@@ -381,6 +390,9 @@ def train(
                     groups = groups_for(state.epoch)
                 rows.append(groups[state.cursor])
                 state.cursor += 1
+            if world.size > 1:  # this process's share of the step, balanced by tokens
+                mine = distributed.share([i for row in rows for i in row], lengths, world)
+                rows = group_micro_batches(lengths, mine, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
             if cfg.packing and cfg.max_tokens_per_batch > 0:  # repack the whole step by token budget
                 step_examples = [i for row in rows for i in row]
                 rows = group_micro_batches(lengths, step_examples, len(step_examples), cfg.max_tokens_per_batch)
@@ -393,6 +405,10 @@ def train(
             step_prefix = StepPrefix(row_examples[0][0].input_ids[:shared]) if shared else None
             micro = [collate(exs, cfg.packing, pad_id, share_rows, shared) for exs in row_examples]
             num_targets = sum(mb.num_targets for mb in micro)
+            if world.size > 1:  # every loss is divided by the whole step's count
+                counted = torch.tensor([num_targets], dtype=torch.float64, device=device)
+                distributed.all_sum([counted], world)
+                num_targets = int(counted.item())
             if num_targets == 0:
                 log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
                 state.step += 1
@@ -408,10 +424,19 @@ def train(
                     loss = token_loss_sum(model, _to_device(mb, device), step_prefix) / num_targets
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
-                window_tokens += mb.num_tokens
-                result.tokens += mb.num_tokens
+            step_tokens = sum(mb.num_tokens for mb in micro)
             if step_prefix is not None:
                 step_prefix.backward()
+            if world.size > 1:  # the step's gradient: the sum of every process's; its loss and any stop request too
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                shared_sum = torch.tensor([step_loss, step_tokens, bool(stop_signal)], dtype=torch.float64, device=device)
+                distributed.all_sum([p.grad for p in params] + [shared_sum], world)
+                step_loss, step_tokens = float(shared_sum[0]), int(shared_sum[1])
+                synced_stop[0] = bool(shared_sum[2] > 0)  # any process asked to stop: all stop after this step
+            window_tokens += step_tokens
+            result.tokens += step_tokens
             # 3. clip, guard, update
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -440,7 +465,7 @@ def train(
                 scaler.update()
                 state.loss_scale = scaler.state_dict()
                 if overflow:
-                    bar.write(f"[smolora] fp16: step {state.step + 1} overflowed; update skipped, loss scale now {scaler.get_scale():g}")
+                    write(f"[smolora] fp16: step {state.step + 1} overflowed; update skipped, loss scale now {scaler.get_scale():g}")
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -455,10 +480,10 @@ def train(
                          "epoch": round(state.epoch + state.cursor / max(1, len(groups)), 3),
                          "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1)}
                 logged_losses.append(entry["loss"])
-                bar.write(str(entry))
+                write(str(entry))
                 for w in diagnose(logged_losses, cfg.learning_rate):
-                    bar.write(w)
-                bar.write(memory_line(device))
+                    write(w)
+                write(memory_line(device))
                 metrics.write(entry)
                 window_tokens, window_start = 0, time.perf_counter()
             after_step()
@@ -484,6 +509,10 @@ def train(
     result.steps = state.step
     result.seconds = time.perf_counter() - start_time
     return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write, autocast=contextlib.nullcontext) -> float:

@@ -215,23 +215,42 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _source_and_tokenizer(args):
+    """The base model to load — --model, else the one --adapter was trained on, else the embedded
+    default — and its tokenizer (with the chat template the adapter was trained with)."""
+    from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir
+    from smolora.models import load_tokenizer, resolve_model
+
+    reference = args.model
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+        if reference is None:
+            reference = adapter_base_reference(args.adapter)
+    source = resolve_model(reference)
+    if args.adapter:
+        return source, adapter_tokenizer(source, args.adapter, args.trust_remote_code)
+    return source, load_tokenizer(source, args.trust_remote_code)
+
+
+def _load_model(args, source, device):
+    """The model to run: with --adapter, folded into the weights in memory once (the math of
+    `smolora merge`, nothing written) instead of PEFT's extra ops on every forward."""
+    from smolora.merge import merged_model
+    from smolora.models import load_model
+
+    safety = dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if args.adapter:
+        return merged_model(source, args.adapter, device=device, **safety).eval()
+    return load_model(source, device, **safety).eval()
+
+
 def cmd_generate(args) -> int:
     from smolora.generate import chat_loop, check_sampling, generate
-    from smolora.merge import adapter_base_reference, adapter_tokenizer, load_adapter, merge_and_unload
-    from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+    from smolora.models import pick_device
 
     check_sampling(args.max_new_tokens, not args.greedy, args.temperature)  # before the model loads
-    reference = args.model
-    if reference is None and args.adapter:
-        reference = adapter_base_reference(args.adapter)
-    source = resolve_model(reference)
-    tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code) if args.adapter else load_tokenizer(source, args.trust_remote_code)
-    model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    if args.adapter:
-        # This process only generates: fold the adapter into the weights in memory once (same math
-        # as `smolora merge`, nothing written) instead of paying PEFT's extra ops on every token.
-        model = merge_and_unload(load_adapter(model, args.adapter))
-    model.eval()
+    source, tokenizer = _source_and_tokenizer(args)
+    model = _load_model(args, source, pick_device(args.device))
     sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
     if args.prompt is None:
         chat_loop(model, tokenizer, **sample, raw=args.raw)
@@ -250,8 +269,7 @@ def cmd_eval(args) -> int:
     from smolora.data import load_source, prepare_data
     from smolora.evaluate import evaluate, replies_to_score
     from smolora.generate import check_sampling
-    from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir, load_adapter, merge_and_unload
-    from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+    from smolora.models import pick_device
 
     # everything about the input is checked before the model loads
     check_sampling(args.max_new_tokens, False, 1.0)
@@ -259,19 +277,11 @@ def cmd_eval(args) -> int:
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
     records = load_source(parse_data_arg(args.data), data)
-    reference = args.model
-    if args.adapter:
-        check_adapter_dir(args.adapter)
-        if reference is None:
-            reference = adapter_base_reference(args.adapter)
-    source = resolve_model(reference)
-    tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code) if args.adapter else load_tokenizer(source, args.trust_remote_code)
+    source, tokenizer = _source_and_tokenizer(args)
     examples = prepare_data(records, tokenizer, cfg, data).train
     if args.exact_match:
         replies_to_score(examples)
-    model = load_model(source, pick_device(args.device), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    if args.adapter:
-        model = merge_and_unload(load_adapter(model, args.adapter))
+    model = _load_model(args, source, pick_device(args.device))
     result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
     print(result.summary())
     if args.json:
@@ -281,23 +291,10 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from smolora.export import check_output, export_gguf
-    from smolora.merge import adapter_base_reference, adapter_tokenizer, check_adapter_dir, merged_model
-    from smolora.models import load_model, load_tokenizer, resolve_model
 
     check_output(args.output, args.type, args.overwrite)  # before the model loads
-    reference = args.model
-    if args.adapter:
-        check_adapter_dir(args.adapter)
-        if reference is None:
-            reference = adapter_base_reference(args.adapter)
-    source = resolve_model(reference)
-    safety = dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    if args.adapter:
-        model = merged_model(source, args.adapter, **safety)
-        tokenizer = adapter_tokenizer(source, args.adapter, args.trust_remote_code)
-    else:
-        model = load_model(source, **safety)
-        tokenizer = load_tokenizer(source, args.trust_remote_code)
+    source, tokenizer = _source_and_tokenizer(args)
+    model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
     print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
     return 0

@@ -95,9 +95,10 @@ def merge_and_unload(peft_model):
     return peft_model.merge_and_unload()
 
 
-def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False):
+def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False,
+                 device: torch.device | str = "cpu"):
     """Fresh fp32 base + adapter, merged and unloaded; raises if any weight is not finite."""
-    base = load_model(source, "cpu", torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    base = load_model(source, device, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model = merge_and_unload(load_adapter(base, adapter_dir))
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -20,8 +20,9 @@ from conftest import chat_records
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def smolora(*args, timeout=300, env=ENV, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smolora.cli", *map(str, args)], capture_output=True, text=True,
+def smolora(*args, timeout=300, env=ENV, launcher=(), **kw) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``launcher``: Python arguments before it (``-m torch.distributed.run ...``)."""
+    return subprocess.run([sys.executable, *launcher, "-m", "smolora.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,12 +11,11 @@ from safetensors.torch import load_file
 
 from conftest import chat_records
 from smolora.distributed import World, share
-from test_cli import ENV, smolora
+from test_cli import smolora
 
 
-def torchrun(*args, processes=2, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                           "-m", "smolora.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+def torchrun(*args, processes=2) -> subprocess.CompletedProcess:
+    return smolora(*args, launcher=("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"))
 
 
 def adapter(folder):

@@ -62,7 +62,17 @@ def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tin
     for args, message in (((text, "--exact-match"), "exact match needs examples with a prompt"),
                           ((bad,), "bad.jsonl:2: malformed JSON"),
                           ((data, "--max-new-tokens", 0), "max_new_tokens must be >= 1"),
-                          ((data, "--model", tmp_path / "nowhere"), "model path does not exist")):
+                          ((data, "--model", tmp_path / "nowhere"), "model path does not exist"),
+                          ((data, "--json", tmp_path / "no" / "r.json"), "expected a file name in an existing folder")):
         r = smolora("eval", "--model", tiny_model_dir, "--data", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_several_tasks_are_evaluated_record_by_record_with_their_prefix(tmp_path, tiny_model_dir):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(5)))
+    b.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("hello", "world")))
+    r = smolora("eval", "--data", f"x={a}", "--data", f"y={b}@3", "--model", tiny_model_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "7 examples kept" in r.stdout + r.stderr and "per task: x=5, y=2" in r.stdout + r.stderr  # no resampling by weight

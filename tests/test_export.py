@@ -16,6 +16,18 @@ TEXT = "the quick brown fox <|im_end|> hello world 2021-03-05"
 
 
 def tiny(arch: str, vocab_size: int):
+    if arch == "llama_bias":  # biased q/k/v/o: the q/k biases take the rotary reordering too
+        from transformers import LlamaForCausalLM
+
+        config = build_tiny("llama", vocab_size).config
+        config.attention_bias = True
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.normal_()
+        return model
     model = build_tiny(arch, vocab_size)
     if arch == "qwen3":  # transformers reads a Qwen3 GGUF with its default head_dim (128, as real Qwen3 models have)
         import transformers
@@ -96,7 +108,11 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(tmp_path, tokenizer)
     with pytest.raises(SmoLoRAError, match="expected one of f32, f16, bf16, q8_0"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k")
     with pytest.raises(SmoLoRAError, match="supports llama, qwen2, qwen3 models, not 'gemma'"):
-        export_gguf(build_tiny("gemma", len(tokenizer)), tokenizer, tmp_path / "m.gguf")
+        export_gguf(build_tiny("gemma", len(tokenizer)), tokenizer, tmp_path / "new" / "sub" / "m.gguf")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SmoLoRAError, match="cannot write there"):
+        export_gguf(model, tokenizer, tmp_path / "afile" / "m.gguf")
+    (tmp_path / "afile").unlink()
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -122,6 +138,20 @@ def test_a_model_with_adapters_still_attached_is_refused(tmp_path, tokenizer):
     model = add_lora(tiny("llama", len(tokenizer)), LoraSettings().to_peft(), warn=lambda *_: None)
     with pytest.raises(SmoLoRAError, match="merge them first"):
         export_gguf(model.get_base_model(), tokenizer, tmp_path / "m.gguf")
+
+
+def test_llama_q_and_k_biases_are_reordered_with_their_weights(tmp_path, tokenizer):
+    """As llama.cpp's converter does (transformers' GGUF reader drops a Llama's biases, so gguf-py checks this one)."""
+    from smolora.export import _permute_rope
+
+    model = tiny("llama_bias", len(tokenizer))
+    tensors = {t.name: t.data for t in GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")).tensors}
+    attn = model.model.layers[0].self_attn
+    for name, proj, heads in (("q", attn.q_proj, 4), ("k", attn.k_proj, 2)):
+        for kind in ("weight", "bias"):
+            expected = _permute_rope(getattr(proj, kind).detach().numpy(), heads)
+            assert np.array_equal(tensors[f"blk.0.attn_{name}.{kind}"], expected)
+    assert np.array_equal(tensors["blk.0.attn_v.bias"], attn.v_proj.bias.detach().numpy())
 
 
 def test_rope_permutation_is_llama_cpp_layout():

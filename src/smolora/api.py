@@ -116,7 +116,8 @@ class SmoLoRA:
         if any(self.source.lives_in(out / name) for name in RUN_FOLDERS):
             raise SmoLoRAError(f"{self.source.name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
                                "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
-        prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn)
+        prepared = prepare_data(records, self.tokenizer, cfg, data, val_records=val_records, difficulty=self.difficulty_fn,
+                                log=print if distributed.is_main() else lambda *_: None)
 
         peft_config = copy.deepcopy(self.peft_config)  # every LoraConfig field the user set, presets expanded
         peft_config.target_modules = expand_targets(lora.target_modules)
@@ -134,7 +135,8 @@ class SmoLoRA:
         torch.manual_seed(cfg.seed)  # LoRA A init
         base = load_model(self.source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
         self.model = add_lora(base, peft_config)
-        print(format_parameter_report(self.model), flush=True)
+        if distributed.is_main():
+            print(format_parameter_report(self.model), flush=True)
         run_info["model_fingerprint"] = ckpt.fingerprint_model(self.model)
         if saved is not None:
             ckpt.check_compatible(saved, run_info, allow_config_change)

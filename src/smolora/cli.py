@@ -151,7 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="loss, perplexity and exact match of a model on a data file",
                        description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
                                    "reply tokens, and with --exact-match greedy exact match of each last reply.")
-    e.add_argument("--data", action="append", required=True, metavar="PATH", help="evaluation data, in any format train reads")
+    e.add_argument("--data", action="append", required=True, metavar="PATH", help="evaluation data, in any format train reads; repeat as TASK=PATH for several tasks (each record once, with its task prefix)")
     e.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
     e.add_argument("--adapter", default=None, help="evaluate with this adapter (merged in memory)")
     e.add_argument("--exact-match", action="store_true", help="also generate each example's last reply greedily and compare")
@@ -276,7 +276,13 @@ def cmd_eval(args) -> int:
     data = build_from(DataConfig, args)
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
-    records = load_source(parse_data_arg(args.data), data)
+    sources = parse_data_arg(args.data)
+    if isinstance(sources, dict):  # several tasks: every record once, with its task's prefix (no mixing weights)
+        records = [{**r, "_task": name} for name, (path, _) in sources.items() for r in load_source(path, data)]
+    else:
+        records = load_source(sources, data)
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise SmoLoRAError(f"--json {args.json}: expected a file name in an existing folder")
     source, tokenizer = _source_and_tokenizer(args)
     examples = prepare_data(records, tokenizer, cfg, data).train
     if args.exact_match:
@@ -285,15 +291,21 @@ def cmd_eval(args) -> int:
     result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
     print(result.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        except OSError as e:
+            raise SmoLoRAError(f"--json {args.json}: cannot write it ({e.strerror})") from None
     return 0
 
 
 def cmd_export(args) -> int:
-    from smolora.export import check_output, export_gguf
+    from transformers import AutoConfig
+
+    from smolora.export import check_exportable, check_output, export_gguf
 
     check_output(args.output, args.type, args.overwrite)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
+    check_exportable(AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code), tokenizer)
     model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
     print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
@@ -323,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         from smolora.train import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            print(f"smolora: {e}", file=sys.stderr)
+            from smolora.distributed import is_main
+
+            if is_main():  # under torchrun, every process stops the same way
+                print(f"smolora: {e}", file=sys.stderr)
             return 130
         raise
 

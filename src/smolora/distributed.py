@@ -36,6 +36,11 @@ def launched() -> bool:
     return processes() > 1
 
 
+def is_main() -> bool:
+    """Process 0 of a torchrun job, or the only process: the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_info() -> dict:
     """What a checkpoint records about the processes: their number, where there were several."""
     return {"processes": processes()} if launched() else {}

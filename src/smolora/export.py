@@ -46,7 +46,37 @@ def check_output(path: str | Path, dtype: str, overwrite: bool = False) -> Path:
         raise SmoLoRAError(f"{path}: is a folder; expected a file name ending in .gguf")
     if path.exists() and not overwrite:
         raise SmoLoRAError(f"{path}: exists; pass --overwrite to replace it")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise SmoLoRAError(f"{path}: cannot write there ({folder} is not a writable folder)")
     return path
+
+
+def check_exportable(config, tokenizer) -> None:
+    """Refuse what cannot be written, from the model's config and tokenizer (before its weights load)."""
+    arch = config.model_type
+    if arch not in ARCHITECTURES:
+        raise SmoLoRAError(f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, "
+                           f"not {arch!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise SmoLoRAError(f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise SmoLoRAError("export: models with sliding-window attention are not supported")
+    _byte_level_bpe(tokenizer, config.vocab_size)
+
+
+def _byte_level_bpe(tokenizer, vocab_size: int) -> dict:
+    """The tokenizer's tokenizers.json spec; an error unless it is byte-level BPE within the vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    bpe = spec.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise SmoLoRAError("export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF")
+    top = max([*bpe["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))])
+    if top >= vocab_size:
+        raise SmoLoRAError(f"export: the tokenizer has token ids up to {top}, the model only {vocab_size} embeddings")
+    return spec
 
 
 def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name: str | None = None,
@@ -59,21 +89,16 @@ def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name:
 
     path = check_output(path, dtype, overwrite)
     config = model.config
-    arch = config.model_type
-    if arch not in ARCHITECTURES:
-        raise SmoLoRAError(f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, "
-                           f"not {arch!r}")
+    check_exportable(config, tokenizer)
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise SmoLoRAError(f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise SmoLoRAError("export: models with sliding-window attention are not supported")
-
+    arch = config.model_type
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SmoLoRAError(f"{path}: cannot write there ({e.strerror})") from None
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
@@ -124,14 +149,9 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE as llama.cpp's ``gpt2`` tokenizer model, padded to the embedding's rows."""
     import gguf
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    bpe = spec.get("model") or {}
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise SmoLoRAError("export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF")
+    spec = _byte_level_bpe(tokenizer, vocab_size)
+    bpe = spec["model"]
     ids = {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
-    if max(ids.values()) >= vocab_size:
-        raise SmoLoRAError(f"export: the tokenizer has token ids up to {max(ids.values())}, the model only {vocab_size} embeddings")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, i in ids.items():
@@ -195,7 +215,7 @@ def _embedded_tokenizer() -> tuple[list[str], list[str], str | None]:
 
 
 def _permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half layout of a q/k projection's rows -> llama.cpp's interleaved pairs
+    """HF's rotate-half layout of a q/k projection's rows (or bias) -> llama.cpp's interleaved pairs
     (what llama.cpp's converter does for Llama; transformers' GGUF reader undoes it)."""
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -211,7 +231,7 @@ def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:
         if gguf_name is None:
             raise SmoLoRAError(f"export: no GGUF name for the model's tensor {hf_name!r}")
         data = tensor.detach().to("cpu", torch.float32).numpy()
-        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             data = _permute_rope(data, heads)
         array, raw_dtype = _encode(data, dtype)

@@ -262,6 +262,7 @@ def train(
     """
     device = next(model.parameters()).device
     world = distributed.world(device)  # torchrun: this process's share of every step
+    log = log if world.main else _silent  # process 0 speaks for all
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -318,8 +319,7 @@ def train(
     window_tokens, window_start, nonfinite = 0, time.perf_counter(), 0
     start_time = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.main)
-    write = bar.write if world.main else _silent  # process 0 speaks for all
-    log = log if world.main else _silent
+    write = bar.write if world.main else _silent
     synced_stop = [False]  # torchrun: a stop request as all processes agreed on it at the last step
 
     def save(step_state: ckpt.TrainState) -> Path:

@@ -67,7 +67,7 @@ def check_exportable(config, tokenizer) -> None:
 
 
 def _byte_level_bpe(tokenizer, vocab_size: int) -> dict:
-    """The tokenizer's tokenizers.json spec; an error unless it is byte-level BPE within the vocabulary."""
+    """The tokenizer's tokenizer.json spec; an error unless it is byte-level BPE within the vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     bpe = spec.get("model") or {}

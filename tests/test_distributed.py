@@ -77,3 +77,36 @@ def test_a_resumed_two_process_run_is_bit_identical_and_the_process_count_is_kep
 
     alone = smolora(*common, "--max-steps", 4, "--output", tmp_path / "part", "--resume")
     assert alone.returncode == 2 and "processes: 2 -> 1" in alone.stderr
+
+
+def test_ctrl_c_inside_a_long_step_checkpoints_the_last_finished_one_at_once(tmp_path, tiny_model_dir, data):
+    """Both processes give up the step under way (torchrun kills them 30 s after Ctrl-C); resuming is exact."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from test_cli import ENV
+
+    common = ["train", "--data", data, "--model", tiny_model_dir, "--max-steps", 3, "--no-merge", "--save-steps", 0,
+              "--lr-scheduler-type", "constant", "--gradient-accumulation-steps", 1500, "--logging-steps", 1]
+    whole = torchrun(*common, "--output", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                             "smolora.cli", *map(str, common), "--output", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():  # step 1 done: step 2 under way
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 25, "the processes finished the step instead of stopping"
+    assert err.count("training interrupted; resumable checkpoint") == 1, err[-3000:]
+    (ckpt,) = (out / "checkpoints").glob("step-*")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 1  # step 2 (seconds long) was given up
+    rest = torchrun(*common, "--output", out, "--resume")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a, b = adapter(tmp_path / "whole" / "adapter_checkpoint"), adapter(out / "adapter_checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -320,7 +320,6 @@ def train(
     start_time = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.main)
     write = bar.write if world.main else _silent
-    synced_stop = [False]  # torchrun: a stop request as all processes agreed on it at the last step
 
     def save(step_state: ckpt.TrainState) -> Path:
         folder = ckpt.checkpoint_dir(out, step_state.step)
@@ -351,7 +350,7 @@ def train(
             evaluate(write)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
             result.last_checkpoint = save(state)
-        if synced_stop[0] if world.size > 1 else stop_signal:
+        if stop_signal and world.size == 1:  # (several processes agree on stopping inside the next step)
             result.last_checkpoint = save(state)
             raise TrainingInterrupted(result.last_checkpoint)
 
@@ -381,6 +380,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # 1. the next gradient_accumulation_steps micro-batches (per process), rolling over epochs
+            step_begins = (state.epoch, state.cursor, groups, torch.get_rng_state(),  # Ctrl-C mid-step goes back here
+                           torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             rows, accum = [], cfg.gradient_accumulation_steps * world.size
             if total_micro is not None:  # by epochs: the last step takes what is left
                 accum = min(accum, total_micro - state.step * accum)
@@ -420,21 +421,31 @@ def train(
                 with autocast():
                     step_prefix.forward(lm, device)
             for mb in micro:
+                if stop_signal:  # Ctrl-C / SIGTERM: this step is given up (below)
+                    break
                 with autocast():
                     loss = token_loss_sum(model, _to_device(mb, device), step_prefix) / num_targets
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
             step_tokens = sum(mb.num_tokens for mb in micro)
-            if step_prefix is not None:
+            if step_prefix is not None and not stop_signal:
                 step_prefix.backward()
+            stop = bool(stop_signal)
             if world.size > 1:  # the step's gradient: the sum of every process's; its loss and any stop request too
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                shared_sum = torch.tensor([step_loss, step_tokens, bool(stop_signal)], dtype=torch.float64, device=device)
+                shared_sum = torch.tensor([step_loss, step_tokens, stop], dtype=torch.float64, device=device)
                 distributed.all_sum([p.grad for p in params] + [shared_sum], world)
-                step_loss, step_tokens = float(shared_sum[0]), int(shared_sum[1])
-                synced_stop[0] = bool(shared_sum[2] > 0)  # any process asked to stop: all stop after this step
+                step_loss, step_tokens, stop = float(shared_sum[0]), int(shared_sum[1]), bool(shared_sum[2] > 0)
+            if stop:  # asked to stop (any process): checkpoint the last finished step, as it was, at once
+                optimizer.zero_grad(set_to_none=True)
+                state.epoch, state.cursor, groups, cpu_rng, cuda_rng = step_begins
+                torch.set_rng_state(cpu_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, device)
+                result.last_checkpoint = save(state)
+                raise TrainingInterrupted(result.last_checkpoint)
             window_tokens += step_tokens
             result.tokens += step_tokens
             # 3. clip, guard, update

@@ -113,4 +113,9 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     print(f"[demo] merged model (HF):     {merged}")
     print(f"[demo] checkpoints, metrics:  {out / 'checkpoints'}, {out / 'metrics.jsonl'}")
     print(f"[demo] results:               {out / 'demo_results.json'}")
+    example = held_out[0]["prompt"].replace("\n", "\\n") if held_out else "Date: 5 March 2021"
+    print("[demo] next, with .venv/bin/smolora:")
+    print(f"  generate --model {merged} --greedy --prompt $'{example}'")
+    print(f"  eval     --model {merged} --data {out / 'dates_eval.jsonl'} --exact-match")
+    print(f"  export   --model {merged} --output {out / 'dates.gguf'} --type q8_0    # for llama.cpp / Ollama")
     return summary

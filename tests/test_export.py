@@ -61,13 +61,14 @@ def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, toke
     assert len(fields["tokenizer.ggml.tokens"].data) == model.config.vocab_size
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
+@pytest.mark.parametrize(("dtype", "atol"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2), ("q5_1", 5e-2), ("q4_0", 2e-1)])
 def test_smaller_types_stay_close_and_keep_norms_f32(tmp_path, tokenizer, dtype, atol):
     model = tiny("llama", len(tokenizer))
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype)
     types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
-    assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == dtype.upper()
+    assert types["blk.0.ffn_up.weight"] == dtype.upper()
+    assert types["token_embd.weight"] == ("Q8_0" if dtype in ("q5_1", "q4_0") else dtype.upper())
     assert "output.weight" not in types  # tied: llama.cpp uses token_embd
     back, _ = read_back(path)
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
@@ -105,7 +106,7 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(tmp_path, tokenizer)
     model = tiny("llama", len(tokenizer))
     with pytest.raises(SmoLoRAError, match="must end in .gguf"):
         export_gguf(model, tokenizer, tmp_path / "m.bin")
-    with pytest.raises(SmoLoRAError, match="expected one of f32, f16, bf16, q8_0"):
+    with pytest.raises(SmoLoRAError, match="expected one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k")
     with pytest.raises(SmoLoRAError, match="supports llama, qwen2, qwen3 models, not 'gemma'"):
         export_gguf(build_tiny("gemma", len(tokenizer)), tokenizer, tmp_path / "new" / "sub" / "m.gguf")

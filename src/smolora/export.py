@@ -4,7 +4,8 @@ The weights are written under llama.cpp's tensor names (gguf-py's own name map, 
 converter uses), with the architecture's hyperparameters, the tokenizer (byte-level BPE: tokens,
 merges, special tokens) and the chat template as metadata. Norms and biases stay float32; the
 matrices are written as ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit blocks of 32 with an f16
-scale; a matrix whose rows do not split into such blocks is written f16). Supported: Llama
+scale; ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` likewise at 5 and 4 bits, the token embedding and
+output matrix kept at q8_0; a matrix whose rows do not split into blocks is written f16). Supported: Llama
 (SmolLM2, Llama 2, others without rope scaling), Qwen2 and Qwen3 — architectures transformers can
 read back from GGUF, which is how the tests check every export; llama.cpp itself is not run here,
 but exporting the embedded model reproduces the file llama.cpp's converter made (test).
@@ -24,7 +25,8 @@ import torch
 
 from smolora.errors import SmoLoRAError
 
-TYPES = ("f32", "f16", "bf16", "q8_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and output matrix at q8_0
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
@@ -127,8 +129,7 @@ def _write_hyperparameters(writer, config, name: str, dtype: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -234,18 +235,21 @@ def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             data = _permute_rope(data, heads)
-        array, raw_dtype = _encode(data, dtype)
+        kept = "q8_0" if dtype in LOW_BIT and gguf_name in ("token_embd.weight", "output.weight") else dtype
+        array, raw_dtype = _encode(data, kept)
         writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
 
 
 def _encode(data: np.ndarray, dtype: str):
-    """(array, raw_dtype) for the writer: vectors stay f32, matrices take ``dtype``."""
+    """(array, raw_dtype) for the writer: vectors stay f32, matrices take ``dtype`` (f16 where
+    their rows do not split into the type's blocks)."""
     import gguf
 
     if data.ndim < 2 or dtype == "f32":
         return np.ascontiguousarray(data, dtype=np.float32), None
-    if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    if dtype == "bf16":
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    return data.astype(np.float16), None
+    if dtype == "f16":
+        return data.astype(np.float16), None
+    kind = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, kind), kind

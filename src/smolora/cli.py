@@ -168,8 +168,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="the .gguf file to write")
     x.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
     x.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
-    x.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
-                   help="how the matrices are stored; norms stay f32; 4/5-bit types keep the token embedding at q8_0 (default: f16)")
+    x.add_argument("--type", default="f16", help="how the matrices are stored: f16 (default), f32, bf16, q8_0, or q5_1, q5_0, "
+                   "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32")
     x.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_safety_flags(x)

@@ -73,6 +73,16 @@ def test_several_tasks_are_evaluated_record_by_record_with_their_prefix(tmp_path
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(5)))
     b.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("hello", "world")))
-    r = smolora("eval", "--data", f"x={a}", "--data", f"y={b}@3", "--model", tiny_model_dir)
+    r = smolora("eval", "--data", f"x={a}", "--data", f"y={b}@3", "--model", tiny_model_dir, "--exact-match",
+                "--max-new-tokens", 2, "--json", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "7 examples kept" in r.stdout + r.stderr and "per task: x=5, y=2" in r.stdout + r.stderr  # no resampling by weight
+    saved = json.loads((tmp_path / "r.json").read_text())
+    x, y = saved["per_task"]["x"], saved["per_task"]["y"]
+    assert (x["examples"], y["examples"]) == (5, 2) and x["scored"] + y["scored"] == saved["scored"] == 7
+    assert x["matched"] + y["matched"] == saved["matched"]
+    assert x["supervised_tokens"] + y["supervised_tokens"] == saved["supervised_tokens"]
+    # the whole's loss is the token-weighted mean of the tasks'
+    mean = (x["loss"] * x["supervised_tokens"] + y["loss"] * y["supervised_tokens"]) / saved["supervised_tokens"]
+    assert saved["loss"] == pytest.approx(mean, rel=1e-5)
+    assert f"  task x: 5 examples, {x['supervised_tokens']} supervised tokens" in r.stdout

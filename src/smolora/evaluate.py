@@ -22,16 +22,22 @@ class EvalResult:
     exact_match: float | None = None  # percent of the replies scored
     matched: int | None = None
     scored: int | None = None  # examples with a prompt before their last reply
+    per_task: dict[str, EvalResult] | None = None  # multi-task data: the same, task by task
 
     def summary(self) -> str:
         lines = [f"{self.examples} examples, {self.supervised_tokens} supervised tokens: "
                  f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}"]
         if self.exact_match is not None:
             lines.append(f"exact match {self.exact_match:.1f}% ({self.matched} of {self.scored} last replies, greedy)")
+        for task, part in (self.per_task or {}).items():
+            lines.append(f"  task {task}: " + part.summary().replace("\n", "; "))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "per_task"}
+        if self.per_task:
+            out["per_task"] = {task: part.to_dict() for task, part in self.per_task.items()}
+        return out
 
 
 def last_reply(example: Example) -> tuple[list[int], list[int]] | None:
@@ -62,21 +68,41 @@ def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = F
     greedily and compare it with the reference (whitespace at either end ignored)."""
     from smolora.train import evaluate_loss
 
-    loss = evaluate_loss(model, examples, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0)
-    tokens = sum(1 for e in examples for x in e.labels[1:] if x != IGNORE)
-    result = EvalResult(len(examples), tokens, loss, math.exp(min(loss, 50)))
-    if not exact_match:
+    hits = _exact_matches(model, tokenizer, examples, max_new_tokens, progress) if exact_match else None
+
+    def measure(indices: list[int]) -> EvalResult:
+        part = [examples[i] for i in indices]
+        loss = evaluate_loss(model, part, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0)
+        tokens = sum(1 for e in part for x in e.labels[1:] if x != IGNORE)
+        result = EvalResult(len(part), tokens, loss, math.exp(min(loss, 50)))
+        scored = [hits[i] for i in indices if hits[i] is not None] if hits is not None else []
+        if scored:
+            result.matched, result.scored = sum(scored), len(scored)
+            result.exact_match = 100.0 * result.matched / result.scored
         return result
-    pairs = replies_to_score(examples)
+
+    result = measure(list(range(len(examples))))
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    if len(tasks) > 1:
+        result.per_task = {t or "default": measure([i for i, e in enumerate(examples) if e.task == t]) for t in tasks}
+    return result
+
+
+def _exact_matches(model, tokenizer, examples: list[Example], max_new_tokens: int, progress: bool) -> list[bool | None]:
+    """Per example: whether its last reply, generated greedily, matches (None: nothing to prompt with)."""
     from tqdm.auto import tqdm
 
     from smolora.generate import generate
 
+    replies_to_score(examples)  # an error if there are none
     device = next(model.parameters()).device
-    matched = 0
-    for prompt, reply in tqdm(pairs, desc="[smolora] exact match", unit="example", leave=False, disable=not progress):
+    hits: list[bool | None] = []
+    for example in tqdm(examples, desc="[smolora] exact match", unit="example", leave=False, disable=not progress):
+        pair = last_reply(example)
+        if pair is None:
+            hits.append(None)
+            continue
+        prompt, reply = pair
         out = generate(model, tokenizer, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False)
-        matched += out.strip() == tokenizer.decode(reply, skip_special_tokens=True).strip()
-    result.matched, result.scored = matched, len(pairs)
-    result.exact_match = 100.0 * matched / len(pairs)
-    return result
+        hits.append(out.strip() == tokenizer.decode(reply, skip_special_tokens=True).strip())
+    return hits

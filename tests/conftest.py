@@ -95,6 +95,14 @@ def tiny_model_dir_session(tmp_path_factory, tokenizer):
     return folder
 
 
+def write_jsonl(path, records: list[dict]):
+    """``records`` as a JSON-lines file at ``path``; returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def chat_records(n: int = 12) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{2 * i}"}]} for i in range(n)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat_records
+from conftest import chat_records, write_jsonl
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -28,9 +28,7 @@ def smolora(*args, timeout=300, env=ENV, launcher=(), **kw) -> subprocess.Comple
 
 @pytest.fixture
 def data_file(tmp_path):
-    f = tmp_path / "train.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in chat_records(24)))
-    return f
+    return write_jsonl(tmp_path / "train.jsonl", chat_records(24))
 
 
 def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
@@ -127,7 +125,7 @@ def final_state(out: Path):
 
 def test_kill_9_at_a_random_step_then_resume_is_exact(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
+    write_jsonl(data, chat_records(64))
     common = ["--data", data, "--model", tiny_model_dir, "--max-steps", 24, "--save-steps", 1, "--no-merge",
               "--gradient-accumulation-steps", 3, "--per-device-train-batch-size", 2, "--lora-dropout", 0.1,
               "--target-modules", "all", "--learning-rate", 5e-3, "--logging-steps", 4]
@@ -171,7 +169,7 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, data_file):
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
+    write_jsonl(data, chat_records(64))
     common = ["--data", data, "--model", tiny_model_dir, "--max-steps", 400, "--no-merge", "--save-steps", 0,
               "--gradient-accumulation-steps", 2, "--learning-rate", 5e-3, "--logging-steps", 1]
     out = tmp_path / "run"

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat_records
+from conftest import chat_records, write_jsonl
 from smolora.distributed import World, share
-from test_cli import smolora
+from test_cli import ENV, smolora
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")  # two processes
 
 
-def torchrun(*args, processes=2) -> subprocess.CompletedProcess:
-    return smolora(*args, launcher=("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"))
+def torchrun(*args) -> subprocess.CompletedProcess:
+    return smolora(*args, launcher=TORCHRUN)
 
 
 def adapter(folder):
@@ -36,9 +42,7 @@ def test_share_splits_a_step_by_tokens_the_same_way_everywhere():
 
 @pytest.fixture
 def data(tmp_path):
-    f = tmp_path / "train.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in chat_records(21)))
-    return f
+    return write_jsonl(tmp_path / "train.jsonl", chat_records(21))
 
 
 def test_two_processes_make_the_updates_one_process_makes(tmp_path, tiny_model_dir, data):
@@ -81,21 +85,13 @@ def test_a_resumed_two_process_run_is_bit_identical_and_the_process_count_is_kep
 
 def test_ctrl_c_inside_a_long_step_checkpoints_the_last_finished_one_at_once(tmp_path, tiny_model_dir, data):
     """Both processes give up the step under way (torchrun kills them 30 s after Ctrl-C); resuming is exact."""
-    import os
-    import signal
-    import sys
-    import time
-
-    from test_cli import ENV
-
     common = ["train", "--data", data, "--model", tiny_model_dir, "--max-steps", 3, "--no-merge", "--save-steps", 0,
               "--lr-scheduler-type", "constant", "--gradient-accumulation-steps", 1500, "--logging-steps", 1]
     whole = torchrun(*common, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                             "smolora.cli", *map(str, common), "--output", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *TORCHRUN, "-m", "smolora.cli", *map(str, common), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():  # step 1 done: step 2 under way
         time.sleep(0.01)

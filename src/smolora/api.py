@@ -140,19 +140,18 @@ class SmoLoRA:
         run_info["model_fingerprint"] = ckpt.fingerprint_model(self.model)
         if saved is not None:
             ckpt.check_compatible(saved, run_info, allow_config_change)
-        if overwrite and resume_from is None and out.exists() and distributed.world(self.device).main:  # nothing of the earlier run may pass for this one's
+        if overwrite and resume_from is None and out.exists() and distributed.is_main():  # nothing of the earlier run may pass for this one's
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         self.result = train(self.model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info,
                             resume_from=resume_from, pad_id=self.tokenizer.pad_token_id or 0,
                             skip_nonfinite_steps=skip_nonfinite_steps)
-        world = distributed.world(self.device)
         folder = ckpt.safe_child(out, "adapter_checkpoint")
-        if world.main:
+        if distributed.is_main():
             self._save_adapter(folder)
             print(f"[smolora] adapter saved to {folder}", flush=True)
-        distributed.barrier(world)  # on disk before any process uses it
+        distributed.barrier(distributed.world(self.device))  # on disk before any process uses it
         self.adapter_checkpoint = str(folder)
         return self.result
 
@@ -176,7 +175,7 @@ class SmoLoRA:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             torch.mps.empty_cache()
         out = ckpt.safe_child(self.sft_config.output_dir, "final_merged")
-        if not distributed.world().main:  # torchrun: process 0 merges
+        if not distributed.is_main():  # torchrun: process 0 merges
             self.merged_model_path = str(out)
             return self.merged_model_path
         merge_adapter(self.adapter_checkpoint, out, self.base_model_name,  # this run's own final_merged/

@@ -275,10 +275,12 @@ def train(
     lengths = [len(e.input_ids) for e in examples]
     difficulty = [e.difficulty for e in examples] if any(e.difficulty is not None for e in examples) else None
 
-    def groups_for(epoch: int) -> list[list[int]]:
-        order = epoch_order(len(examples), epoch, cfg.seed, difficulty=difficulty, bucket_shuffle=cfg.curriculum_shuffle,
-                            lengths=lengths, group_by_length=cfg.group_by_length)
+    def micro_batches(order: list[int]) -> list[list[int]]:
         return group_micro_batches(lengths, order, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
+
+    def groups_for(epoch: int) -> list[list[int]]:
+        return micro_batches(epoch_order(len(examples), epoch, cfg.seed, difficulty=difficulty, bucket_shuffle=cfg.curriculum_shuffle,
+                                         lengths=lengths, group_by_length=cfg.group_by_length))
 
     groups = groups_for(0)
     total_micro = cfg.total_micro_batches(lambda e: len(groups if e == 0 else groups_for(e)))
@@ -392,8 +394,7 @@ def train(
                 rows.append(groups[state.cursor])
                 state.cursor += 1
             if world.size > 1:  # this process's share of the step, balanced by tokens
-                mine = distributed.share([i for row in rows for i in row], lengths, world)
-                rows = group_micro_batches(lengths, mine, cfg.per_device_train_batch_size, 0 if cfg.packing else cfg.max_tokens_per_batch)
+                rows = micro_batches(distributed.share([i for row in rows for i in row], lengths, world))
             if cfg.packing and cfg.max_tokens_per_batch > 0:  # repack the whole step by token budget
                 step_examples = [i for row in rows for i in row]
                 rows = group_micro_batches(lengths, step_examples, len(step_examples), cfg.max_tokens_per_batch)

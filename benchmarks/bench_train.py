@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from smolora import allocator
+
 HERE = Path(__file__).resolve().parent
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
          "company number group problem fact water river mountain city music garden light paper story energy market "
@@ -326,6 +328,7 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     data = WORKERS[impl](records, steps, seed)
     data["gemm_peak"], data["gemm_dtype"] = gemm, str(dtype).removeprefix("torch.")
     data["peak_rss_mib"] = peak_rss_mib()
+    data["allocator"] = allocator.active()
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data
 
@@ -345,11 +348,18 @@ def peak_rss_mib() -> float:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def spawn(impl: str, variant: str, steps: int, seed: int) -> dict:
+def spawn(impl: str, variant: str, steps: int, seed: int, tcmalloc: str = "smolora") -> dict:
+    """Run one worker in a fresh process. SmoLoRA's run on the allocator the ``smolora`` command
+    picks (tcmalloc where the system has it, ``smolora.allocator``), the others on the system's
+    malloc, as a script of theirs would; ``tcmalloc`` "all" or "none" puts every worker on one."""
     cmd = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--steps", str(steps), "--seed", str(seed)]
     if MODEL:
         cmd += ["--model", MODEL]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    if tcmalloc == "none":
+        env["SMOLORA_ALLOCATOR"] = "system"
+    elif tcmalloc == "all" or impl.startswith("smolora"):
+        env = allocator.preload_env(env) or env
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
@@ -377,6 +387,9 @@ def main() -> None:
     ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes")
     ap.add_argument("--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw")
+    ap.add_argument("--tcmalloc", choices=("smolora", "all", "none"), default="smolora",
+                    help="which workers run on tcmalloc where the system has it: SmoLoRA's, as the smolora command "
+                         "does (default), every worker's, or none")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -391,7 +404,7 @@ def main() -> None:
     print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
     gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
-    report = {"gemm": gemm, "spec": SPEC, "threads": torch.get_num_threads(), "model": MODEL or "embedded",
+    report = {"gemm": gemm, "spec": SPEC, "tcmalloc": args.tcmalloc, "threads": torch.get_num_threads(), "model": MODEL or "embedded",
               "model_type": model_cfg.model_type, "data_seed": args.data_seed, "results": {}}
     steps = {variant: args.long_steps if variant == "long" else args.steps for variant in args.variants.split(",")}
     raw: dict[str, dict[str, list[dict]]] = {}
@@ -402,7 +415,7 @@ def main() -> None:
             # interleaved, so machine drift hits all alike; each repetition starts with the next
             # implementation, so none always runs first
             for impl in impls[rep % len(impls):] + impls[: rep % len(impls)]:
-                data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep)
+                data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep, tcmalloc=args.tcmalloc)
                 per_step = [step_flops(model_cfg, rows, SPEC["r"], SPEC["targets"]) for rows in data["flops_rows"]]
                 timed = per_step[1:] or per_step  # the steps summarize() times: not the warm-up
                 data["flops_per_step"] = sum(timed) / len(timed)
@@ -423,18 +436,19 @@ def main() -> None:
         summaries = {impl: [summarize(d, d["flops_per_step"], peaks[d["gemm_dtype"]]) | {"gemm_probe": d["gemm_peak"]} for d in rs]
                      for impl, rs in runs.items()}
         med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in summaries.items()}
-        report["results"][variant] = {"median": med, "runs": summaries}
-        print_table(variant, steps[variant], med)
+        allocators = {impl: "/".join(sorted({d["allocator"] for d in rs})) for impl, rs in runs.items()}
+        report["results"][variant] = {"median": med, "runs": summaries, "allocators": allocators}
+        print_table(variant, steps[variant], med, allocators)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {args.json}")
 
 
-def print_table(variant: str, steps: int, med: dict) -> None:
+def print_table(variant: str, steps: int, med: dict, allocators: dict) -> None:
     print(f"\n### {variant} examples — medians, {steps} optimizer steps per run (first not timed)\n")
-    print("| impl | examples/s | tokens/s | s/step | peak RSS MiB | first loss | last loss | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| impl | allocator | examples/s | tokens/s | s/step | peak RSS MiB | first loss | last loss | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for impl, m in med.items():
-        print(f"| {impl} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
+        print(f"| {impl} | {allocators[impl]} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
               f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
     for ours, theirs in (("smolora", "trl"), ("smolora", "trl_no_ckpt"), ("smolora_ckpt", "trl"), ("smolora_bf16", "trl_bf16"),
                          ("smolora_bf16", "trl")):

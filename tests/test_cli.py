@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import chat_records, write_jsonl
+from smolora.allocator import find_tcmalloc
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -38,6 +39,8 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Trainable params:" in r.stdout and "'loss':" in r.stderr + r.stdout
     assert "step 2: adapter rank 4 -> 6 (lora_alpha 24, same scaling" in r.stderr + r.stdout
+    # the command trains on tcmalloc where the system has it (smolora.allocator), and says so
+    assert ("RSS" in r.stderr + r.stdout) and ("(tcmalloc)" in r.stderr + r.stdout) == (sys.platform.startswith("linux") and find_tcmalloc() is not None)
     adapter_cfg = json.loads((out / "adapter_checkpoint" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 6 and adapter_cfg["lora_alpha"] == 24 and sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert (out / "final_merged" / "model.safetensors").is_file()

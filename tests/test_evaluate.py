@@ -49,9 +49,9 @@ def test_loss_is_the_training_validation_loss_and_exact_match_compares_greedy_re
 def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tiny_model_dir):
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(6)))
-    r = smolora("eval", "--data", data, "--model", tiny_model_dir, "--exact-match", "--max-new-tokens", 3, "--json", tmp_path / "r.json")
+    r = smolora("eval", "--data", data, "--model", tiny_model_dir, "--exact-match", "--max-new-tokens", 3, "--json", tmp_path / "reports" / "r.json")
     assert r.returncode == 0, r.stderr[-2000:]
-    saved = json.loads((tmp_path / "r.json").read_text())
+    saved = json.loads((tmp_path / "reports" / "r.json").read_text())  # the missing folder made
     assert saved["examples"] == 6 and saved["scored"] == 6 and saved["loss"] > 0
     assert f"6 examples, {saved['supervised_tokens']} supervised tokens: loss {saved['loss']:.4f}" in r.stdout
 
@@ -63,7 +63,8 @@ def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tin
                           ((bad,), "bad.jsonl:2: malformed JSON"),
                           ((data, "--max-new-tokens", 0), "max_new_tokens must be >= 1"),
                           ((data, "--model", tmp_path / "nowhere"), "model path does not exist"),
-                          ((data, "--json", tmp_path / "no" / "r.json"), "expected a file name in an existing folder")):
+                          ((data, "--json", tmp_path), "is a folder; expected a file name"),
+                          ((data, "--json", text / "r.json"), "notes.txt is not a writable folder")):
         r = smolora("eval", "--model", tiny_model_dir, "--data", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 from smolora.config import DataConfig, LoraSettings, TrainConfig
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, check_writable_file
 
 EXIT_BAD_INPUT = 2
 
@@ -281,8 +281,8 @@ def cmd_eval(args) -> int:
         records = [{**r, "_task": name} for name, (path, _) in sources.items() for r in load_source(path, data)]
     else:
         records = load_source(sources, data)
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
-        raise SmoLoRAError(f"--json {args.json}: expected a file name in an existing folder")
+    if args.json:
+        check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)
     examples = prepare_data(records, tokenizer, cfg, data).train
     if args.exact_match:
@@ -292,6 +292,7 @@ def cmd_eval(args) -> int:
     print(result.summary())
     if args.json:
         try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         except OSError as e:
             raise SmoLoRAError(f"--json {args.json}: cannot write it ({e.strerror})") from None
@@ -320,6 +321,10 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a call from Python: train on tcmalloc where the system has it
+        from smolora.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     parser = make_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}

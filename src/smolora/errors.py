@@ -1,5 +1,8 @@
 """The one exception type users see: a clear, one-line message about their input."""
 
+import os
+from pathlib import Path
+
 
 class SmoLoRAError(ValueError):
     """Bad input or settings. The CLI prints the message on one line and exits with code 2.
@@ -16,3 +19,13 @@ def load_mismatch(e: Exception) -> str:
     """The line of a (many-line) state-dict load error that says what did not fit."""
     lines = str(e).strip().splitlines()
     return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """Refuse an output file name that cannot be written: a folder, or under something that is not a
+    writable folder. Missing folders above it are fine (the writer makes them)."""
+    if path.is_dir():
+        raise SmoLoRAError(f"{what} {path}: is a folder; expected a file name")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise SmoLoRAError(f"{what} {path}: cannot write there ({folder} is not a writable folder)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, check_writable_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and output matrix at q8_0
@@ -44,13 +44,9 @@ def check_output(path: str | Path, dtype: str, overwrite: bool = False) -> Path:
         raise SmoLoRAError(f"--type {dtype!r}: expected one of {', '.join(TYPES)}")
     if path.suffix != ".gguf":
         raise SmoLoRAError(f"{path}: the output file's name must end in .gguf")
-    if path.is_dir():
-        raise SmoLoRAError(f"{path}: is a folder; expected a file name ending in .gguf")
+    check_writable_file(path, "--output")
     if path.exists() and not overwrite:
         raise SmoLoRAError(f"{path}: exists; pass --overwrite to replace it")
-    folder = next((p for p in path.parents if p.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise SmoLoRAError(f"{path}: cannot write there ({folder} is not a writable folder)")
     return path
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from smolora import allocator
 
 
 def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[str]:
@@ -21,20 +24,25 @@ def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[st
     return warnings
 
 
+@functools.cache
+def _allocator_note() -> str:
+    return " (tcmalloc)" if allocator.active() == "tcmalloc" else ""
+
+
 def memory_line(device: torch.device | str = "cpu") -> str:
     """Process RSS and system memory use, plus accelerator memory where present."""
     parts = []
     try:
         import psutil
 
-        parts.append(f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB")
+        parts.append(f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB{_allocator_note()}")
         parts.append(f"system RAM {psutil.virtual_memory().percent:.1f}% used")
     except ImportError:  # psutil is optional: fall back to /proc on Linux
         status = Path(f"/proc/{os.getpid()}/status")
         if status.exists():
             rss = next((ln.split()[1] for ln in status.read_text().splitlines() if ln.startswith("VmRSS")), None)
             if rss:
-                parts.append(f"RSS {int(rss) / 1024:.0f} MiB")
+                parts.append(f"RSS {int(rss) / 1024:.0f} MiB{_allocator_note()}")
     kind = torch.device(device).type
     if kind == "cuda" and torch.cuda.is_available():
         parts.append(f"CUDA allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB")

@@ -235,3 +235,29 @@ def test_demo_refuses_empty_sizes_before_writing(tmp_path):
     with pytest.raises(SmoLoRAError, match="eval_size must be >= 1"):
         run_demo(str(tmp_path / "demo"), eval_size=0)
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_replaces_only_its_own_run_and_continues_an_interrupted_one(tmp_path, tiny_model_dir, capsys):
+    from smolora.demo import run_demo
+
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SmoLoRAError, match="holds a training run the demo did not make"):
+        run_demo(str(other), model=str(tiny_model_dir), train_size=12, eval_size=1, max_steps=2)
+    assert sorted(p.name for p in other.iterdir()) == ["checkpoints", "metrics.jsonl"]  # untouched
+
+    demo = dict(model=str(tiny_model_dir), train_size=12, eval_size=1, max_steps=2)
+    out = tmp_path / "demo"
+    run_demo(str(out), **demo)
+    (out / "demo_results.json").unlink()  # as if Ctrl-C had stopped it after its last checkpoint
+    capsys.readouterr()
+    run_demo(str(out), **demo)
+    assert "resumed from" in capsys.readouterr().out
+    (out / "demo_results.json").unlink()
+    run_demo(str(out), **{**demo, "max_steps": 3})  # other options: it starts over
+    printed = capsys.readouterr().out
+    assert "had other options" in printed and "resumed from" not in printed
+    assert json.loads((out / "demo_results.json").read_text())["train_steps"] == 3
+    run_demo(str(out), **demo)  # a finished demo is replaced, not continued
+    assert "resumed from" not in capsys.readouterr().out

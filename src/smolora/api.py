@@ -109,6 +109,8 @@ class SmoLoRA:
         out = Path(cfg.output_dir)
         resume_from = ckpt.find_resume_checkpoint(out, resume)
         _check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
+        if resume and resume_from is None and distributed.is_main():
+            print(f"[smolora] nothing to resume in {out} yet: starting at step 0", flush=True)
         if self.dataset_name is None:
             raise SmoLoRAError("no training data: pass dataset_name")
         records = load_source(self.dataset_name, data, cfg.seed)

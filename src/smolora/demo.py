@@ -62,15 +62,21 @@ def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") ->
 def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_size: int = 50, max_steps: int = 60,
              model: str | None = None, seed: int = 0, preset: str = "qv", r: int = 8) -> dict:
     """Fine-tune on the date task, measure exact match before and after, save everything."""
-    from smolora.api import SmoLoRA
+    from smolora.api import RUN_FOLDERS, SmoLoRA
     from smolora.config import expand_targets
     from smolora.models import load_model
+    from smolora.train import TrainingInterrupted
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("r", r)):
         if value < 1:
             raise SmoLoRAError(f"demo: {name} must be >= 1 (got {value})")
     t0 = time.perf_counter()
     out = Path(output_dir)
+    # The demo replaces its own earlier run (and continues it where Ctrl-C stopped it), never anyone else's.
+    earlier = [name for name in (*RUN_FOLDERS, "metrics.jsonl") if (out / name).exists()]
+    if earlier and not (out / "dates_train.jsonl").is_file():
+        raise SmoLoRAError(f"{out}: holds a training run the demo did not make ({', '.join(earlier)}); choose another --output")
+    interrupted = bool(earlier) and not (out / "demo_results.json").is_file()
     # A date drawn twice would be dropped as a duplicate in training: count the examples it trains on.
     distinct = lambda records: list({json.dumps(r): r for r in records}.values())  # noqa: E731
     train_records = distinct(make_examples(train_size, seed))
@@ -95,7 +101,16 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     cfg = lora.sft_config
     cfg.max_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps = max_steps, 1e-3, "cosine", 5
     cfg.logging_steps, cfg.seed = 10, seed
-    lora.train(overwrite=True)
+    try:
+        try:
+            lora.train(resume=interrupted or None, overwrite=True)
+        except SmoLoRAError as e:  # an interrupted demo with other options: start over
+            if not (interrupted and str(e).startswith("cannot resume")):
+                raise
+            print(f"[demo] the interrupted demo in {out} had other options ({e}); starting over", flush=True)
+            lora.train(overwrite=True)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it") from None
     after, after_out = exact_match(lora.model, lora.tokenizer, held_out, "scoring the fine-tuned model")
     print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
     merged = lora.save()

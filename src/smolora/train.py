@@ -42,8 +42,8 @@ class NonFiniteLossError(SmoLoRAError):
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM: a checkpoint was written at the last finished step."""
 
-    def __init__(self, checkpoint: Path | None):
-        super().__init__(f"training interrupted; resumable checkpoint: {checkpoint}")
+    def __init__(self, checkpoint: Path | None, message: str | None = None):
+        super().__init__(message or f"training interrupted; resumable checkpoint: {checkpoint}")
         self.checkpoint = checkpoint
 
 

@@ -117,7 +117,7 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SmoLoRAError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise SmoLoRAError(f"{path}:{number}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise SmoLoRAError(f"{path}:{number}: expected a JSON object per line, got {type(rec).__name__}")
         rec["_where"] = f"{path}:{number}"
@@ -132,7 +132,7 @@ def read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SmoLoRAError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise SmoLoRAError(f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if isinstance(data, dict):
         # Accept {"data": [...]} / {"train": [...]} wrappers holding one list of records.
         lists = [v for v in data.values() if isinstance(v, list)]

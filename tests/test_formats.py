@@ -106,10 +106,14 @@ def test_model_without_template_gets_chatml():
     ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has: body)"),
     ({"messages": "hello"}, "messages must be a non-empty list"),
     ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
+    ({"question": "x", "b": "y", "_map": {"prompt": "question"}},
+     "record has 'question' as its prompt but no 'completion' field for its completion; map it with --field-map completion=FIELD"),
+    ({"output": "y"}, "record has 'output' as its output but no 'instruction' field"),
 ])
 def test_bad_records_name_the_problem(tokenizer, record, message):
+    field_map = record.pop("_map", {})
     with pytest.raises(SmoLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        encode_record(record, tokenizer, FormatOptions())
+        encode_record(record, tokenizer, FormatOptions(field_map=field_map))
 
 
 def test_a_conversation_the_chat_template_rejects_is_named_with_the_template_s_reason():

@@ -189,7 +189,15 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     task = record.get("_task", "")
     shape = detect_shape(record, opts)
     if shape == "text":
-        text = _need_str(record, opts.field_map.get(opts.text_field, opts.text_field), where)
+        name = opts.field_map.get(opts.text_field, opts.text_field)
+        if name not in record:  # one field of a pair present (or mapped) and not its partner: say which is missing
+            f = lambda n: opts.field_map.get(n, n)  # noqa: E731
+            for a, b in (("prompt", "completion"), ("instruction", "output")):
+                if (f(a) in record) != (f(b) in record):
+                    have, missing = (a, b) if f(a) in record else (b, a)
+                    raise SmoLoRAError(f"{where}: record has {f(have)!r} as its {have} but no {f(missing)!r} field for its {missing}; "
+                                       f"map it with --field-map {missing}=FIELD")
+        text = _need_str(record, name, where)
         if not text.strip():  # nothing to learn but an end of text: dropped with the examples that have no targets
             return Example([], [], task, where)
         if task:

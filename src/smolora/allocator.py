@@ -3,14 +3,16 @@
 A training step frees and reallocates every activation of every row. glibc's malloc leaves the
 freed space scattered among small long-lived objects (autograd nodes, Python objects), so the next
 row's tensors do not fit in it and the heap grows; tcmalloc keeps large blocks apart from small
-ones and reuses them. Measured on the benchmark's short chat data (benchmarks/RESULTS.md): peak
-RSS 1662 -> 1416 MiB, the same speed, the same losses to the last digit.
+ones and reuses them. Measured on the benchmark's data (benchmarks/RESULTS.md): peak RSS
+1608-1627 -> 1366-1368 MiB on short chat examples, 2017-2052 -> 1583 MiB on long ones, at the
+same speed and with the same losses to the last digit.
 
 The allocator has to be chosen before the process starts, so ``smolora`` re-runs itself once
 with ``LD_PRELOAD`` set (the same process id, so signals and torchrun see one process).
 ``SMOLORA_ALLOCATOR=system`` keeps glibc's. Nothing happens where tcmalloc is not installed
 (Debian/Ubuntu: ``apt install libtcmalloc-minimal4``; Fedora: ``gperftools-libs``), on macOS or
-Windows, or when ``LD_PRELOAD`` already names an allocator.
+Windows, or when ``LD_PRELOAD`` already names an allocator. A Python program using the API runs
+on the allocator its interpreter started with (``LD_PRELOAD=libtcmalloc_minimal.so.4 python train.py``).
 """
 
 from __future__ import annotations

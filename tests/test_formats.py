@@ -111,9 +111,9 @@ def test_model_without_template_gets_chatml():
     ({"output": "y"}, "record has 'output' as its output but no 'instruction' field"),
 ])
 def test_bad_records_name_the_problem(tokenizer, record, message):
-    field_map = record.pop("_map", {})
+    fields = {k: v for k, v in record.items() if k != "_map"}
     with pytest.raises(SmoLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        encode_record(record, tokenizer, FormatOptions(field_map=field_map))
+        encode_record(fields, tokenizer, FormatOptions(field_map=record.get("_map", {})))
 
 
 def test_a_conversation_the_chat_template_rejects_is_named_with_the_template_s_reason():

@@ -679,6 +679,15 @@ def test_rank_growth_through_the_api_resumes_with_a_tuple_setting(tmp_path, tiny
     assert run(True)["r"] == 8  # the saved settings read back as lists: the same run
 
 
+def test_resume_with_nothing_to_resume_says_it_starts_at_step_0(tmp_path, tiny_model_dir, capsys):
+    from smolora import SmoLoRA
+
+    run = SmoLoRA(base_model_name=str(tiny_model_dir), dataset_name=chat_records(8), output_dir=str(tmp_path / "new"))
+    run.sft_config.max_steps, run.sft_config.gradient_accumulation_steps = 2, 1
+    assert run.train(resume=True).steps == 2
+    assert f"nothing to resume in {tmp_path / 'new'} yet: starting at step 0" in capsys.readouterr().out
+
+
 def test_an_output_folder_with_a_runs_outputs_is_never_trained_over_silently(tmp_path, tiny_model_dir, monkeypatch):
     import smolora.api
     from smolora import SmoLoRA

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, build_tiny
-from smolora.fused import RMSNormFunction, RotaryFunction, apply_rotary_pos_emb, fused_layers
+from smolora.fused import RMSNormFunction, RotaryFunction, SwiGLUFunction, apply_rotary_pos_emb, fused_layers
 
 
 def test_fused_functions_pass_gradcheck():
@@ -62,13 +62,15 @@ def test_fused_layers_keep_loss_and_gradients_and_restore_the_model(arch):
     rng = torch.get_rng_state()
     with fused_layers(model):
         assert torch.equal(torch.get_rng_state(), rng)  # the probes draw from their own generator
-        fused_norms = [m for m in model.modules() if "forward" in vars(m)]
+        fused_norms = [m for m in model.modules() if "forward" in vars(m) and type(m).__name__.endswith("RMSNorm")]
+        fused_mlps = [m for m in model.modules() if "forward" in vars(m) and type(m).__name__.endswith("MLP")]
         fused_loss, fused_grads = loss_and_grads()
         rotary_inside = modeling.apply_rotary_pos_emb
-    if arch == "gemma":  # weight * (1 + w): its own convention, so its norms keep their code
-        assert fused_norms == []
+    if arch == "gemma":  # weight * (1 + w) and a GELU MLP: its own conventions, so they keep their code
+        assert fused_norms == [] and fused_mlps == []
     else:
         assert len(fused_norms) == 2 * 2 + 1 + (2 * 2 if arch == "qwen3" else 0)  # per layer 2 (+ q/k norms), final
+        assert len(fused_mlps) == 2  # SwiGLU, one per layer
     assert rotary_inside is apply_rotary_pos_emb
     assert modeling.apply_rotary_pos_emb is original_rotary
     assert not any("forward" in vars(m) for m in model.modules())
@@ -76,3 +78,17 @@ def test_fused_layers_keep_loss_and_gradients_and_restore_the_model(arch):
     assert grads.keys() == fused_grads.keys()
     for name in grads:
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_swiglu_saves_gate_and_up_only_and_matches_autograd():
+    gate, up = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate, up))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = SwiGLUFunction.apply(gate, up)
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up  # not silu(gate): it is recomputed
+    expected = torch.nn.functional.silu(gate) * up
+    g = torch.randn_like(out)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(torch.autograd.grad(out, (gate, up), g), torch.autograd.grad(expected, (gate, up), g)):
+        torch.testing.assert_close(a, b)

@@ -212,6 +212,11 @@ class SmoLoRA:
         return generate(self.model, self.tokenizer, prompt, max_new_tokens, do_sample, temperature, echo=echo)
 
 
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` (its folders and metrics file), which a new run replaces."""
+    return [name for name in (*RUN_FOLDERS, "metrics.jsonl") if (out / name).exists()]
+
+
 def _check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume: bool = False) -> None:
     """Refuse to train over another run's output unless resuming it or told to overwrite."""
     if out.exists() and not out.is_dir():
@@ -219,7 +224,7 @@ def _check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resum
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise SmoLoRAError(f"{out}: output folder is not writable")
-    earlier = [name for name in (*RUN_FOLDERS, "metrics.jsonl") if (out / name).exists()]  # what this run would replace
+    earlier = earlier_run(out)  # what this run would replace
     if not resuming and not overwrite and earlier:
         if asked_to_resume:
             raise SmoLoRAError(f"{out}: holds an earlier run ({', '.join(earlier)}) but no complete checkpoint to resume; "

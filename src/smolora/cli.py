@@ -276,11 +276,7 @@ def cmd_eval(args) -> int:
     data = build_from(DataConfig, args)
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
-    sources = parse_data_arg(args.data)
-    if isinstance(sources, dict):  # several tasks: every record once, with its task's prefix (no mixing weights)
-        records = [{**r, "_task": name} for name, (path, _) in sources.items() for r in load_source(path, data)]
-    else:
-        records = load_source(sources, data)
+    records = load_source(parse_data_arg(args.data), data, mix=False)  # several tasks: every record once, with its task's prefix
     if args.json:
         check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)

@@ -62,7 +62,7 @@ def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") ->
 def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_size: int = 50, max_steps: int = 60,
              model: str | None = None, seed: int = 0, preset: str = "qv", r: int = 8) -> dict:
     """Fine-tune on the date task, measure exact match before and after, save everything."""
-    from smolora.api import RUN_FOLDERS, SmoLoRA
+    from smolora.api import SmoLoRA, earlier_run
     from smolora.config import expand_targets
     from smolora.models import load_model
     from smolora.train import TrainingInterrupted
@@ -73,7 +73,7 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     t0 = time.perf_counter()
     out = Path(output_dir)
     # The demo replaces its own earlier run (and continues it where Ctrl-C stopped it), never anyone else's.
-    earlier = [name for name in (*RUN_FOLDERS, "metrics.jsonl") if (out / name).exists()]
+    earlier = earlier_run(out)
     if earlier and not (out / "dates_train.jsonl").is_file():
         raise SmoLoRAError(f"{out}: holds a training run the demo did not make ({', '.join(earlier)}); choose another --output")
     interrupted = bool(earlier) and not (out / "demo_results.json").is_file()

@@ -22,8 +22,9 @@ class PreparedData:
     stats: EncodeStats
 
 
-def load_source(source: Any, data: DataConfig, seed: int = 42) -> list[dict]:
-    """Records from one source, or from several tasks given as {name: source or (source, weight)}."""
+def load_source(source: Any, data: DataConfig, seed: int = 42, mix: bool = True) -> list[dict]:
+    """Records from one source, or from several tasks given as {name: source or (source, weight)}:
+    mixed by their weights, or with ``mix=False`` every task's records once (each with its task)."""
     # Token windows need the tokenizer: read whole files here, cut them when encoding.
     mode = "file" if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else data.txt_mode
     read = lambda s: load_records(s, txt_mode=mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe)  # noqa: E731
@@ -32,7 +33,7 @@ def load_source(source: Any, data: DataConfig, seed: int = 42) -> list[dict]:
         for name, spec in source.items():
             src, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
             tasks.append((name, read(src), float(weight)))
-        return mix_tasks(tasks, seed)
+        return mix_tasks(tasks, seed) if mix else [{**r, "_task": name} for name, records, _ in tasks for r in records]
     return read(source)
 
 

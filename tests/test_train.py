@@ -496,6 +496,55 @@ def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_pat
     assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == drops
 
 
+def _saved_bytes(model, mb) -> int:
+    """Bytes autograd keeps for backward over one forward (each storage counted once)."""
+    from smolora.train import token_loss_sum
+
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_loss_sum(model, mb)
+    return sum(storages.values())
+
+
+def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokenizer, tmp_path, monkeypatch):
+    from smolora import lora
+
+    def run(fused: bool, out):
+        if not fused:
+            monkeypatch.setattr(lora, "_dropout_lora_forward", lambda layer, original: original)
+        model, examples = setup(tokenizer, dropout=0.1)
+        mb = collate(examples[:4], True, 0)
+        model.train()
+        with lora.fast_dropout(model):
+            saved = _saved_bytes(model, mb)
+        result = train(model, examples, cfg(out), **QUIET)
+        monkeypatch.undo()
+        return saved, result.losses, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    saved, losses, weights = run(True, tmp_path / "fused")
+    saved_plain, losses_plain, weights_plain = run(False, tmp_path / "plain")
+    torch.testing.assert_close(losses, losses_plain, rtol=1e-6, atol=1e-6)
+    for n, w in weights.items():
+        torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-6, msg=n)
+    # every layer's q/k/v adapters read one normed input: saved once, not as three dropped copies
+    assert saved < saved_plain
+
+
+def test_dropout_lora_function_gradients():
+    from smolora.lora import DropoutLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 5, 6) > 0.3
+    torch.autograd.gradcheck(lambda x, w: DropoutLinear.apply(x, keep, 1 / 0.7, w), (x, w))
+
+
 def test_every_lora_config_field_set_through_the_api_reaches_the_adapter(tmp_path, tiny_model_dir):
     from smolora import SmoLoRA
 

@@ -112,20 +112,76 @@ class FastDropout(nn.Dropout):
     least ``round(p * 2**32)`` (p exact to 2**-32).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0 or self.inplace:
-            return super().forward(x)
+    def active(self, x: torch.Tensor) -> bool:
+        return self.training and x.device.type == "cpu" and 0.0 < self.p < 1.0 and not self.inplace
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The next bool mask of elements kept, shaped like ``x``."""
         seed = int(torch.randint(0, 2**62, ()))
         n = x.numel()
         bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-        keep = torch.from_numpy(bits >= np.uint32(round(self.p * 2**32))).view(x.shape)
-        return _KeepScale.apply(x, keep, 1.0 / (1.0 - self.p))
+        return torch.from_numpy(bits >= np.uint32(round(self.p * 2**32))).view(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active(x):
+            return super().forward(x)
+        return _KeepScale.apply(x, self.mask(x), 1.0 / (1.0 - self.p))
+
+
+class DropoutLinear(torch.autograd.Function):
+    """``(x * keep / (1 - p)) @ A^T``, saving ``x`` and the bool mask instead of the dropped input.
+
+    A layer's q_proj and v_proj adapters read the same normed hidden states, each through a
+    dropout of its own: autograd through ``lora_A(dropout(x))`` keeps two dropped copies of it per
+    layer, where this keeps ``x`` once, shared, and recomputes the dropped input for A's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float, weight):
+        ctx.save_for_backward(x, keep, weight)
+        ctx.scale = scale
+        return torch.mul(x, keep).mul_(scale) @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mul(grad @ weight, keep).mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            dropped = torch.mul(x, keep).mul_(ctx.scale)
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
+        return grad_x, None, None, grad_w
+
+
+def _dropout_lora_forward(layer, original):
+    """PEFT's LoRA ``Linear.forward`` for one plain adapter, its dropout and ``lora_A`` in one
+    ``DropoutLinear``; anything else (mixed adapters, variants, merged, autocast) goes to PEFT's."""
+
+    def forward(x, *args, **kwargs):
+        names = [a for a in layer.active_adapters if a in layer.lora_A]
+        if (args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] in getattr(layer, "lora_variant", {})
+                or torch.is_autocast_enabled(x.device.type)):
+            return original(x, *args, **kwargs)
+        name = names[0]
+        lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+        if (not isinstance(drop, FastDropout) or not drop.active(x) or type(lora_a) is not nn.Linear or lora_a.bias is not None
+                or x.dtype != lora_a.weight.dtype):
+            return original(x, *args, **kwargs)
+        result = layer.base_layer(x)
+        dropped_a = DropoutLinear.apply(x, drop.mask(x), 1.0 / (1.0 - drop.p), lora_a.weight)
+        return (result + lora_b(dropped_a) * layer.scaling[name]).to(result.dtype)
+
+    return forward
 
 
 @contextlib.contextmanager
 def fast_dropout(model: nn.Module):
-    """Swap PEFT's LoRA ``nn.Dropout`` modules for ``FastDropout`` while training on CPU."""
-    swapped = []
+    """Swap PEFT's LoRA ``nn.Dropout`` modules for ``FastDropout`` while training on CPU, and run
+    each plain LoRA linear layer's dropout and ``lora_A`` as one ``DropoutLinear``."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    swapped, patched = [], []
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(drops, nn.ModuleDict):
@@ -133,11 +189,16 @@ def fast_dropout(model: nn.Module):
                 if type(drop) is nn.Dropout:
                     drops[name] = FastDropout(drop.p).train(drop.training)
                     swapped.append((drops, name, drop))
+            if type(module) is LoraLinear and "forward" not in vars(module):
+                module.forward = _dropout_lora_forward(module, module.forward)
+                patched.append(module)
     try:
         yield
     finally:
         for drops, name, drop in swapped:
             drops[name] = drop
+        for module in patched:
+            del module.forward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,11 +234,36 @@ def test_bad_models_and_devices_exit_2_with_one_line(tmp_path, tiny_model_dir):
         r = smolora("generate", *args, "--prompt", "hi", "--max-new-tokens", 2, env=env)
         errors = [line for line in r.stderr.splitlines() if line.startswith("smolora: error:")]
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    # a hub id on a machine that cannot reach the hub: one line at once, no minute of retries
+    env = {**{k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}, "HF_HUB_CACHE": str(tmp_path / "empty"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = smolora("generate", "--model", "someone/not-cached", "--prompt", "hi", env=env)
+    assert r.returncode == 2 and "the hub is not reachable from here" in r.stderr and "Retrying" not in r.stderr, r.stderr[-2000:]
     r = smolora("generate", "--model", tmp_path / "never-loaded", "--prompt", "hi", "--max-new-tokens", 0)
     assert r.returncode == 2 and "max_new_tokens must be >= 1 (got 0)" in r.stderr  # checked before any model loads
     if not torch.cuda.is_available():
         r = smolora("generate", "--model", tiny_model_dir, "--device", "cuda", "--prompt", "hi")
         assert r.returncode == 2 and "no such CUDA GPU here" in r.stderr
+
+
+def test_hub_reachable_asks_the_endpoint_once(monkeypatch):
+    import socket
+
+    from smolora.models import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        for endpoint, offline, expected in ((f"http://127.0.0.1:{server.getsockname()[1]}", "", True),
+                                            (f"http://127.0.0.1:{server.getsockname()[1]}", "1", False),
+                                            ("http://127.0.0.1:9", "", False)):
+            monkeypatch.setenv("HF_ENDPOINT", endpoint)
+            monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+            for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+                monkeypatch.delenv(proxy, raising=False)
+            hub_reachable.cache_clear()
+            assert hub_reachable() is expected, endpoint
+    hub_reachable.cache_clear()
 
 
 def test_interactive_chat_and_plain_completion_without_a_chat_template(tmp_path, tiny_model_dir):

@@ -302,7 +302,7 @@ def cmd_export(args) -> int:
 
     check_output(args.output, args.type, args.overwrite)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
-    check_exportable(AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code), tokenizer)
+    check_exportable(AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code, **source.hub_options()), tokenizer)
     model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
     print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")

@@ -13,12 +13,16 @@ unless the caller opts in, and even then they are read with ``weights_only=True`
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,39 @@ class ModelSource:
             return False
         root = Path(folder).resolve()
         return any(root == p or root in p.parents for p in (Path(self.folder).resolve(), Path(self.name).resolve()))
+
+    def hub_options(self) -> dict:
+        """``from_pretrained`` options: a hub id on a machine that cannot reach the hub is read from the
+        local cache only (huggingface_hub would otherwise retry for most of a minute before failing)."""
+        return {} if self.is_local or hub_reachable() else {"local_files_only": True}
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT) takes a TCP connection within ``timeout`` seconds;
+    asked once per process. HF_HUB_OFFLINE says no; a proxy in the environment is trusted to reach it."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+
+    def connect() -> bool:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            return True
+        except OSError:
+            return False
+
+    # in a thread of its own: a name lookup has no timeout of its own
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def smolora_home() -> Path:
@@ -188,7 +225,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **source.hub_options())
     except OSError as e:
         raise _not_found(source, e) from None
     if tokenizer.pad_token is None:
@@ -207,7 +244,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_weight_files(source.folder, allow_pickle)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.hub_options()}
     if not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub id too: never unpickle what a cache holds
     try:
@@ -220,5 +257,8 @@ def load_model(
 def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:
     if source.is_local:
         return SmoLoRAError(f"{source.name}: cannot load the model: {str(error).splitlines()[0]}")
-    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name in the Hugging Face "
-                        "cache (the hub is not reachable from here; pickled weights need --allow-pickle)")
+    if not hub_reachable():
+        return SmoLoRAError(f"{source.name}: no such local folder, no safetensors model of that name in the Hugging Face cache "
+                            "(pickled weights need --allow-pickle), and the hub is not reachable from here")
+    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name on the Hugging Face hub "
+                        "(pickled weights need --allow-pickle)")

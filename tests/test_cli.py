@@ -38,6 +38,7 @@ def test_train_merge_generate(tmp_path, tiny_model_dir, data_file):
                 "--gradient-accumulation-steps", 2, "--r", 4, "--grow-rank", 6, "--target-modules", "q_proj,v_proj", "--logging-steps", 1)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Trainable params:" in r.stdout and "'loss':" in r.stderr + r.stdout
+    assert "\r" not in r.stderr + r.stdout  # output to a pipe: log lines, no progress bars redrawn over them
     assert "step 2: adapter rank 4 -> 6 (lora_alpha 24, same scaling" in r.stderr + r.stdout
     # the command trains on tcmalloc where the system has it (smolora.allocator), and says so
     assert ("RSS" in r.stderr + r.stdout) and ("(tcmalloc)" in r.stderr + r.stdout) == (sys.platform.startswith("linux") and find_tcmalloc() is not None)

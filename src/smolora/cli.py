@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         from smolora.allocator import reexec_with_tcmalloc
 
         reexec_with_tcmalloc()
+        if not sys.stderr.isatty():  # a log file or a pipe: no progress bars, whose \r redraws pile up in one line
+            os.environ.setdefault("TQDM_DISABLE", "1")  # (read by tqdm when it is imported, not yet here)
     parser = make_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}

@@ -320,7 +320,8 @@ def train(
     logged_losses: list[float] = []
     window_tokens, window_start, nonfinite = 0, time.perf_counter(), 0
     start_time = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.main)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if world.main else True)  # None: on a terminal (or a notebook) only
     write = bar.write if world.main else _silent
 
     def save(step_state: ckpt.TrainState) -> Path:

@@ -236,7 +236,8 @@ def test_bad_models_and_devices_exit_2_with_one_line(tmp_path, tiny_model_dir):
         errors = [line for line in r.stderr.splitlines() if line.startswith("smolora: error:")]
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
     # a hub id on a machine that cannot reach the hub: one line at once, no minute of retries
-    env = {**{k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}, "HF_HUB_CACHE": str(tmp_path / "empty"),
+    proxies = ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    env = {**{k: v for k, v in ENV.items() if k not in proxies}, "HF_HUB_CACHE": str(tmp_path / "empty"),
            "HF_ENDPOINT": "http://127.0.0.1:9"}
     r = smolora("generate", "--model", "someone/not-cached", "--prompt", "hi", env=env)
     assert r.returncode == 2 and "the hub is not reachable from here" in r.stderr and "Retrying" not in r.stderr, r.stderr[-2000:]
@@ -252,18 +253,27 @@ def test_hub_reachable_asks_the_endpoint_once(monkeypatch):
 
     from smolora.models import hub_reachable
 
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub_reachable.cache_clear()
+    assert hub_reachable() is False  # nothing listens there
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        for endpoint, offline, expected in ((f"http://127.0.0.1:{server.getsockname()[1]}", "", True),
-                                            (f"http://127.0.0.1:{server.getsockname()[1]}", "1", False),
-                                            ("http://127.0.0.1:9", "", False)):
-            monkeypatch.setenv("HF_ENDPOINT", endpoint)
-            monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-            for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-                monkeypatch.delenv(proxy, raising=False)
-            hub_reachable.cache_clear()
-            assert hub_reachable() is expected, endpoint
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_reachable() is False  # asked once per process: the first answer stands
+        hub_reachable.cache_clear()
+        assert hub_reachable() is True
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        hub_reachable.cache_clear()
+        assert hub_reachable() is False
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy for the endpoint's scheme is trusted
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        hub_reachable.cache_clear()
+        assert hub_reachable() is True
     hub_reachable.cache_clear()
 
 

@@ -531,7 +531,7 @@ def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokeniz
     torch.testing.assert_close(losses, losses_plain, rtol=1e-6, atol=1e-6)
     for n, w in weights.items():
         torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-6, msg=n)
-    # every layer's q/k/v adapters read one normed input: saved once, not as three dropped copies
+    # a layer's q/k/v adapters read one normed input, its gate/up adapters another: each saved once, not as dropped copies
     assert saved < saved_plain
 
 

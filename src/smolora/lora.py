@@ -161,7 +161,7 @@ def _dropout_lora_forward(layer, original):
     def forward(x, *args, **kwargs):
         names = [a for a in layer.active_adapters if a in layer.lora_A]
         if (args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] in getattr(layer, "lora_variant", {})
-                or torch.is_autocast_enabled(x.device.type)):
+                or getattr(layer, "use_dora", {}).get(names[0]) or torch.is_autocast_enabled(x.device.type)):
             return original(x, *args, **kwargs)
         name = names[0]
         lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
@@ -182,23 +182,24 @@ def fast_dropout(model: nn.Module):
     from peft.tuners.lora import Linear as LoraLinear
 
     swapped, patched = [], []
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if isinstance(drops, nn.ModuleDict):
-            for name, drop in drops.items():
-                if type(drop) is nn.Dropout:
-                    drops[name] = FastDropout(drop.p).train(drop.training)
-                    swapped.append((drops, name, drop))
-            if type(module) is LoraLinear and "forward" not in vars(module):
-                module.forward = _dropout_lora_forward(module, module.forward)
-                patched.append(module)
     try:
+        for module in model.modules():
+            drops = getattr(module, "lora_dropout", None)
+            if isinstance(drops, nn.ModuleDict):
+                for name, drop in drops.items():
+                    if type(drop) is nn.Dropout:
+                        drops[name] = FastDropout(drop.p).train(drop.training)
+                        swapped.append((drops, name, drop))
+                if type(module) is LoraLinear and "forward" not in vars(module):
+                    module.forward = _dropout_lora_forward(module, module.forward)
+                    patched.append((module, module.forward))
         yield
     finally:
         for drops, name, drop in swapped:
             drops[name] = drop
-        for module in patched:
-            del module.forward
+        for module, forward in patched:
+            if vars(module).get("forward") is forward:  # ours, still
+                del module.forward
 
 
 # ---------------------------------------------------------------------------------------------

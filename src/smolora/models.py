@@ -13,16 +13,18 @@ unless the caller opts in, and even then they are read with ``weights_only=True`
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import importlib.util
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,29 +62,29 @@ class ModelSource:
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub ($HF_ENDPOINT) takes a TCP connection within ``timeout`` seconds;
-    asked once per process. HF_HUB_OFFLINE says no; a proxy in the environment is trusted to reach it."""
+    asked once per process. HF_HUB_OFFLINE says no; a proxy the environment sets for it is trusted to reach it."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    host = url.hostname or "huggingface.co"
+    proxies = urllib.request.getproxies()  # *_PROXY variables, NO_PROXY by proxy_bypass
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return True
+    answer: queue.Queue = queue.Queue()
 
-    def connect() -> bool:
+    def connect() -> None:
         try:
-            socket.create_connection(address, timeout=timeout).close()
-            return True
+            socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+            answer.put(True)
         except OSError:
-            return False
+            answer.put(False)
 
-    # in a thread of its own: a name lookup has no timeout of its own
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    # a daemon thread: a name lookup has no timeout of its own, and an exit must not wait for it
+    threading.Thread(target=connect, daemon=True).start()
     try:
-        return pool.submit(connect).result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
+        return answer.get(timeout=timeout)
+    except queue.Empty:
         return False
-    finally:
-        pool.shutdown(wait=False)
 
 
 def smolora_home() -> Path:
@@ -260,5 +262,5 @@ def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:
     if not hub_reachable():
         return SmoLoRAError(f"{source.name}: no such local folder, no safetensors model of that name in the Hugging Face cache "
                             "(pickled weights need --allow-pickle), and the hub is not reachable from here")
-    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name on the Hugging Face hub "
-                        "(pickled weights need --allow-pickle)")
+    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name could be loaded from the "
+                        f"Hugging Face hub (pickled weights need --allow-pickle): {str(error).splitlines()[0]}")

@@ -33,6 +33,7 @@ from smolora.errors import SmoLoRAError
 from smolora.fused import fused_layers
 from smolora.lora import adapter_rank, check_growable, fast_dropout, grow_rank, pad_to, parameter_report, rank_at
 from smolora.monitor import MetricsFile, diagnose, memory_line
+from smolora.onednn import linear, onednn_linears, usable
 
 
 class NonFiniteLossError(SmoLoRAError):
@@ -127,12 +128,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = weight.to(dtype)
         chunk = LinearCrossEntropy.CHUNK
-        block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=dtype)  # one (chunk, V) buffer for all chunks
-        block32 = block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)
+        fast = usable(hidden, w)  # through oneDNN (smolora.onednn); fp32 only, so not under autocast
+        # torch's mm writes into one (chunk, V) buffer kept for all chunks: with glibc's malloc each fresh
+        # 25 MB block was a fresh mapping, whose page faults cost more than its GEMM
+        block = None if fast else hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=dtype)
+        block32 = block if dtype == torch.float32 or block is None else block.new_empty(block.shape, dtype=torch.float32)
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
-                logits = torch.mm(h, w.T, out=block[: len(t)])  # (c, V)
+                logits = linear(h, w) if fast else torch.mm(h, w.T, out=block[: len(t)])  # (c, V)
                 if block32 is not block:
                     logits = block32[: len(t)].copy_(logits)
                 logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused kernel, row by row
@@ -142,8 +146,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs = logp.exp_()  # softmax, in place
                     probs[rows, t] -= 1.0  # d loss / d logits
                     probs = probs.to(dtype)
-                    if want_h:  # as (W^T probs^T)^T: the vocabulary as the GEMM's long side (168 -> 197 GFLOP/s at 128 rows here)
-                        grad_h[s : s + len(t)] = (w.T @ probs.T).T
+                    if want_h:  # torch's mm: as (W^T probs^T)^T, the vocabulary as the GEMM's long side (168 -> 197 GFLOP/s)
+                        grad_h[s : s + len(t)] = linear(probs, w.t()) if fast else (w.T @ probs.T).T
                     if want_w:
                         grad_w += probs.T @ h
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
@@ -235,10 +239,11 @@ def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: b
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        mb = _to_device(collate(examples[s : s + batch_size], packed, pad_id), device)
-        total += float(token_loss_sum(model, mb))
-        count += mb.num_targets
+    with onednn_linears(model):
+        for s in range(0, len(examples), batch_size):
+            mb = _to_device(collate(examples[s : s + batch_size], packed, pad_id), device)
+            total += float(token_loss_sum(model, mb))
+            count += mb.num_targets
     model.train(was_training)
     return total / max(1, count)
 
@@ -365,6 +370,7 @@ def train(
         cleanup.enter_context(varlen_attention(lm))
     cleanup.enter_context(fast_dropout(model))
     cleanup.enter_context(fused_layers(lm))
+    cleanup.enter_context(onednn_linears(model))
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
     # mask cannot hold a sliding window that only some layers use: such models share none.
     share_rows = cfg.share_prefix and not has_sliding_window(lm)

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-from smolora import allocator, onednn
+USER_ENV = set(os.environ)  # before importing smolora, which sets oneDNN's cache sizes
+
+from smolora import allocator, onednn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
@@ -363,6 +365,8 @@ def spawn(impl: str, variant: str, steps: int, seed: int, tcmalloc: str = "smolo
     if MODEL:
         cmd += ["--model", MODEL]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    if not impl.startswith("smolora"):  # torch's own oneDNN cache sizes, not the ones importing smolora sets
+        env = {k: v for k, v in env.items() if k not in onednn.CACHES or k in USER_ENV}
     if tcmalloc == "none":
         env["SMOLORA_ALLOCATOR"] = "system"
     elif tcmalloc == "all" or impl.startswith("smolora"):

@@ -130,11 +130,8 @@ def test_kernel_caches_stay_small_over_many_row_lengths():
     assert grown < 150, f"{grown} MiB"
 
 
-@needs_onednn
-def test_a_cache_size_the_user_set_is_kept(gemm, monkeypatch):
-    gemm("onednn")
-    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    onednn.onednn_is_faster()
-    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+def test_importing_caps_the_kernel_caches_unless_the_user_set_them():
+    script = "import os, smolora.onednn; print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k not in onednn.CACHES} | {"LRU_CACHE_CAPACITY": "7"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["7", "32"]

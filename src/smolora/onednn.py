@@ -16,8 +16,9 @@ are both oneDNN calls. ``linear`` is the same call with no autograd, for the LM-
 oneDNN JIT-compiles a kernel per GEMM shape, and two caches keep them, 1024 entries each by
 default (oneDNN's primitive cache and ideep's LRU) at up to ~1 MB an entry. Training rows of
 every length make hundreds of shapes: the caches would grow by hundreds of MiB. A row needs
-about 20, so both are capped at 32, set before this module's first oneDNN call unless the
-environment already names them. Re-creating an evicted kernel costs ~0.1 ms.
+about 20, so both are capped at 32 when this module is imported, before the process's first
+oneDNN call, unless the environment already names them. Re-creating an evicted kernel costs
+~0.1 ms.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from torch import nn
 from smolora.errors import SmoLoRAError
 
 ENV = "SMOLORA_GEMM"  # auto (measure), onednn, or mkl (torch's default)
-CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # read once, at their first use
+CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # read once, at the process's first oneDNN call
+for _name in CACHES:
+    os.environ.setdefault(_name, "32")
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +58,6 @@ def onednn_is_faster() -> bool:
         raise SmoLoRAError(f"{ENV}={choice!r}: expected auto, onednn or mkl")
     if choice == "mkl" or not _available():
         return False
-    for name in CACHES:
-        os.environ.setdefault(name, "32")
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(256, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
     try:

@@ -15,7 +15,9 @@ Throughput counts the dataset's own tokens and examples, never tokens computed. 
 optimizer step of each run is a warm-up and is not timed.
 MFU = FLOPs of the matmuls each implementation actually runs (counted analytically) / the fp32
 GEMM peak measured at the model's shapes: the highest rate of the probes run at the start and at
-the start of every worker (the machine's speed drifts; the highest probe never flatters).
+the end of every worker (the machine's speed drifts; the highest probe never flatters), through
+torch's default fp32 GEMM and through oneDNN's, which SmoLoRA uses where it is faster. A worker's
+peak RSS is read before its probe.
 """
 
 from __future__ import annotations
@@ -333,10 +335,10 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     records = make_records(variant, steps * SPEC["accum"], seed)
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if impl.endswith("_bf16") else torch.float32
-    gemm = gemm_peak(model_config(), dtype=dtype)["peak"]  # the machine right now, in the dtype of the run's matmuls
     data = WORKERS[impl](records, steps, seed)
-    data["gemm_peak"], data["gemm_dtype"] = gemm, str(dtype).removeprefix("torch.")
-    data["peak_rss_mib"] = peak_rss_mib()
+    data["peak_rss_mib"] = peak_rss_mib()  # before the probe: its buffers (a 100 MB head output) are not the run's
+    # the machine right after the run, in the dtype of the run's matmuls
+    data["gemm_peak"], data["gemm_dtype"] = gemm_peak(model_config(), dtype=dtype)["peak"], str(dtype).removeprefix("torch.")
     data["allocator"] = allocator.active()
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data

@@ -150,6 +150,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_h[s : s + len(t)] = linear(probs, w.t()) if fast else (w.T @ probs.T).T
                     if want_w:
                         grad_w += probs.T @ h
+                logits = logp = probs = None  # oneDNN's (c, V) block: freed before the next chunk allocates its own
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.want = (want_h, want_w)
         return loss

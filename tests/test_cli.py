@@ -307,3 +307,12 @@ def test_bad_data_fails_before_the_embedded_model_is_converted(tmp_path):
     r = smolora("train", "--data", tmp_path / "bad.jsonl", "--output", tmp_path / "run", env={**ENV, "SMOLORA_HOME": str(tmp_path / "home")})
     assert r.returncode == 2 and "bad.jsonl:2: malformed JSON" in r.stderr
     assert "converting" not in r.stdout and not (tmp_path / "home").exists()
+
+
+def test_an_unknown_gemm_backend_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, env={**ENV, "SMOLORA_GEMM": "blas"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("smolora: error:")]
+    assert lines == ["smolora: error: SMOLORA_GEMM='blas': expected auto, onednn or mkl"], r.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())

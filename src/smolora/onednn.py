@@ -52,7 +52,7 @@ def _available() -> bool:
 @functools.lru_cache(maxsize=None)
 def onednn_is_faster() -> bool:
     """Whether fp32 linear layers run faster through oneDNN than through torch's default on this
-    CPU: a 256 x 1024 x 1024 GEMM timed both ways, best of 5 each after a warm-up (~30 ms)."""
+    CPU: a 256 x 1024 x 1024 GEMM timed both ways, best of 5 each after a warm-up (~35 ms)."""
     choice = os.environ.get(ENV, "auto").lower()
     if choice not in ("auto", "onednn", "mkl"):
         raise SmoLoRAError(f"{ENV}={choice!r}: expected auto, onednn or mkl")

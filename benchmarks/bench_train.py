@@ -332,6 +332,9 @@ WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_ref
 
 
 def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
+    if not impl.startswith("smolora"):  # torch's own oneDNN cache sizes: undo what importing smolora set
+        for name in set(onednn.CACHES) - USER_ENV:
+            os.environ.pop(name, None)
     records = make_records(variant, steps * SPEC["accum"], seed)
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if impl.endswith("_bf16") else torch.float32

@@ -132,7 +132,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # torch's mm writes into one (chunk, V) buffer kept for all chunks: with glibc's malloc each fresh
         # 25 MB block was a fresh mapping, whose page faults cost more than its GEMM
         block = None if fast else hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=dtype)
-        block32 = block if dtype == torch.float32 or block is None else block.new_empty(block.shape, dtype=torch.float32)
+        block32 = block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)  # (oneDNN: fp32 only)
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]

@@ -14,10 +14,10 @@ SmoLoRA with it on, for the like-for-like pairs (smolora / trl_no_ckpt, smolora_
 Throughput counts the dataset's own tokens and examples, never tokens computed. The first
 optimizer step of each run is a warm-up and is not timed.
 MFU = FLOPs of the matmuls each implementation actually runs (counted analytically) / the fp32
-GEMM peak measured at the model's shapes: the highest rate of the probes run at the start and at
-the end of every worker (the machine's speed drifts; the highest probe never flatters), through
-torch's default fp32 GEMM and through oneDNN's, which SmoLoRA uses where it is faster. A worker's
-peak RSS is read before its probe.
+GEMM peak measured at the model's shapes: the highest rate of the probe run before any worker and
+the one each worker runs right after its training (the machine's speed drifts; the highest probe
+never flatters), through torch's default fp32 GEMM and through oneDNN's, which SmoLoRA uses where
+it is faster. A worker's peak RSS is read before its probe.
 """
 
 from __future__ import annotations

@@ -86,6 +86,14 @@ def test_an_unknown_gemm_choice_is_refused(gemm):
         onednn.onednn_is_faster()
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_gemm_choice_is_the_default(gemm, value):
+    gemm(value)
+    assert isinstance(onednn.onednn_is_faster(), bool)  # measured, as when unset: not refused as an unknown choice
+    gemm(" MKL ")
+    assert onednn.onednn_is_faster() is False
+
+
 def _losses_and_adapter(tokenizer, tmp_path, monkeypatch, **settings):
     calls = []
     apply = onednn.FrozenLinear.apply

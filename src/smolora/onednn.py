@@ -53,7 +53,7 @@ def _available() -> bool:
 def onednn_is_faster() -> bool:
     """Whether fp32 linear layers run faster through oneDNN than through torch's default on this
     CPU: a 256 x 1024 x 1024 GEMM timed both ways, best of 5 each after a warm-up (~35 ms)."""
-    choice = os.environ.get(ENV, "auto").lower()
+    choice = os.environ.get(ENV, "").strip().lower() or "auto"  # set but empty: the default
     if choice not in ("auto", "onednn", "mkl"):
         raise SmoLoRAError(f"{ENV}={choice!r}: expected auto, onednn or mkl")
     if choice == "mkl" or not _available():

@@ -92,3 +92,33 @@ def test_swiglu_saves_gate_and_up_only_and_matches_autograd():
     torch.testing.assert_close(out, expected)
     for a, b in zip(torch.autograd.grad(out, (gate, up), g), torch.autograd.grad(expected, (gate, up), g)):
         torch.testing.assert_close(a, b)
+
+
+def test_lora_input_after_a_fused_norm_is_recomputed_not_saved_and_gives_the_same_bits():
+    from smolora.lora import DropoutLinear
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 16, generator=gen, requires_grad=True)
+    norm_weight = torch.randn(16, generator=gen)
+    a = torch.randn(4, 16, generator=gen, requires_grad=True)
+    keep = torch.rand(2, 7, 16, generator=gen) > 0.1
+    grad = torch.randn(2, 7, 4, generator=gen)
+
+    def run(from_norm: bool):
+        x = RMSNormFunction.apply(h, norm_weight, 1e-6)
+        if not from_norm:
+            x = x.clone()  # the same values, with no record of the norm: saved as they are
+        saved = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+            y = DropoutLinear.apply(x, keep, 1 / 0.9, a)
+        return (y, *torch.autograd.grad(y, (h, a), grad)), x.untyped_storage().data_ptr() in saved
+
+    shared, x_saved = run(True)
+    plain, x_saved_plain = run(False)
+    assert x_saved_plain and not x_saved  # the norm's input and 1/rms are kept instead (the norm keeps them anyway)
+    for got, expected in zip(shared, plain):
+        assert torch.equal(got, expected)
+
+    h64, a64 = h.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, a: DropoutLinear.apply(RMSNormFunction.apply(h, norm_weight.double(), 1e-6), keep, 1 / 0.9, a),
+                                    (h64, a64))

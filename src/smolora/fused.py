@@ -23,14 +23,30 @@ import torch
 import torch.nn.functional as F
 
 
+def rms_scale(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's output from its input ``x``, ``r = 1 / rms(x)`` and its weight: the one
+    expression for the forward and for any recomputation of it, so both give the same bits."""
+    return (x * r).mul_(weight)
+
+
+NORMED_FROM = "_smolora_normed_from"  # on an RMSNormFunction output: (x, r, weight), detached, as saved
+
+
 class RMSNormFunction(torch.autograd.Function):
-    """``weight * x / sqrt(mean(x**2) + eps)`` over the last dimension."""
+    """``weight * x / sqrt(mean(x**2) + eps)`` over the last dimension.
+
+    The output carries what its backward saves (``NORMED_FROM``), so that a consumer which would
+    otherwise save the output itself (``smolora.lora.DropoutLinear``: the q/v adapters' input) can
+    keep references to those instead and recompute it: one (tokens, hidden) tensor less per norm.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
         ctx.save_for_backward(x, weight, r)
-        return (x * r).mul_(weight)
+        out = rms_scale(x, r, weight)
+        setattr(out, NORMED_FROM, (x.detach(), r, weight.detach()))
+        return out
 
     @staticmethod
     def backward(ctx, grad):

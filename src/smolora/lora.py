@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from smolora.errors import SmoLoRAError
+from smolora.fused import NORMED_FROM, rms_scale
 
 
 def linear_module_names(model: nn.Module) -> dict[str, int]:
@@ -134,21 +135,25 @@ class DropoutLinear(torch.autograd.Function):
     A layer's q_proj and v_proj adapters read the same normed hidden states, each through a
     dropout of its own: autograd through ``lora_A(dropout(x))`` keeps two dropped copies of it per
     layer, where this keeps ``x`` once, shared, and recomputes the dropped input for A's gradient.
+    Where ``x`` is a fused RMSNorm's output (``smolora.fused``), not even that: the norm's backward
+    keeps its input and 1/rms already, and ``x`` is recomputed from them, bit for bit.
     """
 
     @staticmethod
     def forward(ctx, x, keep, scale: float, weight):
-        ctx.save_for_backward(x, keep, weight)
+        normed_from = getattr(x, NORMED_FROM, None)
+        ctx.save_for_backward(*(normed_from or (x,)), keep, weight)
         ctx.scale = scale
         return torch.mul(x, keep).mul_(scale) @ weight.T
 
     @staticmethod
     def backward(ctx, grad):
-        x, keep, weight = ctx.saved_tensors
+        *source, keep, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mul(grad @ weight, keep).mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
+            x = rms_scale(*source) if len(source) == 3 else source[0]
             dropped = torch.mul(x, keep).mul_(ctx.scale)
             grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
         return grad_x, None, None, grad_w

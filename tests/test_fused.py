@@ -119,6 +119,11 @@ def test_lora_input_after_a_fused_norm_is_recomputed_not_saved_and_gives_the_sam
     for got, expected in zip(shared, plain):
         assert torch.equal(got, expected)
 
+    x = RMSNormFunction.apply(h, norm_weight, 1e-6)
+    x.mul_(2)  # changed in place after the norm: no longer what the norm's saved tensors give, so saved as it is
+    y = DropoutLinear.apply(x, keep, 1 / 0.9, a)
+    torch.testing.assert_close(torch.autograd.grad(y, a, grad)[0], 2 * plain[2])  # A's gradient is linear in its input
+
     h64, a64 = h.detach().double().requires_grad_(), a.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda h, a: DropoutLinear.apply(RMSNormFunction.apply(h, norm_weight.double(), 1e-6), keep, 1 / 0.9, a),
                                     (h64, a64))

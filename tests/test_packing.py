@@ -183,6 +183,30 @@ def test_chunked_linear_cross_entropy_equals_the_plain_one():
     torch.testing.assert_close(gw, weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_linear_cross_entropy_over_vocabulary_blocks_equals_the_plain_one_and_reads_codes_alike(monkeypatch):
+    """A frozen head: several blocks of the vocabulary (online softmax) and several passes over positions."""
+    from smolora.codes import fit_codes
+    from smolora.train import LinearCrossEntropy
+
+    monkeypatch.setattr(LinearCrossEntropy, "VOCAB", 24)
+    monkeypatch.setattr(LinearCrossEntropy, "POSITIONS", 128)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (50, 1, 32), generator=generator)
+    q[:, :, 0] = 127
+    weight = (q * torch.rand(50, 1, 1, generator=generator).mul(0.05).half().float()).reshape(50, 32)  # as Q8_0 makes one
+    hidden = torch.randn(300, 32, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (300,), generator=generator)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (expected,) = torch.autograd.grad(plain, hidden, torch.tensor(0.5))
+    ours = LinearCrossEntropy.apply(hidden, weight, targets)
+    (got,) = torch.autograd.grad(ours, hidden, torch.tensor(0.5))
+    torch.testing.assert_close(ours, plain, atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    coded = LinearCrossEntropy.apply(hidden, torch.full_like(weight, float("nan")), targets, fit_codes(weight))
+    assert torch.equal(coded, ours)
+    assert torch.equal(torch.autograd.grad(coded, hidden, torch.tensor(0.5))[0], got)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("split_queries", SPLITS)

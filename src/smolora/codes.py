@@ -1,81 +1,126 @@
-"""Frozen weights held as their exact 4-bit codes during training, rebuilt per call.
+"""Frozen weights held as their exact GGUF codes during training, rebuilt block by block per call.
 
 A GGUF model quantized as Q4_1 (the embedded SmolLM2 is) stores each block of 32 weights as
-``scale * q + low``, ``q`` in 0..15. Dequantized once into the fp32 cache folder, its linear
-weights take 4 bytes each where the codes take half a byte. ``fit_codes`` finds those codes back
-from an fp32 weight and keeps them only if every block rebuilds to the same bits, so a weight that
-was never 4-bit is left alone. The GGUF conversion writes them beside the fp32 weights
+``scale * q + low``, ``q`` in 0..15; its Q8_0 tensors (the embedding, tied to the LM head) as
+``scale * q``, ``q`` in -127..127. Dequantized once into the fp32 cache folder, those weights take
+4 bytes each where the codes take half a byte or one. ``fit_codes`` finds the codes back from an
+fp32 weight and keeps them only if every block rebuilds to the same bits, so a weight that was
+never quantized is left alone. The GGUF conversion writes them beside the fp32 weights
 (``CODES_FILE``).
 
-Inside ``coded_linears(model)`` each frozen ``nn.Linear`` that has codes rebuilds its weight from
-them for each forward and backward (``CodedLinear``) and never reads its fp32 weight, whose file
-pages then stay out of memory: on the embedded model 405 MiB of fp32 layer weights become 76 MiB
-of codes. Rebuilding is two element-wise passes, ~10% of the GEMM that follows at 300 tokens.
-The products, and so the training, are the same bits as with the fp32 weights (tested).
+Inside ``coded_linears(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
+rebuilds its weight from them — a linear layer's whole weight for each forward and backward
+(``CodedLinear``), an embedding only the rows it looks up, the LM-head loss a block of the
+vocabulary at a time (``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
+whose file pages then stay out of memory: on the embedded model 513 MiB of fp32 weights become
+92 MiB of codes (peak RSS 1209 -> 832 MiB on the benchmark's short data, 1377 -> 999 on long).
+Rebuilding a layer's weight is a few element-wise passes, ~10% of the GEMM that follows at 300
+tokens (~5% of a short step). The products, and so the training, are those of the fp32 weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from smolora.onednn import linear
 
-CODES_FILE = "smolora-codes.safetensors"  # in a model folder: "<weight name>.codes" / ".scale" / ".low"
-BLOCK = 32  # weights per (scale, low) pair along the input dimension, as in GGUF's Q4_1
+CODES_FILE = "smolora-codes.safetensors"  # in a model folder: "<weight name>.codes" / ".scale" (/ ".low")
+BLOCK = 32  # weights per scale along the input dimension, as in GGUF's Q4_1 and Q8_0
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The fp32 weight ``scale * q + low``: ``codes`` (out, blocks, 16) uint8 hold a block's q's
-    0-15 in their low nibbles and 16-31 in their high ones; ``scale``, ``low`` (out, blocks, 1)."""
-    out, blocks, _ = codes.shape
-    weight = torch.empty(out, blocks, BLOCK)
-    torch.mul(codes & 15, scale, out=weight[..., : BLOCK // 2])
-    torch.mul(codes >> 4, scale, out=weight[..., BLOCK // 2 :])
-    return weight.add_(low).view(out, blocks * BLOCK)
+class Codes(NamedTuple):
+    """A weight as ``scale * q + low`` per block of 32 along its input dimension (GGUF's Q4_1:
+    ``codes`` uint8 (out, blocks, 16), a block's q's 0-15 in the low nibbles, 16-31 in the high
+    ones) or ``scale * q`` (Q8_0: ``codes`` int8 (out, blocks, 32), no ``low``); ``scale`` and
+    ``low`` (out, blocks, 1) are fp16, as the file stores them."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor | None = None
+
+    def weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The fp32 weight's ``rows``, rebuilt (fp32 arithmetic: the product, then the sum)."""
+        codes, scale = self.codes[rows], self.scale[rows].float()
+        out, blocks, _ = codes.shape
+        if self.low is None:
+            return torch.mul(codes, scale).view(out, blocks * BLOCK)
+        weight = torch.empty(out, blocks, BLOCK)
+        torch.mul(codes & 15, scale, out=weight[..., : BLOCK // 2])
+        torch.mul(codes >> 4, scale, out=weight[..., BLOCK // 2 :])
+        return weight.add_(self.low[rows].float()).view(out, blocks * BLOCK)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``weight()[index]`` (an embedding lookup) without rebuilding the other rows."""
+        picked = Codes(*(t[index.reshape(-1)] if t is not None else None for t in self))
+        return picked.weight().view(*index.shape, -1)
 
 
-def fit_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(codes, scale, low)`` that ``dequantize`` rebuilds ``weight`` from bit for bit, or None.
+def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None, top: int) -> Codes | None:
+    """Codes for ``blocks`` (out, n, 32) with the fp16 scale ``estimate`` or one next to it, block by block;
+    None unless every block rebuilds to the same bits."""
+    offset = torch.zeros(()) if low is None else low
+    scale, q = torch.zeros_like(estimate, dtype=torch.float32), torch.zeros(blocks.shape)
+    fitted = torch.zeros(estimate.shape, dtype=torch.bool)
+    for ulps in (0, 1, -1, 2, -2):
+        candidate = (estimate.view(torch.int16) + ulps).view(torch.float16).float() if ulps else estimate.float()
+        codes = torch.where(candidate > 0, (blocks - offset) / candidate, 0.0).round_().clamp_(-top if low is None else 0, top)
+        rebuilt = codes * candidate if low is None else codes * candidate + low  # as Codes.weight computes it
+        exact = ~fitted & (rebuilt == blocks).all(-1, keepdim=True)
+        scale, q = torch.where(exact, candidate, scale), torch.where(exact, codes, q)
+        fitted |= exact
+    if not fitted.all() or (low is not None and not torch.equal(low.half().float(), low)):
+        return None
+    if low is None:
+        return Codes(q.to(torch.int8), scale.half())
+    q = q.to(torch.uint8)
+    return Codes(q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4), scale.half(), low.half())
 
-    Q4_1 takes a block's minimum as ``low`` (its code is 0) and stores ``scale`` = (max - min) / 15
-    as fp16; the fp16 values next to that estimate are tried in turn, block by block.
+
+def fit_codes(weight: torch.Tensor) -> Codes | None:
+    """Codes that rebuild ``weight`` bit for bit, or None: Q4_1's if it has them, else Q8_0's.
+
+    Q4_1 takes a block's minimum as ``low`` (coded 0) and (max - min) / 15 as the scale; Q8_0
+    max |w| / 127. Both store the scale as fp16: the fp16 values at and next to that estimate are
+    tried.
     """
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK:
         return None
     out, width = weight.shape
     blocks = weight.detach().cpu().reshape(out, width // BLOCK, BLOCK)
     low = blocks.amin(-1, keepdim=True)
-    estimate = ((blocks.amax(-1, keepdim=True) - low) / 15).half()
-    scale, q = torch.zeros_like(low), torch.zeros(blocks.shape, dtype=torch.uint8)
-    fitted = torch.zeros(low.shape, dtype=torch.bool)
-    for ulps in (0, 1, -1, 2, -2):
-        candidate = (estimate.view(torch.int16) + ulps).view(torch.float16).float() if ulps else estimate.float()
-        codes = torch.where(candidate > 0, (blocks - low) / candidate, 0.0).round_().clamp_(0, 15).to(torch.uint8)
-        exact = ~fitted & (codes * candidate + low == blocks).all(-1, keepdim=True)
-        scale, q = torch.where(exact, candidate, scale), torch.where(exact, codes, q)
-        fitted |= exact
-    if not fitted.all():
-        return None
-    return q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4), scale, low
+    return (_fit(blocks, ((blocks.amax(-1, keepdim=True) - low) / 15).half(), low, 15)
+            or _fit(blocks, (blocks.abs().amax(-1, keepdim=True) / 127).half(), None, 127))
 
 
 def save_codes(model: nn.Module, folder: str | Path) -> int:
-    """Write the codes of every ``nn.Linear`` weight of ``model`` that has exact ones to
-    ``folder/CODES_FILE``; returns how many. Names are the model's own state-dict keys."""
+    """Write the codes of every ``nn.Linear`` and ``nn.Embedding`` weight of ``model`` that has
+    exact ones to ``folder/CODES_FILE`` (a weight tied to another under the first name only);
+    returns how many. Names are the model's own state-dict keys."""
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors, seen = {}, set()
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and (fit := fit_codes(module.weight)) is not None:
-            for part, tensor in zip(("codes", "scale", "low"), fit):
-                tensors[f"{name}.weight.{part}"] = tensor.contiguous()
+        if type(module) not in (nn.Linear, nn.Embedding) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        if (fit := fit_codes(module.weight)) is not None:
+            tensors.update({f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, fit) if t is not None})
     if tensors:
         save_file(tensors, str(Path(folder) / CODES_FILE))
-    return len(tensors) // 3
+    return sum(key.endswith(".codes") for key in tensors)
+
+
+CODES_ATTR = "_smolora_codes"  # on a module inside coded_linears: its weight's Codes
+
+
+def codes_of(module: nn.Module) -> Codes | None:
+    """The codes ``module``'s weight is rebuilt from inside ``coded_linears``, if any."""
+    return getattr(module, CODES_ATTR, None)
 
 
 class CodedLinear(torch.autograd.Function):
@@ -85,26 +130,39 @@ class CodedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scale, low, bias):
         ctx.save_for_backward(codes, scale, low)
-        return linear(x, dequantize(codes, scale, low), bias)
+        return linear(x, Codes(codes, scale, low).weight(), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return linear(grad, dequantize(*ctx.saved_tensors).t()), None, None, None, None
+        return linear(grad, Codes(*ctx.saved_tensors).weight().t()), None, None, None, None
 
 
-def _coded_forward(module: nn.Linear, original, codes, scale, low):
+def _coded_forward(module: nn.Module, original, codes: Codes):
     def forward(x):
+        if isinstance(module, nn.Embedding):
+            return codes.rows(x)
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return original(x)  # the rebuilt weight is fp32 on the CPU: anything else reads the module's own
-        return CodedLinear.apply(x, codes, scale, low, module.bias)
+        return CodedLinear.apply(x, *codes, module.bias)
 
     return forward
 
 
+def _load(file, names: set[str], key: str, weight: torch.Tensor) -> Codes | None:
+    """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
+    if f"{key}.codes" not in names:
+        return None
+    codes = Codes(*(file.get_tensor(f"{key}.{part}") if f"{key}.{part}" in names else None for part in Codes._fields))
+    if codes.codes.shape[0] != weight.shape[0] or codes.scale.shape[1] * BLOCK != weight.shape[1]:
+        return None
+    return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None
+
+
 @contextlib.contextmanager
 def coded_linears(model: nn.Module):
-    """Inside the block, run each frozen ``nn.Linear`` of ``model`` that has codes in its model
-    folder (``CODES_FILE``) through ``CodedLinear``. The codes are matched by name, and each
+    """Inside the block, each frozen ``nn.Linear`` and ``nn.Embedding`` of ``model`` that has codes
+    in its model folder (``CODES_FILE``) rebuilds its weight from them (``CodedLinear``, ``Codes.rows``)
+    and carries them (``codes_of``, for the LM-head loss). The codes are matched by name, and each
     weight's first row is checked against them, so a model changed since it was loaded (or a
     folder's stale file) keeps its own weights."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -116,19 +174,22 @@ def coded_linears(model: nn.Module):
 
             with safe_open(str(path), "pt") as file:
                 names = set(file.keys())
+                found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
                 for name, module in lm.named_modules():
+                    if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
+                            or "forward" in vars(module) or getattr(module, "max_norm", None) is not None):
+                        continue
                     key = name.replace(".base_layer", "") + ".weight"  # PEFT wraps an adapted layer's own Linear
-                    if (type(module) is not nn.Linear or module.weight.requires_grad or "forward" in vars(module)
-                            or f"{key}.codes" not in names):
-                        continue
-                    codes, scale, low = (file.get_tensor(f"{key}.{part}") for part in ("codes", "scale", "low"))
-                    if (codes.shape[0] != module.weight.shape[0] or codes.shape[1] * BLOCK != module.weight.shape[1]
-                            or not torch.equal(dequantize(codes[:1], scale[:1], low[:1]), module.weight[:1].detach())):
-                        continue
-                    module.forward = _coded_forward(module, module.forward, codes, scale, low)
-                    patched.append((module, module.forward))
+                    weight = module.weight
+                    if id(weight) not in found:
+                        found[id(weight)] = _load(file, names, key, weight)
+                    if (codes := found[id(weight)]) is not None:
+                        module.forward = _coded_forward(module, module.forward, codes)
+                        setattr(module, CODES_ATTR, codes)
+                        patched.append((module, module.forward))
         yield
     finally:
         for module, forward in patched:
             if vars(module).get("forward") is forward:
                 del module.forward
+            vars(module).pop(CODES_ATTR, None)

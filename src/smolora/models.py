@@ -197,7 +197,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
-        save_codes(model, tmp)  # the layers' exact 4-bit codes, which training holds instead of their fp32 weights
+        save_codes(model, tmp)  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf) + "\n")
         fsync_tree(tmp)  # all on disk before the folder appears under its name

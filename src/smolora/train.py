@@ -138,7 +138,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                                                          targets[s : s + LinearCrossEntropy.POSITIONS], codes, want_h)
                                        for s in range(0, hidden.shape[0], LinearCrossEntropy.POSITIONS)]
                 loss = sum((part[0] for part in parts), torch.zeros((), device=hidden.device))
-                grad_h = torch.cat([part[1] for part in parts]).to(hidden.dtype) if want_h and parts else None
+                grad_h = torch.cat([part[1] for part in parts] or [hidden.new_zeros(hidden.shape)]).to(hidden.dtype) if want_h else None
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.want = (want_h, want_w)
         return loss

@@ -13,7 +13,7 @@ from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
 from smolora.models import load_model, resolve_model
-from smolora.train import train
+from smolora.train import NonFiniteLossError, train
 
 
 def q4_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,7 +80,7 @@ def coded_folder(tmp_path, tokenizer, with_codes: bool):
     return folder
 
 
-def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False):
+def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True):
     model = load_model(resolve_model(folder))
     if poison:  # every coded weight but its first row, which coded_linears checks: training must not read them
         with torch.no_grad():
@@ -91,7 +91,7 @@ def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpo
     model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"]).to_peft(), warn=lambda *_: None)
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1,
-                      eval_steps=2, gradient_checkpointing=gradient_checkpointing)
+                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes)
     result = train(model, examples, cfg, val_examples=examples[:4], log=lambda *_: None)
     assert not any("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)  # restored
     assert len(result.eval_losses) == 2
@@ -104,6 +104,11 @@ def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(
     losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing)
     assert losses == plain_losses and all(x == x for x in losses)
     assert plain_adapter.keys() == adapter.keys() and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
+
+
+def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):
+    with pytest.raises(NonFiniteLossError):  # the poisoned rows are read
+        train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, weight_codes=False)
 
 
 def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_path):

@@ -38,7 +38,8 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Settings that may change between a run and its resume without changing the result (its length,
 # LENGTH_FIELDS, only under a constant learning rate: see check_compatible).
 LENGTH_FIELDS = {"max_steps", "num_train_epochs"}
-RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "eval_steps"} | LENGTH_FIELDS
+RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "eval_steps",
+                      "weight_codes"} | LENGTH_FIELDS
 
 
 @dataclass

@@ -414,7 +414,8 @@ def train(
         # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
         # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
         cleanup.enter_context(varlen_attention(lm))
-    cleanup.enter_context(coded_linears(model))  # first: the probes below then never read a weight that has codes
+    if cfg.weight_codes:  # first: the probes below then never read a weight that has codes
+        cleanup.enter_context(coded_linears(model))
     cleanup.enter_context(fast_dropout(model))
     cleanup.enter_context(fused_layers(lm))
     cleanup.enter_context(onednn_linears(model))

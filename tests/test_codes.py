@@ -1,5 +1,5 @@
-"""Frozen weights held as exact 4-bit codes: found back bit for bit, and training on them is training
-on the fp32 weights — without reading those."""
+"""Frozen weights held as their exact GGUF codes (Q4_1, Q8_0): found back bit for bit, and training on
+them is training on the fp32 weights — without reading those."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import smolora.onednn
 from conftest import build_tiny_llama, chat_records
 from smolora.codes import BLOCK, CODES_FILE, coded_linears, codes_of, fit_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
@@ -98,8 +99,11 @@ def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpo
     return result.losses + [loss for _, loss in result.eval_losses], {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(tokenizer, tmp_path, gradient_checkpointing):
+@pytest.mark.parametrize(("gradient_checkpointing", "onednn"), [(False, True), (True, True), (False, False)])
+def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(tokenizer, tmp_path, monkeypatch,
+                                                                                  gradient_checkpointing, onednn):
+    if not onednn:  # torch's own GEMM (MKL's), as on a CPU where oneDNN's is not faster
+        monkeypatch.setattr(smolora.onednn, "onednn_is_faster", lambda: False)
     plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a", False, gradient_checkpointing)
     losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing)
     assert losses == plain_losses and all(x == x for x in losses)

@@ -9,7 +9,7 @@ from torch import nn
 
 import smolora.onednn
 from conftest import build_tiny_llama, chat_records
-from smolora.codes import BLOCK, CODES_FILE, coded_linears, codes_of, fit_codes, save_codes
+from smolora.codes import BLOCK, CODES_FILE, coded_weights, codes_of, fit_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
@@ -83,7 +83,7 @@ def coded_folder(tmp_path, tokenizer, with_codes: bool):
 
 def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True):
     model = load_model(resolve_model(folder))
-    if poison:  # every coded weight but its first row, which coded_linears checks: training must not read them
+    if poison:  # every coded weight but its first row, which coded_weights checks: training must not read them
         with torch.no_grad():
             for module in model.modules():
                 if type(module) in (nn.Linear, nn.Embedding):
@@ -122,11 +122,11 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
     def coded() -> int:
         return sum("forward" in vars(m) for m in model.modules())
 
-    with coded_linears(model):
+    with coded_weights(model):
         assert coded() == 16  # the 14 layer weights, the embedding and the head tied to it
         assert codes_of(model.lm_head) is codes_of(model.get_input_embeddings()) is not None
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.add_(1.0)  # as merging an adapter into the base would
-    with coded_linears(model):
+    with coded_weights(model):
         assert coded() == 15
     assert coded() == 0 and codes_of(model.lm_head) is None

@@ -8,7 +8,7 @@ fp32 weight and keeps them only if every block rebuilds to the same bits, so a w
 never quantized is left alone. The GGUF conversion writes them beside the fp32 weights
 (``CODES_FILE``).
 
-Inside ``coded_linears(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
+Inside ``coded_weights(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
 (``CodedLinear``), an embedding only the rows it looks up, the LM-head loss a block of the
 vocabulary at a time (``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
@@ -115,11 +115,11 @@ def save_codes(model: nn.Module, folder: str | Path) -> int:
     return sum(key.endswith(".codes") for key in tensors)
 
 
-CODES_ATTR = "_smolora_codes"  # on a module inside coded_linears: its weight's Codes
+CODES_ATTR = "_smolora_codes"  # on a module inside coded_weights: its weight's Codes
 
 
 def codes_of(module: nn.Module) -> Codes | None:
-    """The codes ``module``'s weight is rebuilt from inside ``coded_linears``, if any."""
+    """The codes ``module``'s weight is rebuilt from inside ``coded_weights``, if any."""
     return getattr(module, CODES_ATTR, None)
 
 
@@ -159,7 +159,7 @@ def _load(file, names: set[str], key: str, weight: torch.Tensor) -> Codes | None
 
 
 @contextlib.contextmanager
-def coded_linears(model: nn.Module):
+def coded_weights(model: nn.Module):
     """Inside the block, each frozen ``nn.Linear`` and ``nn.Embedding`` of ``model`` that has codes
     in its model folder (``CODES_FILE``) rebuilds its weight from them (``CodedLinear``, ``Codes.rows``)
     and carries them (``codes_of``, for the LM-head loss). The codes are matched by name, and each

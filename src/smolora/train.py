@@ -26,7 +26,7 @@ from smolora import checkpoint as ckpt
 from smolora import distributed
 from smolora.attention import NAME as ATTENTION_NAME
 from smolora.attention import Segments, StepPrefix, has_sliding_window, supports_varlen, varlen_attention
-from smolora.codes import coded_linears, codes_of
+from smolora.codes import coded_weights, codes_of
 from smolora.config import TrainConfig
 from smolora.data.batching import MicroBatch, collate, epoch_order, group_micro_batches, shared_prefix_length
 from smolora.data.formats import IGNORE, Example
@@ -285,7 +285,7 @@ def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: b
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with coded_linears(model), onednn_linears(model):
+    with coded_weights(model), onednn_linears(model):
         for s in range(0, len(examples), batch_size):
             mb = _to_device(collate(examples[s : s + batch_size], packed, pad_id), device)
             total += float(token_loss_sum(model, mb))
@@ -415,7 +415,7 @@ def train(
         # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
         cleanup.enter_context(varlen_attention(lm))
     if cfg.weight_codes:  # first: the probes below then never read a weight that has codes
-        cleanup.enter_context(coded_linears(model))
+        cleanup.enter_context(coded_weights(model))
     cleanup.enter_context(fast_dropout(model))
     cleanup.enter_context(fused_layers(lm))
     cleanup.enter_context(onednn_linears(model))

@@ -46,6 +46,7 @@ def test_codes_rebuild_a_q4_1_weight_bit_for_bit_and_nothing_else():
     assert fit.codes.dtype == torch.uint8 and fit.codes.shape == (96, 4, BLOCK // 2)  # two codes a byte
     assert fit.scale.dtype == fit.low.dtype == torch.float16
     assert torch.equal(fit.weight(), weight) and torch.equal(fit.weight(slice(5, 9)), weight[5:9])
+    assert all(torch.equal(a, b) for a, b in zip(fit_codes(weight, rows=7), fit))  # found a few rows at a time
     assert fit_codes(torch.randn(96, 4 * BLOCK, generator=generator)) is None  # not 4- or 8-bit: kept as it is
     off = weight.clone()
     off[5, 7] = torch.nextafter(off[5, 7], torch.tensor(1.0))  # one weight one ulp away
@@ -61,6 +62,8 @@ def test_codes_rebuild_a_q8_0_weight_and_its_rows():
     assert torch.equal(fit.weight(), weight)
     ids = torch.tensor([[3, 3, 49], [0, 7, 1]])
     assert torch.equal(fit.rows(ids), weight[ids])  # an embedding lookup
+    mixed = torch.cat([q4_1(20, 2 * BLOCK, generator), weight[20:]])  # Q4_1 rows, then Q8_0 ones: one kind per weight
+    assert fit_codes(mixed, rows=20) is None and fit_codes(mixed[:20], rows=20) is not None
     weight[2, 0] = weight[2, 0] * 1.5
     assert fit_codes(weight) is None
 

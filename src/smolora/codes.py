@@ -81,20 +81,33 @@ def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None,
     return Codes(q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4), scale.half(), low.half())
 
 
-def fit_codes(weight: torch.Tensor) -> Codes | None:
+def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
     """Codes that rebuild ``weight`` bit for bit, or None: Q4_1's if it has them, else Q8_0's.
 
     Q4_1 takes a block's minimum as ``low`` (coded 0) and (max - min) / 15 as the scale; Q8_0
     max |w| / 127. Both store the scale as fp16: the fp16 values at and next to that estimate are
-    tried.
+    tried. ``rows`` at a time, so that the temporaries stay a few times that many rows' size.
     """
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK:
         return None
-    out, width = weight.shape
-    blocks = weight.detach().cpu().reshape(out, width // BLOCK, BLOCK)
-    low = blocks.amin(-1, keepdim=True)
-    return (_fit(blocks, ((blocks.amax(-1, keepdim=True) - low) / 15).half(), low, 15)
-            or _fit(blocks, (blocks.abs().amax(-1, keepdim=True) / 127).half(), None, 127))
+    blocks = weight.detach().cpu().reshape(weight.shape[0], -1, BLOCK)
+
+    def q4_1(part: torch.Tensor) -> Codes | None:
+        low = part.amin(-1, keepdim=True)
+        return _fit(part, ((part.amax(-1, keepdim=True) - low) / 15).half(), low, 15)
+
+    def q8_0(part: torch.Tensor) -> Codes | None:
+        return _fit(part, (part.abs().amax(-1, keepdim=True) / 127).half(), None, 127)
+
+    for fit in (q4_1, q8_0):
+        parts = []
+        for start in range(0, len(blocks), rows):
+            if (part := fit(blocks[start : start + rows])) is None:
+                break
+            parts.append(part)
+        else:
+            return Codes(*(torch.cat(pieces) if pieces[0] is not None else None for pieces in zip(*parts)))
+    return None
 
 
 def save_codes(model: nn.Module, folder: str | Path) -> int:

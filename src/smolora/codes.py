@@ -88,7 +88,7 @@ def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
     max |w| / 127. Both store the scale as fp16: the fp16 values at and next to that estimate are
     tried. ``rows`` at a time, so that the temporaries stay a few times that many rows' size.
     """
-    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK:
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK or not weight.numel():
         return None
     blocks = weight.detach().cpu().reshape(weight.shape[0], -1, BLOCK)
 

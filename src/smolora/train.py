@@ -134,9 +134,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_w:
                 loss, grad_h, grad_w = _ce_by_positions(hidden, weight.to(dtype), targets, want_h)
             else:
-                grad_w, parts = None, [_ce_by_vocabulary(hidden[s : s + LinearCrossEntropy.POSITIONS].to(dtype), weight,
-                                                         targets[s : s + LinearCrossEntropy.POSITIONS], codes, want_h)
-                                       for s in range(0, hidden.shape[0], LinearCrossEntropy.POSITIONS)]
+                grad_w, step = None, LinearCrossEntropy.POSITIONS
+                parts = [_ce_by_vocabulary(hidden[s : s + step].to(dtype), weight, targets[s : s + step], codes, want_h)
+                         for s in range(0, hidden.shape[0], step)]
                 loss = sum((part[0] for part in parts), torch.zeros((), device=hidden.device))
                 grad_h = torch.cat([part[1] for part in parts] or [hidden.new_zeros(hidden.shape)]).to(hidden.dtype) if want_h else None
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
@@ -164,9 +164,10 @@ def _ce_by_vocabulary(h, weight, targets, codes, want_h: bool):
         w = codes.weight(rows).to(dtype) if codes is not None else weight[rows].to(dtype)  # (b, H)
         logits = linear(h, w).float()  # (n, b): through oneDNN where faster (smolora.onednn)
         inside = ((targets >= v) & (targets < v + w.shape[0])).nonzero().squeeze(1)
-        picked[inside] = logits[inside, targets[inside] - v]
+        local = targets[inside] - v  # the targets in this block, as its rows
+        picked[inside] = logits[inside, local]
         if want_h:
-            target_rows[inside] = w[targets[inside] - v]
+            target_rows[inside] = w[local]
         new_top = torch.maximum(top, logits.amax(1, keepdim=True))
         fade = (top - new_top).exp_()  # rescales what earlier blocks summed; 0 at the first
         top = new_top

@@ -9,7 +9,7 @@ from torch import nn
 
 import smolora.onednn
 from conftest import build_tiny_llama, chat_records
-from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, save_codes
+from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, read_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
@@ -46,6 +46,8 @@ def test_codes_rebuild_a_q4_1_weight_bit_for_bit_and_nothing_else():
     assert fit.codes.dtype == torch.uint8 and fit.codes.shape == (96, 4, BLOCK // 2)  # two codes a byte
     assert fit.scale.dtype == fit.low.dtype == torch.float16
     assert torch.equal(fit.weight(), weight) and torch.equal(fit.weight(slice(5, 9)), weight[5:9])
+    stored = Codes(*(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) for t in fit))  # input-major, as in the file
+    assert torch.equal(stored.weight(), weight) and torch.equal(stored.weight(slice(5, 9)), weight[5:9])
     assert all(torch.equal(a, b) for a, b in zip(fit_codes(weight, rows=7), fit))  # found a few rows at a time
     assert fit_codes(torch.randn(96, 4 * BLOCK, generator=generator)) is None  # not 4- or 8-bit: kept as it is
     off = weight.clone()
@@ -152,6 +154,4 @@ def test_a_q4_1_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tens
         names = {key.rsplit(".", 1)[0] for key in codes.keys()}
         assert len(names) == sum(kind in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0) for kind in kinds) == 15
         for name in names:
-            parts = (f"{name}.{part}" for part in Codes._fields)
-            rebuilt = Codes(*(codes.get_tensor(key) if key in codes.keys() else None for key in parts)).weight()
-            assert torch.equal(rebuilt, fp32.get_tensor(name)), name
+            assert torch.equal(read_codes(codes, name).weight(), fp32.get_tensor(name)), name

@@ -37,7 +37,13 @@ class Codes(NamedTuple):
     """A weight as ``scale * q + low`` per block of 32 along its input dimension (GGUF's Q4_1:
     ``codes`` uint8 (out, blocks, 16), a block's q's 0-15 in the low nibbles, 16-31 in the high
     ones) or ``scale * q`` (Q8_0: ``codes`` int8 (out, blocks, 32), no ``low``); ``scale`` and
-    ``low`` (out, blocks, 1) are fp16, as the file stores them."""
+    ``low`` (out, blocks, 1) are fp16, as the file stores them.
+
+    Q4_1's tensors may be input-major in memory (the same shapes, the output dimension innermost),
+    as the codes file stores them: ``weight`` then rebuilds W in W^T's layout, each element-wise
+    pass running along hundreds of outputs where row-major ones run along blocks of 16 (the
+    embedded model's 210 layer weights: 20 -> 16 ms a rebuild of all). The products are the same.
+    """
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -49,10 +55,14 @@ class Codes(NamedTuple):
         out, blocks, _ = codes.shape
         if self.low is None:
             return torch.mul(codes, scale).view(out, blocks * BLOCK)
-        weight = torch.empty(out, blocks, BLOCK)
-        torch.mul(codes & 15, scale, out=weight[..., : BLOCK // 2])
-        torch.mul(codes >> 4, scale, out=weight[..., BLOCK // 2 :])
-        return weight.add_(self.low[rows].float()).view(out, blocks * BLOCK)
+        if codes.stride(-1) != 1:  # input-major codes: W laid out as W^T
+            weight = torch.empty(blocks, BLOCK, out, dtype=torch.float32).permute(2, 0, 1)
+        else:
+            weight = torch.empty(out, blocks, BLOCK, dtype=torch.float32)
+        weight[..., : BLOCK // 2].copy_(codes & 15)
+        weight[..., BLOCK // 2 :].copy_(codes >> 4)
+        # q * scale is exact in fp32 (4 bits times fp16's 11), so + low rounds once whether or not it is fused
+        return torch.addcmul(self.low[rows].float(), weight, scale, out=weight).view(out, blocks * BLOCK)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """``weight()[index]`` (an embedding lookup) without rebuilding the other rows."""
@@ -122,7 +132,8 @@ def save_codes(model: nn.Module, folder: str | Path) -> int:
             continue
         seen.add(id(module.weight))
         if (fit := fit_codes(module.weight)) is not None:
-            tensors.update({f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, fit) if t is not None})
+            stored = fit if fit.low is None else Codes(*(t.permute(1, 2, 0) for t in fit))  # Q4_1's input-major
+            tensors.update({f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, stored) if t is not None})
     if tensors:
         save_file(tensors, str(Path(folder) / CODES_FILE))
     return sum(key.endswith(".codes") for key in tensors)
@@ -159,11 +170,20 @@ def _coded_forward(module: nn.Linear, original, codes: Codes):
     return forward
 
 
-def _load(file, names: set[str], key: str, weight: torch.Tensor) -> Codes | None:
-    """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
+def read_codes(file, key: str) -> Codes | None:
+    """``key``'s codes from the open safetensors ``file`` (``CODES_FILE``), or None. Q4_1's are stored
+    input-major and come back as (out, blocks, 16) views of that storage."""
+    names = set(file.keys())
     if f"{key}.codes" not in names:
         return None
     codes = Codes(*(file.get_tensor(f"{key}.{part}") if f"{key}.{part}" in names else None for part in Codes._fields))
+    return codes if codes.low is None else Codes(*(t.permute(2, 0, 1) for t in codes))
+
+
+def _load(file, key: str, weight: torch.Tensor) -> Codes | None:
+    """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
+    if (codes := read_codes(file, key)) is None:
+        return None
     if codes.codes.shape[0] != weight.shape[0] or codes.scale.shape[1] * BLOCK != weight.shape[1]:
         return None
     return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None
@@ -184,7 +204,6 @@ def coded_weights(model: nn.Module):
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as file:
-                names = set(file.keys())
                 found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
                 for name, module in lm.named_modules():
                     if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
@@ -193,7 +212,7 @@ def coded_weights(model: nn.Module):
                     key = name.replace(".base_layer", "") + ".weight"  # PEFT wraps an adapted layer's own Linear
                     weight = module.weight
                     if id(weight) not in found:
-                        found[id(weight)] = _load(file, names, key, weight)
+                        found[id(weight)] = _load(file, key, weight)
                     if (codes := found[id(weight)]) is not None:
                         embedding = type(module) is nn.Embedding  # a lookup: only its rows
                         module.forward = codes.rows if embedding else _coded_forward(module, module.forward, codes)

@@ -3,18 +3,23 @@ them is training on the fp32 weights — without reading those."""
 
 from __future__ import annotations
 
+import math
+import signal
+
 import pytest
 import torch
 from torch import nn
 
 import smolora.onednn
-from conftest import build_tiny_llama, chat_records
+from conftest import build_tiny, build_tiny_llama, chat_records
 from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, read_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
+from smolora.errors import SmoLoRAError
 from smolora.lora import add_lora
+from smolora.merge import merge_and_unload
 from smolora.models import load_model, resolve_model
-from smolora.train import NonFiniteLossError, train
+from smolora.train import NonFiniteLossError, evaluate_loss, train
 
 
 def q4_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,8 +75,8 @@ def test_codes_rebuild_a_q8_0_weight_and_its_rows():
     assert fit_codes(weight) is None
 
 
-def coded_folder(tmp_path, tokenizer, with_codes: bool):
-    model = build_tiny_llama(len(tokenizer), seed=3)
+def coded_folder(tmp_path, tokenizer, with_codes: bool, arch: str = "llama"):
+    model = build_tiny(arch, len(tokenizer), seed=3)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
@@ -86,15 +91,22 @@ def coded_folder(tmp_path, tokenizer, with_codes: bool):
     return folder
 
 
-def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True):
+def load_poisoned(folder):
+    """The folder's model with every linear and embedding weight NaN but its first row, which
+    coded_weights checks: what reads the codes never sees the NaNs."""
     model = load_model(resolve_model(folder))
-    if poison:  # every coded weight but its first row, which coded_weights checks: training must not read them
-        with torch.no_grad():
-            for module in model.modules():
-                if type(module) in (nn.Linear, nn.Embedding):
-                    module.weight[1:] = float("nan")
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) in (nn.Linear, nn.Embedding):
+                module.weight[1:] = float("nan")
+    return model
+
+
+def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True,
+             bias: str = "none"):
+    model = load_poisoned(folder) if poison else load_model(resolve_model(folder))
     torch.manual_seed(0)
-    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None)
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1,
                       eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes)
@@ -116,8 +128,20 @@ def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(
 
 
 def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):
+    folder = coded_folder(tmp_path, tokenizer, True)
     with pytest.raises(NonFiniteLossError):  # the poisoned rows are read
-        train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, weight_codes=False)
+        train_on(folder, tokenizer, tmp_path / "b", True, weight_codes=False)
+    model, examples = load_poisoned(folder).requires_grad_(False), encode_records(chat_records(4), tokenizer, FormatOptions())[0]
+    assert math.isfinite(evaluate_loss(model, examples)) and math.isnan(evaluate_loss(model, examples, weight_codes=False))
+
+
+def test_a_layer_whose_bias_trains_keeps_its_own_forward(tokenizer, tmp_path):
+    """A coded layer's backward gives its bias no gradient: a layer whose bias trains is left alone."""
+    folder = coded_folder(tmp_path, tokenizer, True, arch="qwen2")  # q/k/v have biases
+    plain_losses, plain = train_on(folder, tokenizer, tmp_path / "a", weight_codes=False, bias="all")
+    losses, trained = train_on(folder, tokenizer, tmp_path / "b", bias="all")
+    assert any(name.endswith("q_proj.base_layer.bias") for name in trained)
+    assert losses == plain_losses and all(torch.equal(plain[n], trained[n]) for n in trained)
 
 
 def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_path):
@@ -135,6 +159,26 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
     with coded_weights(model):
         assert coded() == 15
     assert coded() == 0 and codes_of(model.lm_head) is None
+    # a merge marks the whole model, whichever rows it changed: here none (a new adapter's B is 0)
+    model = merge_and_unload(add_lora(model, LoraSettings(target_modules=["q_proj"]).to_peft(), warn=lambda *_: None))
+    with coded_weights(model):
+        assert coded() == 0
+
+
+def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, tmp_path, monkeypatch):
+    model = add_lora(load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))), LoraSettings().to_peft(), warn=lambda *_: None)
+    monkeypatch.setenv(smolora.onednn.ENV, "neither")  # read by the first GEMM: the fused layers' probes
+    smolora.onednn.onednn_is_faster.cache_clear()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SmoLoRAError, match="SMOLORA_GEMM"):
+            train(model, encode_records(chat_records(4), tokenizer, FormatOptions())[0],
+                  TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1), log=lambda *_: None)
+    finally:
+        smolora.onednn.onednn_is_faster.cache_clear()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not any("forward" in vars(m) or codes_of(m) is not None for m in model.modules())
+    assert model.get_base_model().config._attn_implementation != "smolora_varlen"
 
 
 def test_a_q4_1_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(tmp_path, tokenizer, monkeypatch):

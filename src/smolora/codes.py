@@ -140,6 +140,13 @@ def save_codes(model: nn.Module, folder: str | Path) -> int:
 
 
 CODES_ATTR = "_smolora_codes"  # on a module inside coded_weights: its weight's Codes
+CHANGED_ATTR = "_smolora_weights_changed"  # on a model whose weights are no longer its folder's
+
+
+def forget_codes(model: nn.Module) -> None:
+    """Mark ``model``'s weights as changed in memory (an adapter merged into them): ``coded_weights``
+    then leaves every one alone, where its first-row check would miss a change that spared row 0."""
+    setattr(model, CHANGED_ATTR, True)
 
 
 def codes_of(module: nn.Module) -> Codes | None:
@@ -182,7 +189,7 @@ def read_codes(file, key: str) -> Codes | None:
 
 def _load(file, key: str, weight: torch.Tensor) -> Codes | None:
     """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
-    if (codes := read_codes(file, key)) is None:
+    if weight.dtype != torch.float32 or (codes := read_codes(file, key)) is None:
         return None
     if codes.codes.shape[0] != weight.shape[0] or codes.scale.shape[1] * BLOCK != weight.shape[1]:
         return None
@@ -200,16 +207,19 @@ def coded_weights(model: nn.Module):
     path = Path(getattr(lm, "name_or_path", "") or "nonexistent") / CODES_FILE
     patched = []
     try:
-        if path.is_file() and next(lm.parameters()).device.type == "cpu":
+        if path.is_file() and not getattr(lm, CHANGED_ATTR, False) and next(lm.parameters()).device.type == "cpu":
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as file:
                 found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
                 for name, module in lm.named_modules():
+                    bias = getattr(module, "bias", None)  # CodedLinear's backward gives none to a bias
                     if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
+                            or (bias is not None and bias.requires_grad)
                             or "forward" in vars(module) or getattr(module, "max_norm", None) is not None):
                         continue
-                    key = name.replace(".base_layer", "") + ".weight"  # PEFT wraps an adapted layer's own Linear
+                    # PEFT wraps an adapted layer's own module as its base_layer
+                    key = ".".join(part for part in name.split(".") if part != "base_layer") + ".weight"
                     weight = module.weight
                     if id(weight) not in found:
                         found[id(weight)] = _load(file, key, weight)

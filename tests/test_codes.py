@@ -16,6 +16,7 @@ from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.errors import SmoLoRAError
+from smolora.evaluate import evaluate
 from smolora.lora import add_lora
 from smolora.merge import merge_and_unload
 from smolora.models import load_model, resolve_model
@@ -169,6 +170,7 @@ def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):
         train_on(folder, tokenizer, tmp_path / "b", True, weight_codes=False)
     model, examples = load_poisoned(folder).requires_grad_(False), encode_records(chat_records(4), tokenizer, FormatOptions())[0]
     assert math.isfinite(evaluate_loss(model, examples)) and math.isnan(evaluate_loss(model, examples, weight_codes=False))
+    assert math.isnan(evaluate(model, tokenizer, examples, progress=False, weight_codes=False).loss)  # smolora eval --no-weight-codes
 
 
 def test_a_layer_whose_bias_trains_keeps_its_own_forward(tokenizer, tmp_path):

@@ -160,6 +160,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    e.add_argument("--no-weight-codes", dest="weight_codes", action="store_false",
+                   help="compute the loss from the fp32 weights, not the GGUF codes a converted model keeps beside them")
     _add_safety_flags(e)
     add_dataclass_flags(e, DataConfig, skip=("validation_data",))
 
@@ -284,7 +286,8 @@ def cmd_eval(args) -> int:
     if args.exact_match:
         replies_to_score(examples)
     model = _load_model(args, source, pick_device(args.device))
-    result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
+    result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
+                      weight_codes=args.weight_codes)
     print(result.summary())
     if args.json:
         try:

@@ -140,13 +140,13 @@ def load_poisoned(folder):
 
 
 def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True,
-             bias: str = "none"):
+             bias: str = "none", bf16: bool = False):
     model = load_poisoned(folder) if poison else load_model(resolve_model(folder))
     torch.manual_seed(0)
     model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None)
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1,
-                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes)
+                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes, bf16=bf16)
     result = train(model, examples, cfg, val_examples=examples[:4], log=lambda *_: None)
     assert not any("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)  # restored
     assert len(result.eval_losses) == 2
@@ -162,6 +162,17 @@ def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(
     losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing)
     assert losses == plain_losses and all(x == x for x in losses)
     assert plain_adapter.keys() == adapter.keys() and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_training_on_codes_under_bf16_autocast_is_training_on_the_fp32_weights_under_it(tokenizer, tmp_path, gradient_checkpointing):
+    """``--bf16`` on a CPU: the rebuilt weight cast to bf16 is the one autocast casts from the fp32 weight."""
+    plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a",
+                                           gradient_checkpointing=gradient_checkpointing, bf16=True)
+    losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True,
+                               gradient_checkpointing=gradient_checkpointing, bf16=True)
+    assert losses == plain_losses and all(x == x for x in losses)
+    assert all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
 
 
 def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):

@@ -11,8 +11,9 @@ conversion writes them beside the fp32 weights (``CODES_FILE``).
 
 Inside ``coded_weights(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
-(``CodedLinear``), an embedding only the rows it looks up, the LM-head loss a block of the
-vocabulary at a time (``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
+(``CodedLinear``; under CPU autocast, cast to its dtype as autocast casts the fp32 weight), an
+embedding only the rows it looks up, the LM-head loss a block of the vocabulary at a time
+(``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
 whose file pages then stay out of memory: on the embedded model 513 MiB of fp32 weights become
 92 MiB of codes (peak RSS 1209 -> 832 MiB on the benchmark's short data, 1377 -> 999 on long).
 Rebuilding a layer's weight is a few element-wise passes, ~10% of the GEMM that follows at 300
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smolora.onednn import linear
@@ -182,23 +184,40 @@ def codes_of(module: nn.Module) -> Codes | None:
 
 class CodedLinear(torch.autograd.Function):
     """``x @ W^T + b`` for a frozen ``W`` held as codes: rebuilt for the forward and again for the
-    backward to ``x``, so that no layer's fp32 weight is kept between the two."""
+    backward to ``x``, so that no layer's fp32 weight is kept between the two.
+
+    ``dtype`` (under CPU autocast, its dtype): the product in that dtype, the rebuilt weight, ``x``
+    and the bias cast to it, as autocast casts the module's own; the gradient comes back in ``x``'s dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, codes, scale, low, bias):
+    def forward(ctx, x, codes, scale, low, bias, dtype):
         ctx.save_for_backward(codes, scale, low)
-        return linear(x, Codes(codes, scale, low).weight(), bias)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        weight = Codes(codes, scale, low).weight()
+        if dtype is None:
+            return linear(x, weight, bias)
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        return linear(grad, Codes(*ctx.saved_tensors).weight().t()), None, None, None, None
+        weight = Codes(*ctx.saved_tensors).weight()
+        if ctx.dtype is None:
+            grad_x = linear(grad, weight.t())
+        else:
+            grad_x = grad.to(ctx.dtype).matmul(weight.to(ctx.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None
 
 
 def _coded_forward(module: nn.Linear, original, codes: Codes):
     def forward(x):
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return original(x)  # the rebuilt weight is fp32 on the CPU: anything else reads the module's own
-        return CodedLinear.apply(x, *codes, module.bias)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            if x.dtype in (torch.float32, dtype):
+                return CodedLinear.apply(x, *codes, module.bias, dtype)
+        elif x.device.type == "cpu" and x.dtype == torch.float32:
+            return CodedLinear.apply(x, *codes, module.bias, None)
+        return original(x)  # the rebuilt weight is fp32 on the CPU: anything else reads the module's own
 
     return forward
 

@@ -140,13 +140,14 @@ def load_poisoned(folder):
 
 
 def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True,
-             bias: str = "none", bf16: bool = False):
+             bias: str = "none", precision: str = "fp32"):
     model = load_poisoned(folder) if poison else load_model(resolve_model(folder))
     torch.manual_seed(0)
     model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None)
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1,
-                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes, bf16=bf16)
+                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes,
+                      bf16=precision == "bf16", fp16=precision == "fp16")
     result = train(model, examples, cfg, val_examples=examples[:4], log=lambda *_: None)
     assert not any("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)  # restored
     assert len(result.eval_losses) == 2
@@ -164,15 +165,17 @@ def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(
     assert plain_adapter.keys() == adapter.keys() and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_training_on_codes_under_bf16_autocast_is_training_on_the_fp32_weights_under_it(tokenizer, tmp_path, gradient_checkpointing):
-    """``--bf16`` on a CPU: the rebuilt weight cast to bf16 is the one autocast casts from the fp32 weight."""
+@pytest.mark.parametrize(("precision", "gradient_checkpointing"), [("bf16", False), ("bf16", True), ("fp16", False)])
+def test_training_on_codes_under_autocast_is_training_on_the_fp32_weights_under_it(tokenizer, tmp_path, precision,
+                                                                                   gradient_checkpointing):
+    """``--bf16`` / ``--fp16`` on a CPU: the rebuilt weight cast to autocast's dtype is the one autocast
+    casts from the fp32 weight (in W^T's layout, so a GEMM may sum in another order: not to the bit)."""
     plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a",
-                                           gradient_checkpointing=gradient_checkpointing, bf16=True)
+                                           gradient_checkpointing=gradient_checkpointing, precision=precision)
     losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True,
-                               gradient_checkpointing=gradient_checkpointing, bf16=True)
-    assert losses == plain_losses and all(x == x for x in losses)
-    assert all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
+                               gradient_checkpointing=gradient_checkpointing, precision=precision)
+    assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(losses, plain_losses, strict=True))  # NaN if a fp32 weight was read
+    assert all(torch.allclose(plain_adapter[n], adapter[n], rtol=1e-3, atol=1e-6) for n in adapter)
 
 
 def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):

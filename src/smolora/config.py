@@ -126,7 +126,7 @@ class TrainConfig(_Settings):
     gradient_checkpointing: bool = _help("recompute each layer's activations in backward: less memory, ~1/3 more compute", False)
     weight_codes: bool = _help(
         "hold the frozen weights as their exact GGUF codes where the model has them (a GGUF of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, such as the "
-        "embedded model) and it trains in fp32 on a CPU: the same training with ~1/5 of the weights' memory", True)
+        "embedded model) and it trains on a CPU (fp32, or --bf16 autocast): the same training with ~1/5 of the weights' memory", True)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)

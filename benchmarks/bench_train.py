@@ -176,11 +176,13 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
 MODEL: str | None = None  # a model folder; None: the embedded model
 
 
-def load_base():
-    from smolora.models import load_model, load_tokenizer, resolve_model
+def load_base(training: bool = False):
+    """The model, as every worker loads it; ``training``: as SmoLoRA's training does (``training_source``:
+    a checkpoint stored in 16 bits comes from the fp32 + codes folder written for it once)."""
+    from smolora.models import load_model, load_tokenizer, resolve_model, training_source
 
     source = resolve_model(MODEL)
-    return source, load_tokenizer(source), load_model(source)
+    return source, load_tokenizer(source), load_model(training_source(source, "cpu") if training else source)
 
 
 def peft_config():
@@ -210,7 +212,7 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
     from smolora.lora import add_lora
     from smolora.train import train
 
-    _, tok, model = load_base()
+    _, tok, model = load_base(training=True)
     examples = encode(records, tok)
     torch.manual_seed(seed)
     model = add_lora(model, peft_config(), warn=lambda *_: None)
@@ -418,6 +420,9 @@ def main() -> None:
 
     model_cfg = model_config()
     print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
+    from smolora.models import resolve_model, training_source
+
+    training_source(resolve_model(MODEL), "cpu")  # any conversion SmoLoRA's training makes: once, before the workers
     gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
     report = {"gemm": gemm, "spec": SPEC, "tcmalloc": args.tcmalloc, "threads": torch.get_num_threads(), "model": MODEL or "embedded",

@@ -3,11 +3,13 @@ them is training on the fp32 weights — without reading those."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import smolora.onednn
@@ -19,7 +21,7 @@ from smolora.errors import SmoLoRAError
 from smolora.evaluate import evaluate
 from smolora.lora import add_lora
 from smolora.merge import merge_and_unload
-from smolora.models import load_model, resolve_model
+from smolora.models import half_cache_folder, load_model, resolve_model, training_source
 from smolora.train import NonFiniteLossError, evaluate_loss, train
 
 
@@ -231,6 +233,71 @@ def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, t
     assert signal.getsignal(signal.SIGINT) is handler
     assert not any("forward" in vars(m) or codes_of(m) is not None for m in model.modules())
     assert model.get_base_model().config._attn_implementation != "smolora_varlen"
+
+
+def half_folder(tmp_path, tokenizer, dtype: torch.dtype):
+    """A tiny Llama saved as a Hugging Face checkpoint in ``dtype``, as most are: loaded, its weights are fp32 copies."""
+    folder = tmp_path / str(dtype).removeprefix("torch.")
+    build_tiny("llama", len(tokenizer), seed=3).to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_codes_hold_a_weight_a_checkpoint_stored_in_16_bits_as_such():
+    weight = torch.randn(8, 40).to(torch.bfloat16).float()  # 40: not whole blocks of 32
+    codes = fit_codes(weight)
+    assert codes.codes.dtype == torch.bfloat16 and codes.scale is None and torch.equal(codes.weight(), weight)
+    index = torch.tensor([[3, 1]])
+    assert torch.equal(codes.rows(index), weight[index])
+    assert fit_codes(torch.randn(8, 40).half().float()).codes.dtype == torch.float16
+    assert fit_codes(torch.randn(8, 40)) is None
+    generator = torch.Generator().manual_seed(0)
+    assert fit_codes(q4_1(8, 64, generator)).codes.dtype == torch.uint8  # the smaller codes first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_once(tokenizer, tmp_path, monkeypatch, dtype):
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
+    folder = half_folder(tmp_path, tokenizer, dtype)
+    cache = half_cache_folder(folder)
+    assert cache.parent == tmp_path / "home" / "models" and (cache / CODES_FILE).is_file()
+    assert half_cache_folder(folder) == cache and (cache / "model.safetensors").stat().st_mtime_ns == \
+        (half_cache_folder(folder) / "model.safetensors").stat().st_mtime_ns  # reused, not rewritten
+    assert (cache / "config.json").read_text() == (folder / "config.json").read_text()
+    with safe_open(str(cache / CODES_FILE), "pt") as file:
+        assert len(list(file.keys())) == 15 and all(file.get_tensor(k).dtype == dtype for k in file.keys())
+    plain_losses, plain_adapter = train_on(folder, tokenizer, tmp_path / "a", weight_codes=False)
+    losses, adapter = train_on(cache, tokenizer, tmp_path / "b", poison=True)  # the fp32 copies are never read
+    assert losses == plain_losses and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
+
+
+def test_training_through_the_api_uses_the_16_bit_cache_only_where_codes_are_on(tokenizer, tmp_path, monkeypatch):
+    from smolora import SmoLoRA
+
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
+    folder, adapters = half_folder(tmp_path, tokenizer, torch.bfloat16), []
+    for weight_codes in (False, True):
+        lora = SmoLoRA(base_model_name=str(folder), dataset_name=chat_records(8), output_dir=str(tmp_path / str(weight_codes)))
+        lora.sft_config.max_steps, lora.sft_config.weight_codes = 2, weight_codes
+        lora.train()
+        adapters.append({n: p.detach() for n, p in lora.model.named_parameters() if p.requires_grad})
+        assert (tmp_path / "home" / "models").is_dir() == weight_codes
+        assert lora.source.folder == str(folder)
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+
+def test_a_16_bit_cache_only_for_cpu_training_of_a_model_transformers_implements(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
+    assert half_cache_folder(coded_folder(tmp_path, tokenizer, False)) is None  # fp32
+    folder = half_folder(tmp_path, tokenizer, torch.bfloat16)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling.Model"}}))
+    assert half_cache_folder(folder) is None and not (tmp_path / "home").exists()
+    (folder / "config.json").write_text(json.dumps(config))
+    source = resolve_model(folder)
+    assert training_source(source, "cuda") == training_source(source, "mps") == training_source(source, "cpu", False) == source
+    assert not (tmp_path / "home").exists()
+    assert training_source(source, "cpu").folder != source.folder and training_source(source, "cpu").name == source.name
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q5_0", "q5_1", "q8_0"])

@@ -6,8 +6,10 @@ A GGUF model quantized as Q4_1 (the embedded SmolLM2 is) stores each block of 32
 ``q`` in 0..31 — every block type SmoLoRA's GGUF export writes. Dequantized once into the fp32
 cache folder, those weights take 4 bytes each where the codes take half a byte or one.
 ``fit_codes`` finds the codes back from an fp32 weight and keeps them only if every block
-rebuilds to the same values, so a weight that was never quantized is left alone. The GGUF
-conversion writes them beside the fp32 weights (``CODES_FILE``).
+rebuilds to the same values, so a weight that was never quantized is left alone; a weight that
+is a bf16 or fp16 value throughout (a Hugging Face checkpoint stored in 16 bits) is kept as such.
+The GGUF conversion, and the fp32 copy training makes of a 16-bit checkpoint
+(``smolora.models.half_cache_folder``), write them beside the fp32 weights (``CODES_FILE``).
 
 Inside ``coded_weights(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
@@ -39,7 +41,8 @@ BLOCK = 32  # weights per scale along the input dimension, as in GGUF's Q4_0/1, 
 class Codes(NamedTuple):
     """A weight as ``scale * q + low`` per block of 32 along its input dimension, or ``scale * q``.
 
-    ``codes`` is one of: uint8 (out, blocks, 16), two q's in 0..15 a byte, a block's first 16 in
+    ``codes`` is one of: the weight itself as bf16 or fp16 (out, in), with no ``scale`` (a weight
+    a checkpoint stores in 16 bits); uint8 (out, blocks, 16), two q's in 0..15 a byte, a block's first 16 in
     the low nibbles (GGUF's Q4_1, and Q4_0 as ``low = -8 * scale``); uint8 (out, blocks, 32), q in
     0..31 (Q5_1, and Q5_0 as ``low = -16 * scale``); int8 (out, blocks, 32) with no ``low``
     (Q8_0). ``scale`` and ``low`` (out, blocks, 1) are fp16, as the file stores them; a scale may
@@ -52,11 +55,13 @@ class Codes(NamedTuple):
     """
 
     codes: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | None = None  # None: ``codes`` is the weight in bf16 or fp16
     low: torch.Tensor | None = None
 
     def weight(self, rows: slice = slice(None)) -> torch.Tensor:
         """The fp32 weight's ``rows``, rebuilt (fp32 arithmetic: the product, then the sum)."""
+        if self.scale is None:
+            return self.codes[rows].float()
         codes, scale = self.codes[rows], self.scale[rows].float()
         out, blocks, width = codes.shape
         if self.low is None:
@@ -134,17 +139,24 @@ def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
     values at and next to it are tried. ``rows`` at a time, so that the temporaries stay a few
     times that many rows' size; one kind of codes for the whole weight.
     """
-    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK or not weight.numel():
+    if weight.dim() != 2 or weight.dtype != torch.float32 or not weight.numel():
         return None
-    blocks = weight.detach().cpu().reshape(weight.shape[0], -1, BLOCK)
-    for fit in FITS:
-        parts = []
-        for start in range(0, len(blocks), rows):
-            if (part := fit(blocks[start : start + rows])) is None:
-                break
-            parts.append(part)
-        else:
-            return Codes(*(torch.cat(pieces) if pieces[0] is not None else None for pieces in zip(*parts)))
+    weight = weight.detach().cpu()
+    if weight.shape[1] % BLOCK == 0:
+        blocks = weight.reshape(weight.shape[0], -1, BLOCK)
+        for fit in FITS:
+            if fit(blocks[:1]) is None:  # the first row does not fit: the whole weight will not
+                continue
+            parts = []
+            for start in range(0, len(blocks), rows):
+                if (part := fit(blocks[start : start + rows])) is None:
+                    break
+                parts.append(part)
+            else:
+                return Codes(*(torch.cat(pieces) if pieces[0] is not None else None for pieces in zip(*parts)))
+    for dtype in (torch.bfloat16, torch.float16):  # a checkpoint stored in 16 bits
+        if torch.equal((half := weight.to(dtype)).float(), weight):
+            return Codes(half)
     return None
 
 
@@ -239,7 +251,7 @@ def _load(file, key: str, weight: torch.Tensor) -> Codes | None:
     """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
     if weight.dtype != torch.float32 or (codes := read_codes(file, key)) is None:
         return None
-    if codes.codes.shape[0] != weight.shape[0] or codes.scale.shape[1] * BLOCK != weight.shape[1]:
+    if codes.codes.shape[0] != weight.shape[0] or (codes.codes.shape[1] if codes.scale is None else codes.scale.shape[1] * BLOCK) != weight.shape[1]:
         return None
     return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None
 

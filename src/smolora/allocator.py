@@ -67,3 +67,13 @@ def active() -> str:
             return "tcmalloc" if "tcmalloc" in maps.read() else "system"
     except OSError:
         return "system"
+
+
+def release_free_memory() -> None:
+    """Hand the pages the allocator holds free back to the system, after a one-off peak (a model
+    conversion): tcmalloc keeps them for reuse otherwise, and a later peak lands on top of them."""
+    process = ctypes.CDLL(None)
+    for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):  # tcmalloc; glibc
+        if hasattr(process, name):
+            getattr(process, name)(*args)
+            return

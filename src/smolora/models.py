@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from smolora.allocator import release_free_memory
 from smolora.checkpoint import fsync_tree
 from smolora.errors import SmoLoRAError
 
@@ -199,6 +200,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
     _publish(folder, write, str(gguf))
+    del model
+    release_free_memory()
 
 
 def _publish(folder: Path, write, origin: str) -> None:
@@ -284,6 +287,8 @@ def half_cache_folder(folder: str | Path) -> Path | None:
                 shutil.copy2(p, tmp / p.name)
 
     _publish(cache, write, str(folder))
+    del model
+    release_free_memory()  # the fp32 model written is not the one training loads: its pages go back
     return cache
 
 

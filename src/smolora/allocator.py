@@ -18,6 +18,7 @@ on the allocator its interpreter started with (``LD_PRELOAD=libtcmalloc_minimal.
 from __future__ import annotations
 
 import ctypes.util
+import gc
 import os
 import sys
 
@@ -71,7 +72,9 @@ def active() -> str:
 
 def release_free_memory() -> None:
     """Hand the pages the allocator holds free back to the system, after a one-off peak (a model
-    conversion): tcmalloc keeps them for reuse otherwise, and a later peak lands on top of them."""
+    conversion): tcmalloc keeps them for reuse otherwise, and a later peak lands on top of them.
+    Objects in reference cycles (a model's modules) are collected first."""
+    gc.collect()
     process = ctypes.CDLL(None)
     for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):  # tcmalloc; glibc
         if hasattr(process, name):

@@ -172,6 +172,7 @@ def gguf_cache_folder(gguf: Path) -> Path:
     if (folder / "model.safetensors").is_file() and (folder / ".complete").is_file():
         return folder
     _convert_gguf(gguf, folder)
+    release_free_memory()  # the model written is not the one that will be loaded: its pages go back
     return folder
 
 
@@ -200,8 +201,6 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
     _publish(folder, write, str(gguf))
-    del model
-    release_free_memory()
 
 
 def _publish(folder: Path, write, origin: str) -> None:
@@ -272,6 +271,12 @@ def half_cache_folder(folder: str | Path) -> Path | None:
     cache = smolora_home() / "models" / f"{folder.resolve().name}-{key}"
     if (cache / "model.safetensors").is_file() and (cache / ".complete").is_file():
         return cache
+    _write_half_cache(folder, cache)
+    release_free_memory()  # the model written is not the one training loads: its pages go back
+    return cache
+
+
+def _write_half_cache(folder: Path, cache: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from smolora.codes import save_codes
@@ -287,9 +292,6 @@ def half_cache_folder(folder: str | Path) -> Path | None:
                 shutil.copy2(p, tmp / p.name)
 
     _publish(cache, write, str(folder))
-    del model
-    release_free_memory()  # the fp32 model written is not the one training loads: its pages go back
-    return cache
 
 
 def check_weight_files(folder: str, allow_pickle: bool) -> None:

@@ -75,7 +75,10 @@ def release_free_memory() -> None:
     conversion): tcmalloc keeps them for reuse otherwise, and a later peak lands on top of them.
     Objects in reference cycles (a model's modules) are collected first."""
     gc.collect()
-    process = ctypes.CDLL(None)
+    try:
+        process = ctypes.CDLL(None)  # the symbols this process has loaded
+    except (OSError, TypeError):  # Windows has no such handle
+        return
     for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):  # tcmalloc; glibc
         if hasattr(process, name):
             getattr(process, name)(*args)

@@ -133,7 +133,8 @@ FITS = (_with_min(15), _centred(8), _q8_0, _with_min(31), _centred(16))  # Q4_1,
 
 
 def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
-    """Codes that rebuild ``weight`` to the same values, or None: the first of ``FITS`` that does.
+    """Codes that rebuild ``weight`` to the same values, or None: the first of ``FITS`` that does,
+    else the weight itself as bf16 or fp16 where that holds every value.
 
     Each takes a scale estimate from the block; the file stores the scale as fp16, so the fp16
     values at and next to it are tried. ``rows`` at a time, so that the temporaries stay a few

@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --impls trl,smolora,reference   # the issue's pair and the loss check only
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants short   # a quick look
     python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
+    python benchmarks/bench_train.py --arch qwen3 --arch-dtype bfloat16   # its weights stored in bf16, as real checkpoints are
     python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
 
 Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct
@@ -73,10 +74,11 @@ def make_records(variant: str, count: int, seed: int) -> list[dict]:
 ARCHS = {"qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "llama": "Llama"}
 
 
-def build_arch(arch: str) -> str:
+def build_arch(arch: str, dtype: str = "float32") -> str:
     """Save a randomly initialised ``arch`` model the size of SmolLM2-135M (same hidden size, layers,
-    heads and vocabulary) with the embedded tokenizer; returns the folder. Speed does not depend
-    on the weights' values, and nothing is downloaded."""
+    heads and vocabulary) with the embedded tokenizer, its weights stored in ``dtype`` (bfloat16:
+    as real checkpoints are); returns the folder. Speed does not depend on the weights' values,
+    and nothing is downloaded."""
     import shutil
 
     import transformers
@@ -84,7 +86,7 @@ def build_arch(arch: str) -> str:
     from smolora.models import resolve_model, smolora_home
 
     base = resolve_model(None).folder
-    folder = smolora_home() / "bench-models" / arch
+    folder = smolora_home() / "bench-models" / (arch if dtype == "float32" else f"{arch}-{dtype}")
     if (folder / "model.safetensors").is_file():
         return str(folder)
     ref = transformers.AutoConfig.from_pretrained(base)
@@ -96,7 +98,7 @@ def build_arch(arch: str) -> str:
     model = getattr(transformers, ARCHS[arch] + "ForCausalLM")(config)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.to(getattr(torch, dtype)).save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (Path(base) / name).is_file():
             shutil.copy(Path(base) / name, tmp / name)
@@ -404,6 +406,8 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes")
+    ap.add_argument("--arch-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="how --arch's random weights are stored: float32 (default) or bfloat16, as real checkpoints are")
     ap.add_argument("--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw")
     ap.add_argument("--tcmalloc", choices=("smolora", "all", "none"), default="smolora",
                     help="which workers run on tcmalloc where the system has it: SmoLoRA's, as the smolora command "
@@ -413,7 +417,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global MODEL
-    MODEL = build_arch(args.arch) if args.arch else args.model
+    MODEL = build_arch(args.arch, args.arch_dtype) if args.arch else args.model
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.variant, args.steps, args.seed)))
         return

@@ -300,10 +300,11 @@ def test_a_16_bit_cache_only_for_cpu_training_of_a_model_transformers_implements
     assert training_source(source, "cpu").folder != source.folder and training_source(source, "cpu").name == source.name
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q5_0", "q5_1", "q8_0", "f16", "bf16"])
 def test_a_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(tmp_path, tokenizer, monkeypatch, kind):
-    """The real path: gguf-py quantizes (SmoLoRA's own export, each block type it writes),
-    transformers' GGUF loader dequantizes, and the conversion finds every quantized tensor's codes back."""
+    """The real path: gguf-py quantizes (SmoLoRA's own export, each block type it writes, and its
+    16-bit files), transformers' GGUF loader dequantizes, and the conversion finds every quantized
+    tensor's codes back (a 16-bit one's as its 16 bits)."""
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors import safe_open
 
@@ -313,7 +314,8 @@ def test_a_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(t
     path = export_gguf(build_tiny_llama(len(tokenizer), seed=3), tokenizer, tmp_path / "tiny.gguf", kind)
     kinds = [t.tensor_type for t in GGUFReader(path).tensors]
     layers = GGMLQuantizationType[kind.upper()]
-    assert kinds.count(GGMLQuantizationType.Q8_0) == 1 + (14 if kind == "q8_0" else 0)  # the embedding, and the layers'
+    half = kind in ("f16", "bf16")  # the embedding too; a quantized file's embedding is Q8_0
+    assert kinds.count(GGMLQuantizationType.Q8_0) == (0 if half else 1) + (14 if kind == "q8_0" else 0)
     folder = resolve_model(path).folder
     with safe_open(f"{folder}/{CODES_FILE}", "pt") as codes, safe_open(f"{folder}/model.safetensors", "pt") as fp32:
         names = {key.rsplit(".", 1)[0] for key in codes.keys()}

@@ -1,5 +1,6 @@
-"""Frozen weights held as their exact GGUF codes (Q4_1, Q8_0): found back bit for bit, and training on
-them is training on the fp32 weights — without reading those."""
+"""Frozen weights held as the exact codes they came from (a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, a
+checkpoint's 16 bits): found back bit for bit, and training on them is training on the fp32 weights —
+without reading those."""
 
 from __future__ import annotations
 

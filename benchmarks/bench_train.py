@@ -179,12 +179,12 @@ MODEL: str | None = None  # a model folder; None: the embedded model
 
 
 def load_base(training: bool = False):
-    """The model, as every worker loads it; ``training``: as SmoLoRA's training does (``training_source``:
+    """The model, as every worker loads it; ``training``: as SmoLoRA's training does (``codes_source``:
     a checkpoint stored in 16 bits comes from the fp32 + codes folder written for it once)."""
-    from smolora.models import load_model, load_tokenizer, resolve_model, training_source
+    from smolora.models import codes_source, load_model, load_tokenizer, resolve_model
 
     source = resolve_model(MODEL)
-    return source, load_tokenizer(source), load_model(training_source(source, "cpu") if training else source)
+    return source, load_tokenizer(source), load_model(codes_source(source, "cpu") if training else source)
 
 
 def peft_config():
@@ -424,9 +424,9 @@ def main() -> None:
 
     model_cfg = model_config()
     print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
-    from smolora.models import resolve_model, training_source
+    from smolora.models import codes_source, resolve_model
 
-    training_source(resolve_model(MODEL), "cpu")  # any conversion SmoLoRA's training makes: once, before the workers
+    codes_source(resolve_model(MODEL), "cpu")  # any conversion SmoLoRA's training makes: once, before the workers
     gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
     report = {"gemm": gemm, "spec": SPEC, "tcmalloc": args.tcmalloc, "threads": torch.get_num_threads(), "model": MODEL or "embedded",

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import smolora.onednn
-from conftest import build_tiny, build_tiny_llama, chat_records
+from conftest import build_tiny, build_tiny_llama, chat_records, write_jsonl
 from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, read_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
@@ -22,8 +22,10 @@ from smolora.errors import SmoLoRAError
 from smolora.evaluate import evaluate
 from smolora.lora import add_lora
 from smolora.merge import merge_and_unload
-from smolora.models import half_cache_folder, load_model, resolve_model, training_source
+from smolora.models import codes_source, half_cache_folder, load_model, resolve_model
 from smolora.train import NonFiniteLossError, evaluate_loss, train
+from test_cli import ENV
+from test_cli import smolora as run_cli
 
 
 def q4_1(out: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -256,8 +258,9 @@ def test_codes_hold_a_weight_a_checkpoint_stored_in_16_bits_as_such():
     assert fit_codes(q4_1(8, 64, generator)).codes.dtype == torch.uint8  # the smaller codes first
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_once(tokenizer, tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize(("dtype", "precision"), [(torch.bfloat16, "fp32"), (torch.float16, "fp32"), (torch.bfloat16, "bf16")])
+def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_once(tokenizer, tmp_path, monkeypatch, dtype,
+                                                                                      precision):
     monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
     folder = half_folder(tmp_path, tokenizer, dtype)
     cache = half_cache_folder(folder)
@@ -267,8 +270,8 @@ def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_o
     assert (cache / "config.json").read_text() == (folder / "config.json").read_text()
     with safe_open(str(cache / CODES_FILE), "pt") as file:
         assert len(list(file.keys())) == 15 and all(file.get_tensor(k).dtype == dtype for k in file.keys())
-    plain_losses, plain_adapter = train_on(folder, tokenizer, tmp_path / "a", weight_codes=False)
-    losses, adapter = train_on(cache, tokenizer, tmp_path / "b", poison=True)  # the fp32 copies are never read
+    plain_losses, plain_adapter = train_on(folder, tokenizer, tmp_path / "a", weight_codes=False, precision=precision)
+    losses, adapter = train_on(cache, tokenizer, tmp_path / "b", poison=True, precision=precision)  # the fp32 copies are never read
     assert losses == plain_losses and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
 
 
@@ -287,6 +290,18 @@ def test_training_through_the_api_uses_the_16_bit_cache_only_where_codes_are_on(
     assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
 
 
+def test_smolora_eval_of_a_16_bit_checkpoint_reads_it_from_the_cache(tokenizer, tmp_path):
+    folder, data = half_folder(tmp_path, tokenizer, torch.bfloat16), write_jsonl(tmp_path / "v.jsonl", chat_records(6))
+    env = {**ENV, "SMOLORA_HOME": str(tmp_path / "home")}
+    plain = run_cli("eval", "--model", folder, "--data", data, "--json", tmp_path / "plain.json", "--no-weight-codes", env=env)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert not (tmp_path / "home").exists()
+    coded = run_cli("eval", "--model", folder, "--data", data, "--json", tmp_path / "coded.json", env=env)
+    assert coded.returncode == 0, coded.stderr[-2000:]
+    assert "16-bit weights as fp32 + codes (once)" in coded.stdout and len(list((tmp_path / "home" / "models").iterdir())) == 1
+    assert json.loads((tmp_path / "coded.json").read_text())["loss"] == json.loads((tmp_path / "plain.json").read_text())["loss"]
+
+
 def test_a_16_bit_cache_only_for_cpu_training_of_a_model_transformers_implements(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
     assert half_cache_folder(coded_folder(tmp_path, tokenizer, False)) is None  # fp32
@@ -296,9 +311,9 @@ def test_a_16_bit_cache_only_for_cpu_training_of_a_model_transformers_implements
     assert half_cache_folder(folder) is None and not (tmp_path / "home").exists()
     (folder / "config.json").write_text(json.dumps(config))
     source = resolve_model(folder)
-    assert training_source(source, "cuda") == training_source(source, "mps") == training_source(source, "cpu", False) == source
+    assert codes_source(source, "cuda") == codes_source(source, "mps") == codes_source(source, "cpu", False) == source
     assert not (tmp_path / "home").exists()
-    assert training_source(source, "cpu").folder != source.folder and training_source(source, "cpu").name == source.name
+    assert codes_source(source, "cpu").folder != source.folder and codes_source(source, "cpu").name == source.name
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q5_0", "q5_1", "q8_0", "f16", "bf16"])

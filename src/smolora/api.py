@@ -21,7 +21,7 @@ from smolora.errors import SmoLoRAError
 from smolora.generate import generate
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import load_adapter, merge_adapter, write_adapter_info
-from smolora.models import ModelSource, base_reference, load_model, load_tokenizer, pick_device, resolve_model, training_source
+from smolora.models import ModelSource, base_reference, codes_source, load_model, load_tokenizer, pick_device, resolve_model
 from smolora.train import TrainResult, train
 
 RUN_FOLDERS = ("checkpoints", "adapter_checkpoint", "final_merged")  # what a run writes in output_dir, and --overwrite removes
@@ -135,7 +135,7 @@ class SmoLoRA:
         if saved is not None:  # settings and data before the model loads; the model after
             ckpt.check_compatible(saved, run_info, allow_config_change)
         torch.manual_seed(cfg.seed)  # LoRA A init
-        source = training_source(self.source, self.device, cfg.weight_codes)  # 16-bit weights held as such (smolora.codes)
+        source = codes_source(self.source, self.device, cfg.weight_codes)  # 16-bit weights held as such (smolora.codes)
         base = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
         self.model = add_lora(base, peft_config)
         if distributed.is_main():

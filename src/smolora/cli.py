@@ -271,7 +271,7 @@ def cmd_eval(args) -> int:
     from smolora.data import load_source, prepare_data
     from smolora.evaluate import evaluate, replies_to_score
     from smolora.generate import check_sampling
-    from smolora.models import pick_device
+    from smolora.models import codes_source, pick_device
 
     # everything about the input is checked before the model loads
     check_sampling(args.max_new_tokens, False, 1.0)
@@ -285,7 +285,8 @@ def cmd_eval(args) -> int:
     examples = prepare_data(records, tokenizer, cfg, data).train
     if args.exact_match:
         replies_to_score(examples)
-    model = _load_model(args, source, pick_device(args.device))
+    device = pick_device(args.device)
+    model = _load_model(args, codes_source(source, device, args.weight_codes and not args.adapter), device)  # merged: no codes
     result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
                       weight_codes=args.weight_codes)
     print(result.summary())

@@ -210,19 +210,23 @@ class CodedLinear(torch.autograd.Function):
     def forward(ctx, x, codes, scale, low, bias, dtype):
         ctx.save_for_backward(codes, scale, low)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
-        weight = Codes(codes, scale, low).weight()
         if dtype is None:
-            return linear(x, weight, bias)
-        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            return linear(x, Codes(codes, scale, low).weight(), bias)
+        return F.linear(x.to(dtype), _cast(Codes(codes, scale, low), dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        weight = Codes(*ctx.saved_tensors).weight()
+        codes = Codes(*ctx.saved_tensors)
         if ctx.dtype is None:
-            grad_x = linear(grad, weight.t())
+            grad_x = linear(grad, codes.weight().t())
         else:
-            grad_x = grad.to(ctx.dtype).matmul(weight.to(ctx.dtype)).to(ctx.x_dtype)
+            grad_x = grad.to(ctx.dtype).matmul(_cast(codes, ctx.dtype)).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None
+
+
+def _cast(codes: Codes, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as autocast casts it to ``dtype``: a 16-bit weight in that dtype is its codes as they are."""
+    return codes.codes if codes.scale is None and codes.codes.dtype == dtype else codes.weight().to(dtype)
 
 
 def _coded_forward(module: nn.Linear, original, codes: Codes):

@@ -230,9 +230,10 @@ def _publish(folder: Path, write, origin: str) -> None:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def training_source(source: ModelSource, device: torch.device | str, weight_codes: bool = True) -> ModelSource:
-    """Where training on ``device`` loads ``source``'s weights from: on a CPU with weight codes on,
-    a local checkpoint stored in 16 bits comes from its ``half_cache_folder``; anything else from itself."""
+def codes_source(source: ModelSource, device: torch.device | str, weight_codes: bool = True) -> ModelSource:
+    """Where a run on ``device`` that holds frozen weights as their codes (training, ``smolora eval``)
+    loads ``source`` from: on a CPU with weight codes on, a local checkpoint stored in 16 bits comes
+    from its ``half_cache_folder``; anything else from itself."""
     if not (weight_codes and torch.device(device).type == "cpu" and source.is_local):
         return source
     try:
@@ -245,7 +246,7 @@ def training_source(source: ModelSource, device: torch.device | str, weight_code
 
 
 def half_cache_folder(folder: str | Path) -> Path | None:
-    """For training on a CPU: a Hugging Face folder whose safetensors store weights in bf16 or fp16
+    """For training (or evaluating) on a CPU: a Hugging Face folder whose safetensors store weights in bf16 or fp16
     (most checkpoints do), written once as fp32 safetensors with those weights beside them as codes
     (``smolora.codes``), under ``$SMOLORA_HOME``; later calls reuse it. Training holds a 16-bit
     weight in 2 bytes instead of the 4 of its fp32 copy, and never reads that copy's file pages.

@@ -161,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     e.add_argument("--no-weight-codes", dest="weight_codes", action="store_false",
-                   help="compute the loss from the fp32 weights, not the GGUF codes a converted model keeps beside them")
+                   help="compute the loss from the fp32 weights, not the codes a converted model keeps beside them")
     _add_safety_flags(e)
     add_dataclass_flags(e, DataConfig, skip=("validation_data",))
 

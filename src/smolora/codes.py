@@ -242,19 +242,20 @@ def _coded_forward(module: nn.Linear, original, codes: Codes):
     return forward
 
 
-def read_codes(file, key: str) -> Codes | None:
-    """``key``'s codes from the open safetensors ``file`` (``CODES_FILE``), or None. Those with a low
-    are stored input-major and come back as (out, blocks, width) views of that storage."""
-    names = set(file.keys())
+def read_codes(file, key: str, names: set[str] | None = None) -> Codes | None:
+    """``key``'s codes from the open safetensors ``file`` (``CODES_FILE``, whose keys are ``names``
+    if given), or None. Those with a low are stored input-major and come back as (out, blocks,
+    width) views of that storage."""
+    names = set(file.keys()) if names is None else names
     if f"{key}.codes" not in names:
         return None
     codes = Codes(*(file.get_tensor(f"{key}.{part}") if f"{key}.{part}" in names else None for part in Codes._fields))
     return codes if codes.low is None else Codes(*(t.permute(2, 0, 1) for t in codes))
 
 
-def _load(file, key: str, weight: torch.Tensor) -> Codes | None:
+def _load(file, names: set[str], key: str, weight: torch.Tensor) -> Codes | None:
     """``key``'s codes from the open ``file`` if they rebuild ``weight``'s shape and first row."""
-    if weight.dtype != torch.float32 or (codes := read_codes(file, key)) is None:
+    if weight.dtype != torch.float32 or (codes := read_codes(file, key, names)) is None:
         return None
     if codes.codes.shape[0] != weight.shape[0]:
         return None
@@ -277,6 +278,7 @@ def coded_weights(model: nn.Module):
 
             with safe_open(str(path), "pt") as file:
                 found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
+                names = set(file.keys())
                 for name, module in lm.named_modules():
                     bias = getattr(module, "bias", None)  # CodedLinear's backward gives none to a bias
                     if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
@@ -287,7 +289,7 @@ def coded_weights(model: nn.Module):
                     key = ".".join(part for part in name.split(".") if part != "base_layer") + ".weight"
                     weight = module.weight
                     if id(weight) not in found:
-                        found[id(weight)] = _load(file, key, weight)
+                        found[id(weight)] = _load(file, names, key, weight)
                     if (codes := found[id(weight)]) is not None:
                         embedding = type(module) is nn.Embedding  # a lookup: only its rows
                         module.forward = codes.rows if embedding else _coded_forward(module, module.forward, codes)

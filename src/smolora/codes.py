@@ -64,12 +64,12 @@ class Codes(NamedTuple):
             return self.codes[rows].float()
         codes, scale = self.codes[rows], self.scale[rows].float()
         out, blocks, width = codes.shape
-        if self.low is None:
-            return torch.mul(codes, scale).view(out, blocks * BLOCK)
         if codes.stride(-1) != 1:  # input-major codes: W laid out as W^T
             weight = torch.empty(blocks, BLOCK, out, dtype=torch.float32).permute(2, 0, 1)
         else:
             weight = torch.empty(out, blocks, BLOCK, dtype=torch.float32)
+        if self.low is None:  # a copy then an in-place product: torch's mixed-dtype product is ~1.4x slower
+            return weight.copy_(codes).mul_(scale).view(out, blocks * BLOCK)
         if width == BLOCK:  # a code a byte
             weight.copy_(codes)
         else:  # two a byte

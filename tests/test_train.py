@@ -486,6 +486,18 @@ def test_fast_dropout_keeps_1_minus_p_follows_torch_rng_and_backprops_its_mask()
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.parametrize("p", [25.5 / 256, 0.5 + 2**-30])
+def test_fast_dropout_ties_on_the_high_byte_are_decided_by_the_low_bits(p):
+    """The mask's 32-bit draw is its high byte and, where that equals the threshold's, 24 more
+    bits. At 25.5/256 half the ties (1/256 of the elements) are kept: keeping all or none of them
+    would move the keep rate by 0.002, 6 standard deviations of 1e6 draws."""
+    from smolora.lora import FastDropout
+
+    torch.manual_seed(0)
+    kept = FastDropout(p).mask(torch.empty(1000, 1000)).double().mean().item()
+    assert abs(kept - (1 - p)) < 1e-3
+
+
 def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_path):
     from smolora.lora import FastDropout, fast_dropout
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -103,14 +104,32 @@ class _KeepScale(torch.autograd.Function):
         return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
+_generators = threading.local()
+
+
+def _sfc64(seed: int) -> np.random.SFC64:
+    """This thread's SFC64 generator, seeded as its author seeds one from 64 bits (a = b = c = seed,
+    counter 1, 12 outputs discarded): a few microseconds where NumPy's ``SFC64(seed)`` runs a
+    ``SeedSequence`` (~20-90 us between a training step's GEMMs, which leave the caches cold)."""
+    generator = getattr(_generators, "sfc64", None)
+    if generator is None:
+        generator = _generators.sfc64 = np.random.SFC64(0)
+    generator.state = {"bit_generator": "SFC64", "state": {"state": np.array([seed, seed, seed, 1], dtype=np.uint64)},
+                       "has_uint32": 0, "uinteger": 0}
+    generator.random_raw(12)
+    return generator
+
+
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` with its CPU mask drawn by NumPy's SFC64 generator, about 4x faster than
+    """``nn.Dropout`` with its CPU mask drawn by NumPy's SFC64 generator, about 10x faster than
     torch's CPU ``bernoulli_`` (which was 8-9% of a training step here).
 
     Each call seeds the generator with one draw from torch's default generator, so the masks follow
     torch's RNG state exactly like ``nn.Dropout``'s do: a resumed run and gradient checkpointing's
     recomputed forward draw the same masks. An element is kept when a uniform 32-bit integer is at
-    least ``round(p * 2**32)`` (p exact to 2**-32).
+    least ``round(p * 2**32)`` (p exact to 2**-32). The integer's high byte is drawn for every
+    element and decides all but the 1/256 of them where it equals the threshold's; only those draw
+    their low 24 bits: a quarter of the random bits, the same distribution.
     """
 
     def active(self, x: torch.Tensor) -> bool:
@@ -118,10 +137,14 @@ class FastDropout(nn.Dropout):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The next bool mask of elements kept, shaped like ``x``."""
-        seed = int(torch.randint(0, 2**62, ()))
-        n = x.numel()
-        bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-        return torch.from_numpy(bits >= np.uint32(round(self.p * 2**32))).view(x.shape)
+        generator = _sfc64(int(torch.randint(0, 2**62, ())))
+        n, threshold = x.numel(), min(round(self.p * 2**32), 2**32 - 1)
+        high = generator.random_raw((n + 7) // 8).view(np.uint8)[:n]
+        keep = high > np.uint8(threshold >> 24)
+        ties = np.flatnonzero(high == np.uint8(threshold >> 24))
+        low = generator.random_raw((ties.size + 1) // 2).view(np.uint32)[: ties.size] >> np.uint32(8)
+        keep[ties] = low >= np.uint32(threshold & 0xFFFFFF)
+        return torch.from_numpy(keep).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active(x):

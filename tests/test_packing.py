@@ -11,14 +11,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ARCHITECTURES, build_tiny, chat_records
-from smolora import attention
+from smolora import attention, onednn
 from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
 from smolora.train import token_loss_sum
 
-# The default, and a threshold every span of the tiny examples reaches: on CPU, spans in two halves.
-SPLITS = [attention.SPLIT_QUERIES, 4]
+# The default; a threshold every span of the tiny examples reaches (on CPU, spans in two halves,
+# each by the flash kernel); and the same with every span by GemmAttention, as on a CPU where
+# oneDNN's GEMM is the faster one.
+MODES = ["default", "halves", "gemm"]
+
+
+def attention_mode(monkeypatch, mode: str) -> None:
+    if mode == "default":
+        return
+    monkeypatch.setattr(attention, "SPLIT_QUERIES", 4)
+    monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1 if mode == "gemm" else 10**9)
+    if mode == "gemm":
+        if not onednn._available():
+            pytest.skip("this torch build has no oneDNN")
+        monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
 
 
 def examples_of(tokenizer, n=5):
@@ -29,9 +42,9 @@ def examples_of(tokenizer, n=5):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("split_queries", SPLITS)
-def test_packed_logits_equal_logits_alone(tokenizer, arch, split_queries, monkeypatch):
-    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_logits_equal_logits_alone(tokenizer, arch, mode, monkeypatch):
+    attention_mode(monkeypatch, mode)
     model = build_tiny(arch, len(tokenizer))
     examples = examples_of(tokenizer)
     mb = collate(examples, packed=True)
@@ -120,9 +133,9 @@ def test_validation_split_of_mixed_tasks_never_holds_a_record_that_is_trained_on
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("split_queries", SPLITS)
-def test_shared_prefix_packing_is_exact(tokenizer, arch, split_queries, monkeypatch):
-    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_prefix_packing_is_exact(tokenizer, arch, mode, monkeypatch):
+    attention_mode(monkeypatch, mode)
     from smolora.data.batching import shared_prefix_length
 
     model = build_tiny(arch, len(tokenizer))
@@ -209,9 +222,9 @@ def test_linear_cross_entropy_over_vocabulary_blocks_equals_the_plain_one_and_re
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("split_queries", SPLITS)
-def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, split_queries, monkeypatch):
-    monkeypatch.setattr(attention, "SPLIT_QUERIES", split_queries)
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, mode, monkeypatch):
+    attention_mode(monkeypatch, mode)
     from smolora.attention import StepPrefix
     from smolora.data.batching import shared_prefix_length
 
@@ -233,14 +246,17 @@ def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, spl
                 torch.testing.assert_close(logits[start:end], alone[i][n:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("gemm", [False, True])
 @pytest.mark.parametrize("prefix, n", [(0, 384), (7, 385), (7, 383), (0, 20)])
-def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n):
-    """Values and gradients of the split attention equal one call over the whole span."""
+def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n, gemm, monkeypatch):
+    """Values and gradients of the split attention equal one call over the whole span, with each
+    part by the flash kernel or by GemmAttention."""
+    monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, n, 8, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, prefix + n, 8, generator=gen, requires_grad=True) for _ in range(2))
     attend = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
-    parts = attention._span_attention(attend, q, k, v)
+    parts = attention._span_attention(attend, q, k, v, scale=8**-0.5 if gemm else None)
     assert len(parts) == (2 if n >= attention.SPLIT_QUERIES else 1)
     mask = torch.ones(n, prefix + n, dtype=torch.bool)
     mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool).tril()
@@ -249,6 +265,46 @@ def test_a_long_span_in_two_halves_equals_one_masked_call(prefix, n):
     grad = torch.randn(1, 4, n, 8, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv, prefix, n", [(4, 2, 7, 40), (4, 4, 0, 33), (6, 2, 0, 1), (3, 1, 5, 9)])
+def test_gemm_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads, kv, prefix, n, monkeypatch):
+    """GemmAttention on transformers' (1, H, n, D) views, oneDNN's GEMM where the build has it:
+    values and gradients against float64 SDPA; its hand-written backward against gradcheck."""
+    if onednn._available():
+        monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, n, heads, 8, generator=gen).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, prefix + n, kv, 8, generator=gen).transpose(1, 2).requires_grad_() for _ in range(2))
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    ours = attention.GemmAttention.apply(q, k, v, 8**-0.5)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=1e-6)
+    grad = torch.randn(ours.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad.double())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *t: attention.GemmAttention.apply(*t, 8**-0.5), exact)
+
+
+def test_long_spans_take_gemm_attention_only_where_it_pays(monkeypatch):
+    """Where oneDNN's GEMM is the faster, fp32 spans of GEMM_MIN_QUERIES or more without dropout."""
+    calls = []
+    monkeypatch.setattr(attention.GemmAttention, "apply", lambda *args: calls.append(args[0].shape[2]) or args[0])
+    q = torch.randn(1, 4, 400, 8)
+    k = v = torch.randn(1, 2, 400, 8)
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    assert attention.gemm_attention_pays(q, k, 0.0)
+    assert not attention.gemm_attention_pays(q, k, 0.1)
+    assert not attention.gemm_attention_pays(q.double(), k.double(), 0.0)
+    attend = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
+    attention._span_attention(attend, q, k, v, scale=0.5)
+    assert calls == [200, 200]  # two halves
+    attention._span_attention(attend, q[:, :, :100], k[:, :, :100], v[:, :, :100], scale=0.5)
+    assert calls == [200, 200]  # under GEMM_MIN_QUERIES: the flash kernel
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: False)
+    assert not attention.gemm_attention_pays(q, k, 0.0)
 
 
 OTHER_MODELS = {  # what the four architectures above do not exercise

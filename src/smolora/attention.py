@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smolora.onednn import linear, usable
+
 NAME = "smolora_varlen"
 
 
@@ -56,21 +58,96 @@ def _causal_mask(prefix: int, start: int, end: int, device: torch.device) -> tor
     return torch.arange(prefix + end, device=device)[None, :] <= prefix + i
 
 
-def _span_attention(attend, q, k, v) -> list[torch.Tensor]:
-    """One span's queries (1, H, n, D) against its keys and values (1, KV, prefix + n, D)."""
+# Where oneDNN's GEMM is the faster one (``smolora.onednn``: an AMD CPU, where the flash kernel's
+# inner products run on MKL's AVX2 path), a span of this many queries or more is attended by
+# ``GemmAttention`` instead: fwd+bwd of one span after a 23-token prefix, 9 heads on 3: 100 queries
+# 0.93 ms either way, 150 1.74 -> 1.48, 300 5.7 -> 4.0, 450 9.6 -> 7.5 ms. Its probabilities are
+# one (heads of a group x queries x keys) block: above GEMM_MAX_SCORES the flash kernel's tiles win.
+GEMM_MIN_QUERIES = 128
+GEMM_MAX_SCORES = 1 << 22  # 16 MiB of fp32 scores per KV group
+
+
+@functools.lru_cache(maxsize=64)
+def _future_keys(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool, True above the diagonal: the keys among a part's own n that a query may not see."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+    """softmax(q k^T) over the keys, q (group, n, D) scaled, k (m, D): (group, n, m), causal in the last n keys."""
+    scores = linear(q.view(-1, q.shape[-1]), k).view(*q.shape[:2], -1)
+    scores[..., k.shape[0] - n :].masked_fill_(_future_keys(n, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+class GemmAttention(torch.autograd.Function):
+    """Causal attention of queries (1, H, n, D) on keys and values (1, KV, m, D), m >= n: query i
+    sees keys 0 .. m - n + i. Per KV group its H / KV query heads are one (H / KV * n, D) matrix,
+    so each product is one oneDNN GEMM (``smolora.onednn.linear``) and the softmax one fused
+    kernel over the group's scores. Backward recomputes the probabilities from q and k, as flash
+    attention does, instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        n, groups = q.shape[2], k.shape[1]
+        group = q.shape[1] // groups
+        qs = torch.mul(q[0], scale, out=torch.empty(q.shape[1:], dtype=q.dtype, device=q.device))  # (H, n, D)
+        ks, vs = k[0].contiguous(), v[0].contiguous()  # (KV, m, D): oneDNN reads a strided weight far slower
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for g in range(groups):
+            heads = slice(g * group, (g + 1) * group)
+            p = _probabilities(qs[heads], ks[g], n)
+            out[0, heads] = linear(p.view(-1, p.shape[-1]), vs[g].t()).view(group, n, -1)
+        ctx.save_for_backward(qs, ks, vs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, ks, vs = ctx.saved_tensors  # q scaled, k and v, each contiguous
+        n, groups, scale = qs.shape[1], ks.shape[0], ctx.scale
+        group, m = qs.shape[0] // groups, ks.shape[1]
+        grad_out = grad[0].contiguous()  # (H, n, D)
+        grad_q, grad_k, grad_v = (torch.empty((1, *t.shape), dtype=t.dtype, device=t.device) for t in (qs, ks, vs))
+        for g in range(groups):
+            heads = slice(g * group, (g + 1) * group)
+            q, grad_o = qs[heads].view(-1, qs.shape[-1]), grad_out[heads].view(-1, qs.shape[-1])
+            p = _probabilities(qs[heads], ks[g], n)
+            # p * (dp - rowsum(dp * p)): softmax's own backward kernel, one pass
+            grad_s = torch._softmax_backward_data(linear(grad_o, vs[g]).view(group, n, m), p, -1, p.dtype).view(-1, m)
+            grad_q[0, heads] = linear(grad_s, ks[g].t()).view(group, n, -1).mul_(scale)
+            # summed over the group's heads and queries; as (D, m) products, so that the large
+            # operand is oneDNN's weight, which it reads transposed in place, not its input, which it copies
+            grad_k[0, g] = linear(q.t(), grad_s.t()).t()
+            grad_v[0, g] = linear(grad_o.t(), p.view(-1, m).t()).t()
+        return grad_q, grad_k, grad_v, None
+
+
+def _span_attention(attend, q, k, v, scale: float | None = None) -> list[torch.Tensor]:
+    """One span's queries (1, H, n, D) against its keys and values (1, KV, prefix + n, D).
+    ``scale``: attention by ``GemmAttention`` where it is the faster (``gemm_attention_pays``)."""
     n = q.shape[2]
     prefix = k.shape[2] - n
     outputs, start = [], 0
     halves = n >= SPLIT_QUERIES and q.device.type == "cpu"
+    group = q.shape[1] // k.shape[1]
     for part in q.split([n // 2, n - n // 2] if halves else [n], dim=2):
         end = start + part.shape[2]
         keys, values = k[:, :, : prefix + end], v[:, :, : prefix + end]
-        if prefix == 0 and start == 0:
+        if scale is not None and n >= GEMM_MIN_QUERIES and group * part.shape[2] * (prefix + end) <= GEMM_MAX_SCORES:
+            outputs.append(GemmAttention.apply(part, keys, values, scale))
+        elif prefix == 0 and start == 0:
             outputs.append(attend(part, keys, values, is_causal=True))
         else:
             outputs.append(attend(part, keys, values, attn_mask=_causal_mask(prefix, start, end, q.device)))
         start = end
     return outputs
+
+
+def gemm_attention_pays(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Whether long spans go through ``GemmAttention``: fp32 on a CPU where oneDNN's GEMM is the
+    faster one, no attention dropout."""
+    return dropout == 0.0 and usable(query, key) and query.shape[1] % key.shape[1] == 0
 
 
 class StepPrefix:
@@ -137,8 +214,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
         if step is None or len(step) != seg.step_prefix:
             raise RuntimeError("a row continuing a step prefix needs that StepPrefix (smolora_step_prefix)")
         kp, vp = step.leaves[id(module)]
-    attend = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout if module.training else 0.0,
-                               scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    dropout = dropout if module.training else 0.0
+    attend = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
+                               enable_gqa=query.shape[1] != key.shape[1])
+    gemm_scale = None
+    if gemm_attention_pays(query, key, dropout):
+        gemm_scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    span = functools.partial(_span_attention, attend, scale=gemm_scale)  # (q, k, v) -> its outputs
     # The spans tile the row in order after the prefix: split once (its backward is one cat,
     # where per-span slicing would allocate and zero a full-size gradient per span).
     sizes = ([seg.prefix] if seg.prefix else []) + [end - start for start, end in seg.spans]
@@ -146,12 +228,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     outputs = []
     if seg.prefix:
         kp, vp = ks[0], vs[0]
-        outputs += _span_attention(attend, qs[0], kp, vp)
+        outputs += span(qs[0], kp, vp)
         qs, ks, vs = qs[1:], ks[1:], vs[1:]
     for q, k, v in zip(qs, ks, vs):
         if kp is not None:
             k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
-        outputs += _span_attention(attend, q, k, v)
+        outputs += span(q, k, v)
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -93,6 +93,27 @@ def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, 
         torch.testing.assert_close(shared[n], alone[n], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_gemm_attention_gives_the_flash_kernels_update(tokenizer, tmp_path, monkeypatch, gradient_checkpointing):
+    # Every packed span (in-row and step prefixes, rows of at most 40 tokens) through GemmAttention,
+    # as on a CPU where oneDNN's GEMM is the faster one, against the flash kernel.
+    from smolora import attention, onednn
+
+    if not onednn._available():
+        pytest.skip("this torch build has no oneDNN")
+    settings = dict(batch=1, accum=8, max_tokens=40, share_prefix=True, gradient_checkpointing=gradient_checkpointing)
+    monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 10**9)
+    flash = adapter_update(tokenizer, tmp_path / "a", **settings)
+    calls, forward = [], attention.GemmAttention.forward
+    monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1)
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    monkeypatch.setattr(attention.GemmAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    gemm = adapter_update(tokenizer, tmp_path / "b", **settings)
+    assert len(calls) > 8
+    for n in flash:
+        torch.testing.assert_close(gemm[n], flash[n], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_gives_nearly_the_fp32_update_in_fp32_adapter_weights(tokenizer, tmp_path, precision):
     # Several rows sharing a StepPrefix, so the prefix's keys/values and the LM-head loss run under autocast too.

@@ -139,9 +139,9 @@ class FastDropout(nn.Dropout):
         """The next bool mask of elements kept, shaped like ``x``."""
         generator = _sfc64(int(torch.randint(0, 2**62, ())))
         n, threshold = x.numel(), min(round(self.p * 2**32), 2**32 - 1)
-        high = generator.random_raw((n + 7) // 8).view(np.uint8)[:n]
-        keep = high > np.uint8(threshold >> 24)
-        ties = np.flatnonzero(high == np.uint8(threshold >> 24))
+        high, threshold_high = generator.random_raw((n + 7) // 8).view(np.uint8)[:n], np.uint8(threshold >> 24)
+        keep = high > threshold_high
+        ties = np.flatnonzero(high == threshold_high)
         low = generator.random_raw((ties.size + 1) // 2).view(np.uint32)[: ties.size] >> np.uint32(8)
         keep[ties] = low >= np.uint32(threshold & 0xFFFFFF)
         return torch.from_numpy(keep).view(x.shape)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from smolora import native
 from smolora.errors import SmoLoRAError
 from smolora.fused import normed_from, rms_scale
 
@@ -129,7 +130,8 @@ class FastDropout(nn.Dropout):
     recomputed forward draw the same masks. An element is kept when a uniform 32-bit integer is at
     least ``round(p * 2**32)`` (p exact to 2**-32). The integer's high byte is drawn for every
     element and decides all but the 1/256 of them where it equals the threshold's; only those draw
-    their low 24 bits: a quarter of the random bits, the same distribution.
+    their low 24 bits: a quarter of the random bits, the same distribution. ``smolora.native`` draws
+    the same mask in C where it is built (~40 us against ~70 for a 300 x 576 mask).
     """
 
     def active(self, x: torch.Tensor) -> bool:
@@ -137,8 +139,10 @@ class FastDropout(nn.Dropout):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The next bool mask of elements kept, shaped like ``x``."""
-        generator = _sfc64(int(torch.randint(0, 2**62, ())))
-        n, threshold = x.numel(), min(round(self.p * 2**32), 2**32 - 1)
+        seed, threshold = int(torch.randint(0, 2**62, ())), min(round(self.p * 2**32), 2**32 - 1)
+        if (keep := native.dropout_keep(seed, threshold, x.shape)) is not None:
+            return keep  # the same mask, drawn in C
+        generator, n = _sfc64(seed), x.numel()
         high, threshold_high = generator.random_raw((n + 7) // 8).view(np.uint8)[:n], np.uint8(threshold >> 24)
         keep = high > threshold_high
         ties = np.flatnonzero(high == threshold_high)

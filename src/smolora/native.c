@@ -1,0 +1,117 @@
+/* SmoLoRA's CPU kernels, compiled on first use by smolora/native.py (cc -O3 -march=native -fopenmp).
+ *
+ * Each does in one pass over memory what torch does in several element-wise calls, and gives the
+ * same bits: smolora/codes.py and smolora/lora.py keep the torch versions, used where no C
+ * compiler is found, and the tests compare the two.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+/* An fp16 value as fp32 (exact: every fp16 value is an fp32 one). */
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000 | (mantissa << 13);  /* inf, nan */
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (!mantissa) {
+    bits = sign;
+  } else {  /* subnormal in fp16, normal in fp32 */
+    for (exponent = 113; !(mantissa & 0x400); exponent--) mantissa <<= 1;
+    bits = sign | (exponent << 23) | ((mantissa & 0x3FF) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* n fp16 values as fp32: eight at a time by the F16C instruction where the CPU has it. */
+static inline void halves_to_floats(const uint16_t *restrict h, float *restrict f, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+  for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+enum { TILE = 2048 };  /* outputs whose scales and lows are converted at a time (16 KiB): a whole row of the model's weights */
+
+/* W^T (blocks, 32, out) from input-major Q4_1 codes (blocks, 16, out), a block's first 16 weights in
+ * the low nibbles, and fp16 scale and low (blocks, out): w = q * scale + low. q * scale is exact in
+ * fp32 (4 bits times fp16's 11), so the sum rounds once, fused into an FMA or not. */
+void q4_1_weight(const uint8_t *restrict codes, const uint16_t *restrict scale, const uint16_t *restrict low,
+                 float *restrict w, int64_t blocks, int64_t out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; b++) {
+    float s[TILE], l[TILE];
+    for (int64_t start = 0; start < out; start += TILE) {
+      int64_t n = out - start < TILE ? out - start : TILE;
+      halves_to_floats(scale + b * out + start, s, n);
+      halves_to_floats(low + b * out + start, l, n);
+      for (int j = 0; j < 16; j++) {
+        const uint8_t *q = codes + (b * 16 + j) * out + start;
+        float *first = w + (b * 32 + j) * out + start, *second = first + 16 * out;
+        for (int64_t o = 0; o < n; o++) {
+          first[o] = (float)(q[o] & 15) * s[o] + l[o];
+          second[o] = (float)(q[o] >> 4) * s[o] + l[o];
+        }
+      }
+    }
+  }
+}
+
+/* W (rows, blocks * 32) from row-major Q8_0 codes (rows, blocks, 32) and fp16 scales (rows, blocks):
+ * w = q * scale, exact in fp32 (8 bits times 11). */
+void q8_0_weight(const int8_t *restrict codes, const uint16_t *restrict scale, float *restrict w,
+                 int64_t rows, int64_t blocks, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; r++) {
+    for (int64_t b = 0; b < blocks; b++) {
+      const int8_t *q = codes + (r * blocks + b) * 32;
+      float *row = w + (r * blocks + b) * 32, s = half_to_float(scale[r * blocks + b]);
+      for (int k = 0; k < 32; k++) row[k] = (float)q[k] * s;
+    }
+  }
+}
+
+/* NumPy's SFC64 (Chris Doty-Humphrey's Small Fast Chaotic generator, 64-bit). */
+typedef struct { uint64_t a, b, c, counter; } sfc64;
+
+static inline uint64_t sfc64_next(sfc64 *g) {
+  uint64_t out = g->a + g->b + g->counter++;
+  g->a = g->b ^ (g->b >> 11);
+  g->b = g->c + (g->c << 3);
+  g->c = ((g->c << 24) | (g->c >> 40)) + out;
+  return out;
+}
+
+/* FastDropout's mask (smolora/lora.py), bit for bit: SFC64 seeded with a = b = c = seed, counter 1,
+ * 12 outputs discarded; element i's high byte is byte i of the little-endian output stream; it is kept
+ * when that byte is above the threshold's high byte; the elements whose byte equals it (ties) then
+ * take, in order, the next 32-bit halves of the stream (low half first), kept when the half's top 24
+ * bits are at least the threshold's low 24. Returns the number of ties. */
+int64_t dropout_keep(uint64_t seed, uint32_t threshold, uint8_t *restrict keep, int64_t n) {
+  sfc64 g = {seed, seed, seed, 1};
+  for (int i = 0; i < 12; i++) sfc64_next(&g);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) memcpy(keep + i, &(uint64_t){sfc64_next(&g)}, 8);  /* the stream's bytes, in order */
+  if (i < n) memcpy(keep + i, &(uint64_t){sfc64_next(&g)}, (size_t)(n - i));   /* little-endian: a word's low bytes first */
+  const uint8_t high = (uint8_t)(threshold >> 24);
+  int64_t ties = 0;
+  for (i = 0; i < n; i++) {
+    ties += keep[i] == high;
+    keep[i] = (uint8_t)((keep[i] > high) + 2 * (keep[i] == high));  /* 2: a tie, settled below */
+  }
+  uint64_t word = 0;
+  uint8_t *tie = keep;
+  for (int64_t drawn = 0; drawn < ties; drawn++, tie++) {
+    tie = memchr(tie, 2, (size_t)(keep + n - tie));  /* ~256 bytes apart: memchr's vector loop finds the next */
+    if (drawn % 2 == 0) word = sfc64_next(&g);
+    uint32_t half = (uint32_t)(drawn % 2 == 0 ? word : word >> 32);
+    *tie = (half >> 8) >= (threshold & 0xFFFFFF);
+  }
+  return ties;
+}

@@ -1,0 +1,125 @@
+"""The compiled kernels give the same bits as the torch and NumPy code they stand in for, which stays
+as the fallback; the library is built once, whole, and left out where it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from smolora import native
+from smolora.codes import Codes
+from smolora.lora import FastDropout
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def without_library(monkeypatch):
+    """Inside the fixture's test, ``native.library()`` is None: the torch and NumPy code runs."""
+    def switch(off: bool):
+        if off:
+            monkeypatch.setenv(native.ENV, "0")
+        else:
+            monkeypatch.delenv(native.ENV, raising=False)
+        native.library.cache_clear()
+
+    yield switch
+    monkeypatch.delenv(native.ENV, raising=False)
+    native.library.cache_clear()
+
+
+def stored_q4_1(out: int, blocks: int, generator: torch.Generator) -> Codes:
+    """Random Q4_1 codes as the codes file stores them (input-major) and ``read_codes`` returns them."""
+    codes = torch.randint(0, 256, (blocks, 16, out), dtype=torch.uint8, generator=generator)
+    scale = (torch.randn(blocks, 1, out, generator=generator) * 0.01).half()  # some negative, as GGUF allows
+    low = (torch.randn(blocks, 1, out, generator=generator) * 0.1).half()
+    return Codes(*(t.permute(2, 0, 1) for t in (codes, scale, low)))
+
+
+@needs_compiler
+def test_the_library_builds_here():
+    assert native.library() is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("out, blocks", [(576, 18), (40, 1), (7, 3), (1, 2)])
+def test_q4_1_weight_is_the_torch_rebuild_bit_for_bit(out, blocks, without_library):
+    codes = stored_q4_1(out, blocks, torch.Generator().manual_seed(out))
+    rebuilt = native.q4_1_weight(*codes)
+    assert rebuilt is not None and rebuilt.shape == (out, blocks * 32)
+    without_library(True)
+    assert torch.equal(rebuilt, codes.weight())
+
+
+@needs_compiler
+def test_q4_1_weight_leaves_other_layouts_to_torch():
+    codes = stored_q4_1(64, 2, torch.Generator().manual_seed(0))
+    assert native.q4_1_weight(*(t[:8] for t in codes)) is None  # some rows: not one stored block
+    assert native.q4_1_weight(*(t.contiguous() for t in codes)) is None  # row-major, as a fit makes them
+    assert torch.equal(codes.weight(slice(0, 8)), codes.weight()[:8])
+
+
+@needs_compiler
+def test_q8_0_weight_is_the_torch_rebuild_bit_for_bit(without_library):
+    generator = torch.Generator().manual_seed(1)
+    codes = Codes(torch.randint(-127, 128, (300, 5, 32), dtype=torch.int8, generator=generator),
+                  (torch.randn(300, 5, 1, generator=generator) * 0.01).half())
+    whole, part = native.q8_0_weight(codes.codes, codes.scale), native.q8_0_weight(codes.codes[100:250], codes.scale[100:250])
+    assert whole is not None and part is not None
+    without_library(True)
+    assert torch.equal(whole, codes.weight()) and torch.equal(part, codes.weight(slice(100, 250)))
+
+
+@needs_compiler
+def test_every_fp16_scale_converts_as_torch_converts_it(without_library):
+    """The kernels read the fp16 scales and lows themselves: all 65536 values, as Q8_0 scales
+    (through q = 1) and as Q4_1 lows (through q = 0 and scale 0, eight at a time where F16C is)."""
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    q8_0 = Codes(torch.ones(2048, 32, 32, dtype=torch.int8), halves.view(2048, 32, 1))
+    stored = (torch.zeros(32, 16, 2048, dtype=torch.uint8), torch.zeros(32, 1, 2048, dtype=torch.float16), halves.view(32, 1, 2048))
+    q4_1 = Codes(*(t.permute(2, 0, 1) for t in stored))
+    rebuilt = native.q8_0_weight(q8_0.codes, q8_0.scale), native.q4_1_weight(*q4_1)
+    without_library(True)
+    for kernel, torch_rebuild in zip(rebuilt, (q8_0.weight(), q4_1.weight())):
+        torch.testing.assert_close(kernel, torch_rebuild, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [0.1, 0.5, 25.5 / 256, 1 - 2**-32, 2**-40])
+@pytest.mark.parametrize("shape", [(300, 576), (7,), (3, 1, 9)])
+def test_dropout_mask_is_numpys_bit_for_bit(p, shape, without_library):
+    torch.manual_seed(5)
+    drawn = FastDropout(p).mask(torch.empty(shape))
+    without_library(True)
+    torch.manual_seed(5)
+    expected = FastDropout(p).mask(torch.empty(shape))
+    assert drawn.dtype == expected.dtype == torch.bool and torch.equal(drawn, expected)
+
+
+def test_switched_off_or_without_a_compiler_the_library_is_not_built(without_library, monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path))
+    without_library(True)
+    assert native.library() is None
+    without_library(False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.library.cache_clear()
+    assert native.library() is None
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    native.library.cache_clear()
+    assert native.library() is None
+    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())  # nothing half-built left
+
+
+@needs_compiler
+def test_the_library_is_built_once_into_smolora_home(without_library, monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path))
+    without_library(False)
+    assert native.library() is not None
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert list((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp

@@ -39,7 +39,7 @@ import torch
 
 USER_ENV = set(os.environ)  # before importing smolora, which sets oneDNN's cache sizes
 
-from smolora import allocator, onednn  # noqa: E402
+from smolora import allocator, native, onednn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
@@ -347,6 +347,7 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     # the machine right after the run, in the dtype of the run's matmuls
     data["gemm_peak"], data["gemm_dtype"] = gemm_peak(model_config(), dtype=dtype)["peak"], str(dtype).removeprefix("torch.")
     data["allocator"] = allocator.active()
+    data["native_kernels"] = impl.startswith("smolora") and native.library() is not None  # smolora.native: built and used
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data
 
@@ -455,6 +456,10 @@ def main() -> None:
         peaks[d["gemm_dtype"]] = max(peaks.get(d["gemm_dtype"], 0.0), d["gemm_peak"])
     report["gemm_peak_used"] = peaks["float32"]
     report["gemm_peaks_used"] = peaks
+    built = sorted({d["native_kernels"] for rs in raw.values() for impl, r in rs.items() if impl.startswith("smolora") for d in r})
+    report["native_kernels"] = built == [True]
+    if built:
+        print(f"\nSmoLoRA's compiled kernels (smolora.native): {'built and used' if built == [True] else 'not built: torch fallback'}.")
     print("\nMFU is counted against the highest GEMM probe of this invocation in the run's dtype: "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".")
     for variant, runs in raw.items():

@@ -3,6 +3,7 @@ as the fallback; the library is built once, whole, and left out where it cannot 
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from smolora import native
 from smolora.codes import Codes
 from smolora.lora import FastDropout
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C compiler with OpenMP")
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def stored_q4_1(out: int, blocks: int, generator: torch.Generator) -> Codes:
     return Codes(*(t.permute(2, 0, 1) for t in (codes, scale, low)))
 
 
-@needs_compiler
+@pytest.mark.skipif(shutil.which("cc") is None or platform.system() != "Linux", reason="no C compiler")
 def test_the_library_builds_here():
     assert native.library() is not None
 
@@ -123,3 +124,41 @@ def test_the_library_is_built_once_into_smolora_home(without_library, monkeypatc
     native.library.cache_clear()
     assert native.library() is not None
     assert list((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 300, 576), (1, 7, 9, 64), (3, 5)])
+def test_rms_norm_is_the_torch_function_up_to_the_order_of_its_sums(shape, without_library):
+    from smolora.fused import RMSNormFunction, rms_scale
+
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=generator, requires_grad=True)
+    weight, grad = torch.randn(shape[-1], generator=generator), torch.randn(shape, generator=generator)
+    out, r = native.rms_norm(x.detach(), weight, 1e-5)
+    assert torch.equal(out, rms_scale(x.detach(), r, weight))  # what a consumer recomputes from (x, r, weight)
+    got = RMSNormFunction.apply(x, weight, 1e-5)
+    (grad_got,) = torch.autograd.grad(got, x, grad)
+    without_library(True)
+    expected = RMSNormFunction.apply(x, weight, 1e-5)
+    (grad_expected,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads, tokens, d", [(9, 300, 64), (2, 5, 8), (1, 1, 2)])
+def test_rotary_is_the_torch_function_bit_for_bit(heads, tokens, d, without_library):
+    from smolora.fused import RotaryFunction
+
+    generator = torch.Generator().manual_seed(d)
+    x = torch.randn(1, tokens, heads, d, generator=generator).transpose(1, 2).requires_grad_()  # as q_proj's output is viewed
+    cos, sin = (torch.randn(1, 1, tokens, d, generator=generator) for _ in range(2))
+    grad = torch.randn(1, heads, tokens, d, generator=generator)
+    got = RotaryFunction.apply(x, cos, sin)
+    (grad_got,) = torch.autograd.grad(got, x, grad)
+    assert native.rotary(x.detach(), cos, sin) is not None
+    without_library(True)
+    expected = RotaryFunction.apply(x, cos, sin)
+    (grad_expected,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(got, expected) and torch.equal(grad_got, grad_expected)
+    assert native.rotary(x.detach(), cos[..., :-1, :], sin[..., :-1, :]) is None  # another layout: torch's code

@@ -5,7 +5,7 @@ Autograd through transformers' RMSNorm runs six element-wise kernels forward and
 backward; through its rotary embedding (``x * cos + rotate_half(x) * sin``), five each way. On a
 CPU those passes, not arithmetic, are the cost. The functions here do each in three or four
 passes, with a hand-written backward: about 3% of a decoder layer's forward and backward at
-300-450 tokens (benchmarks/RESULTS.md). The SwiGLU MLP's ``silu(gate) * up`` saves gate and up
+300-450 tokens (benchmarks/RESULTS.md); in one, where ``smolora.native``'s kernels are built. The SwiGLU MLP's ``silu(gate) * up`` saves gate and up
 only and recomputes ``silu(gate)`` in backward: a sixth of a row's saved activations (peak RSS
 -54 MiB on the benchmark's short data, -87 MiB on long), within noise of the same speed.
 
@@ -21,6 +21,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from smolora import native
 
 
 def rms_scale(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,9 +51,12 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        if (fused := native.rms_norm(x, weight, eps)) is not None:  # one pass, where the kernels are built
+            out, r = fused
+        else:
+            r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+            out = rms_scale(x, r, weight)
         ctx.save_for_backward(x, weight, r)
-        out = rms_scale(x, r, weight)
         setattr(out, NORMED_FROM, ((x.detach(), r, weight.detach()), out._version))
         return out
 
@@ -62,10 +67,12 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (grad * x * r).reshape(-1, x.shape[-1]).sum(0)
         if ctx.needs_input_grad[0]:
-            gw = grad * weight
-            # d/dx of x·r: r·gw − x·r³·mean(gw·x)
-            coef = (gw * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(-x.shape[-1])
-            grad_x = torch.addcmul(gw.mul_(r), x, coef)
+            grad_x = native.rms_norm_grad(grad, x, weight, r)  # one pass, where the kernels are built
+            if grad_x is None:
+                gw = grad * weight
+                # d/dx of x·r: r·gw − x·r³·mean(gw·x)
+                coef = (gw * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(-x.shape[-1])
+                grad_x = torch.addcmul(gw.mul_(r), x, coef)
         return grad_x, grad_w, None
 
 
@@ -76,6 +83,8 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
+        if (out := native.rotary(x, cos, sin)) is not None:
+            return out
         half = x.shape[-1] // 2
         out = x * cos
         out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
@@ -85,6 +94,8 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
+        if (grad_x := native.rotary(grad, cos, sin, -1.0)) is not None:
+            return grad_x, None, None
         half = grad.shape[-1] // 2
         grad_x = grad * cos
         grad_x[..., :half].addcmul_(grad[..., half:], sin[..., half:])

@@ -1,9 +1,12 @@
-/* SmoLoRA's CPU kernels, compiled on first use by smolora/native.py (cc -O3 -march=native -fopenmp).
+/* SmoLoRA's CPU kernels, compiled on first use by smolora/native.py (cc -O3 -march=native -fopenmp
+ * -ffp-contract=off: no product is fused into a sum unless written so, as torch's kernels round them).
  *
  * Each does in one pass over memory what torch does in several element-wise calls, and gives the
- * same bits: smolora/codes.py and smolora/lora.py keep the torch versions, used where no C
- * compiler is found, and the tests compare the two.
+ * same bits — but for RMSNorm's sums over a row, which add in another order (~1e-7 relative):
+ * smolora/codes.py, lora.py and fused.py keep the torch versions, used where no C compiler is
+ * found, and the tests compare the two.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __F16C__
@@ -114,4 +117,55 @@ int64_t dropout_keep(uint64_t seed, uint32_t threshold, uint8_t *restrict keep, 
     *tie = (half >> 8) >= (threshold & 0xFFFFFF);
   }
   return ties;
+}
+
+/* RMSNorm over rows of width h, x and out contiguous: r = 1 / sqrt(mean(x^2) + eps) per row (rows,),
+ * out = (x * r) * w, the two products rounded in that order as smolora.fused.rms_scale rounds them. */
+void rms_norm_forward(const float *restrict x, const float *restrict w, float eps, float *restrict out,
+                      float *restrict r, int64_t rows, int64_t h, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < rows; i++) {
+    const float *xi = x + i * h;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < h; j++) sum += xi[j] * xi[j];
+    float ri = 1.f / sqrtf(sum / (float)h + eps);
+    r[i] = ri;
+    for (int64_t j = 0; j < h; j++) out[i * h + j] = (xi[j] * ri) * w[j];
+  }
+}
+
+/* Its gradient to x: with gw = grad * w, r * gw - x * r^3 * mean(gw * x). */
+void rms_norm_backward(const float *restrict grad, const float *restrict x, const float *restrict w,
+                       const float *restrict r, float *restrict grad_x, int64_t rows, int64_t h, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < rows; i++) {
+    const float *gi = grad + i * h, *xi = x + i * h;
+    float dot = 0.f, ri = r[i];
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < h; j++) dot += gi[j] * w[j] * xi[j];
+    float coef = dot * (ri * ri * ri) / (float)-h;
+    for (int64_t j = 0; j < h; j++) grad_x[i * h + j] = gi[j] * w[j] * ri + xi[j] * coef;
+  }
+}
+
+/* Rotary embedding, rotate-half layout, on x (tokens, heads, d) with strides (x_token, x_head, 1),
+ * cos and sin (tokens, d) contiguous, into out (tokens, heads, d) contiguous:
+ * out = x * cos + cat(-x2, x1) * sin; sign -1 gives its gradient (x * cos + cat(x2, -x1) * sin).
+ * Rounded as torch's mul then addcmul_ round them: x * cos, then the other product fused into the sum. */
+void rotary(const float *restrict x, int64_t x_token, int64_t x_head, const float *restrict cos,
+            const float *restrict sin, float *restrict out, int64_t tokens, int64_t heads, int64_t d, float sign, int threads) {
+  int64_t half = d / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tokens; t++) {
+    const float *c = cos + t * d, *s = sin + t * d;
+    for (int64_t h = 0; h < heads; h++) {
+      const float *xi = x + t * x_token + h * x_head;
+      float *o = out + (t * heads + h) * d;
+      for (int64_t j = 0; j < half; j++) {
+        o[j] = fmaf(-sign * xi[half + j], s[sign > 0 ? j : half + j], xi[j] * c[j]);
+        o[half + j] = fmaf(sign * xi[j], s[sign > 0 ? half + j : j], xi[half + j] * c[half + j]);
+      }
+    }
+  }
 }

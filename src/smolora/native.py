@@ -1,18 +1,21 @@
-"""Three CPU kernels in C (``native.c``), compiled on first use by the system's C compiler.
+"""CPU kernels in C (``native.c``), compiled on first use by the system's C compiler.
 
 Rebuilding a frozen weight from its Q4_1 codes takes torch five element-wise calls (two casts of
 the nibbles, a mask, a shift, a fused multiply-add) and two casts of the fp16 scales and lows, each
-a pass over memory; a Q8_0 block of the LM head three; FastDropout's mask several NumPy arrays.
+a pass over memory; a Q8_0 block of the LM head three; FastDropout's mask several NumPy arrays;
+the fused RMSNorm six calls forward and eight backward, the rotary embedding three each way.
 ``q4_1_weight`` and ``q8_0_weight`` write each weight once, reading the fp16 values themselves;
-``dropout_keep`` writes the mask straight from the generator's stream. Each gives the same bits as
-the torch (or NumPy) code it stands in for, which stays as the fallback: ``library()`` is None where
-no compiler is found, where the build fails (the source needs OpenMP), or with
-``SMOLORA_NATIVE=0``.
+``dropout_keep`` writes the mask straight from the generator's stream; ``rms_norm``,
+``rms_norm_grad`` and ``rotary`` make one pass each. Each gives the same bits as the torch (or
+NumPy) code it stands in for — but for RMSNorm's sums over a row, added in another order (~1e-7
+relative) — which stays as the fallback: ``library()`` is None where no compiler is found, where
+the build fails (the source needs OpenMP), or with ``SMOLORA_NATIVE=0``.
 
-Measured on the embedded model's short benchmark data (2 cores): inside a step, the 456 rebuilds of
-the layers' weights 57 -> 35-40 ms, the head's 8 -> 7, the 60 masks 13 -> 5; the step, the library
-switched on and off every other step of one run, 0.623 -> 0.586 s (medians of 20 each; every pair
-faster). Alone, all 210 layer weights rebuild in 16 ms through torch, 7.5 through the kernel.
+Measured on the embedded model's short benchmark data (2 cores), each kernel switched on and off
+every other step of one run: the rebuilds and masks 0.623 -> 0.586 s a step (medians of 20; every
+pair faster; inside a step the layers' 456 rebuilds 57 -> 35-40 ms, the head's 8 -> 7, the 60
+masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster). Alone, all 210 layer
+weights rebuild in 16 ms through torch, 7.5 through the kernel.
 
 The library is built with ``-march=native`` into ``$SMOLORA_HOME/kernels`` (~0.3 s, once), keyed
 by the source, the compiler and the CPU's name and flags, so that a home shared between machines
@@ -36,7 +39,7 @@ import torch
 
 ENV = "SMOLORA_NATIVE"  # 0: never build or load the library
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -66,7 +69,7 @@ def library() -> ctypes.CDLL | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # written whole, then renamed: never half a library
                 built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=300)
+                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True, capture_output=True, timeout=300)
                 os.replace(built, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
@@ -77,6 +80,11 @@ def library() -> ctypes.CDLL | None:
     lib.q8_0_weight.restype = None
     lib.dropout_keep.argtypes = [ctypes.c_uint64, ctypes.c_uint32, _pointer, _int64]
     lib.dropout_keep.restype = _int64
+    lib.rms_norm_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, ctypes.c_int]
+    lib.rms_norm_backward.argtypes = [_pointer, _pointer, _pointer, _pointer, _pointer, _int64, _int64, ctypes.c_int]
+    lib.rotary.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_float, ctypes.c_int]
+    for name in ("rms_norm_forward", "rms_norm_backward", "rotary"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -117,3 +125,47 @@ def dropout_keep(seed: int, threshold: int, shape: torch.Size) -> torch.Tensor |
     keep = torch.empty(shape, dtype=torch.bool)
     lib.dropout_keep(seed, threshold, keep.data_ptr(), keep.numel())
     return keep
+
+
+def _fp32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out, r)`` as ``smolora.fused.RMSNormFunction`` computes them — ``r = 1 / rms(x)`` (..., 1),
+    ``out = (x * r) * weight`` — in one pass, or None where the library is missing or ``x`` is not
+    contiguous fp32. The sum of squares adds in another order than torch's (~1e-7 relative)."""
+    lib = library()
+    if lib is None or not _fp32_cpu(x, weight) or not x.is_contiguous() or not weight.is_contiguous() or not x.numel():
+        return None
+    out, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1)
+    lib.rms_norm_forward(x.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), r.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                         torch.get_num_threads())
+    return out, r
+
+
+def rms_norm_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor | None:
+    """The RMSNorm's gradient to ``x`` (not to its weight) in one pass, or None as ``rms_norm``."""
+    lib = library()
+    if lib is None or not _fp32_cpu(grad, x, weight, r) or not all(t.is_contiguous() for t in (x, weight, r)) or grad.shape != x.shape:
+        return None
+    grad, grad_x = grad.contiguous(), torch.empty_like(x)
+    lib.rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), r.data_ptr(), grad_x.data_ptr(), x.numel() // x.shape[-1],
+                          x.shape[-1], torch.get_num_threads())
+    return grad_x
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor | None:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` (1, heads, tokens, d) and ``cos``, ``sin`` (1, 1,
+    tokens, d) — with ``sign = -1``, its gradient — bit for bit as ``smolora.fused.RotaryFunction``,
+    or None where the library is missing or the layouts differ. The output is laid out (1, tokens,
+    heads, d), as the attention's input projections make ``x``."""
+    lib = library()
+    if (lib is None or not _fp32_cpu(x, cos, sin) or x.dim() != 4 or x.shape[0] != 1 or x.shape[-1] % 2 or x.stride(-1) != 1
+            or any(t.shape != (1, 1, *x.shape[2:]) or not t.is_contiguous() for t in (cos, sin))):
+        return None
+    _, heads, tokens, d = x.shape
+    out = torch.empty(1, tokens, heads, d)
+    lib.rotary(x.data_ptr(), x.stride(2), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, d, sign,
+               torch.get_num_threads())
+    return out.transpose(1, 2)

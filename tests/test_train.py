@@ -562,8 +562,8 @@ def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokeniz
     saved, losses, weights = run(True, tmp_path / "fused")
     saved_plain, losses_plain, weights_plain = run(False, tmp_path / "plain")
     torch.testing.assert_close(losses, losses_plain, rtol=1e-6, atol=1e-6)
-    for n, w in weights.items():
-        torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-6, msg=n)
+    for n, w in weights.items():  # smolora.native's A product sums in another order: after 4 Adam steps at lr 1e-2, ~3e-6
+        torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-5, msg=n)
     # a layer's q/k/v adapters read one normed input, its gate/up adapters another: each saved once, not as dropped copies
     assert saved < saved_plain
 

@@ -163,18 +163,23 @@ class DropoutLinear(torch.autograd.Function):
     dropout of its own: autograd through ``lora_A(dropout(x))`` keeps two dropped copies of it per
     layer, where this keeps ``x`` once, shared, and recomputes the dropped input for A's gradient.
     Where ``x`` is a fused RMSNorm's output (``smolora.fused``), not even that: the norm's backward
-    keeps its input and 1/rms already, and ``x`` is recomputed from them, bit for bit.
+    keeps its input and 1/rms already, and ``x`` is recomputed from them, bit for bit. Where
+    ``smolora.native``'s kernels are built, each direction is one pass over ``x``.
     """
 
     @staticmethod
     def forward(ctx, x, keep, scale: float, weight):
         ctx.save_for_backward(*(normed_from(x) or (x,)), keep, weight)
         ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale) @ weight.T
+        fused = native.dropout_linear(x, keep, scale, weight)  # one pass, where the kernels are built
+        return fused if fused is not None else torch.mul(x, keep).mul_(scale) @ weight.T
 
     @staticmethod
     def backward(ctx, grad):
         *source, keep, weight = ctx.saved_tensors
+        fused = native.dropout_linear_grad(grad, source, keep, ctx.scale, weight, *ctx.needs_input_grad[0:4:3])
+        if fused is not None:
+            return fused[0], None, None, fused[1]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mul(grad @ weight, keep).mul_(ctx.scale)

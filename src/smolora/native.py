@@ -3,19 +3,23 @@
 Rebuilding a frozen weight from its Q4_1 codes takes torch five element-wise calls (two casts of
 the nibbles, a mask, a shift, a fused multiply-add) and two casts of the fp16 scales and lows, each
 a pass over memory; a Q8_0 block of the LM head three; FastDropout's mask several NumPy arrays;
-the fused RMSNorm six calls forward and eight backward, the rotary embedding three each way.
-``q4_1_weight`` and ``q8_0_weight`` write each weight once, reading the fp16 values themselves;
-``dropout_keep`` writes the mask straight from the generator's stream; ``rms_norm``,
-``rms_norm_grad`` and ``rotary`` make one pass each. Each gives the same bits as the torch (or
-NumPy) code it stands in for — but for RMSNorm's sums over a row, added in another order (~1e-7
-relative) — which stays as the fallback: ``library()`` is None where no compiler is found, where
-the build fails (the source needs OpenMP), or with ``SMOLORA_NATIVE=0``.
+the fused RMSNorm six calls forward and eight backward, the rotary embedding three each way, a
+LoRA adapter's dropout and A product (``DropoutLinear``) three forward and eight backward, two of
+them rank-r products a BLAS runs far below its peak. ``q4_1_weight`` and ``q8_0_weight`` write
+each weight once, reading the fp16 values themselves; ``dropout_keep`` writes the mask straight
+from the generator's stream; the others make one pass over their inputs each way. Each gives the
+same bits as the torch (or NumPy) code it stands in for — but for the sums (RMSNorm's over a row,
+the adapter's products), added in another order (~1e-7 relative) — which stays as the fallback:
+``library()`` is None where no compiler is found, where the build fails (the source needs
+OpenMP), or with ``SMOLORA_NATIVE=0``.
 
 Measured on the embedded model's short benchmark data (2 cores), each kernel switched on and off
 every other step of one run: the rebuilds and masks 0.623 -> 0.586 s a step (medians of 20; every
 pair faster; inside a step the layers' 456 rebuilds 57 -> 35-40 ms, the head's 8 -> 7, the 60
-masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster). Alone, all 210 layer
-weights rebuild in 16 ms through torch, 7.5 through the kernel.
+masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster), the adapters'
+dropout and A product 0.563 -> 0.552 s (17 of 20; alone, one adapter's forward and backward at
+300 tokens 280 -> 130 us). Alone, all 210 layer weights rebuild in 16 ms through torch, 7.5
+through the kernel.
 
 The library is built with ``-march=native`` into ``$SMOLORA_HOME/kernels`` (~0.3 s, once), keyed
 by the source, the compiler and the CPU's name and flags, so that a home shared between machines
@@ -83,7 +87,9 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, ctypes.c_int]
     lib.rms_norm_backward.argtypes = [_pointer, _pointer, _pointer, _pointer, _pointer, _int64, _int64, ctypes.c_int]
     lib.rotary.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_float, ctypes.c_int]
-    for name in ("rms_norm_forward", "rms_norm_backward", "rotary"):
+    lib.dropout_linear_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_int]
+    lib.dropout_linear_backward.argtypes = [_pointer] * 5 + [ctypes.c_float] + [_pointer] * 3 + [_int64, _int64, _int64, ctypes.c_int]
+    for name in ("rms_norm_forward", "rms_norm_backward", "rotary", "dropout_linear_forward", "dropout_linear_backward"):
         getattr(lib, name).restype = None
     return lib
 
@@ -169,3 +175,49 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 
     lib.rotary(x.data_ptr(), x.stride(2), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, d, sign,
                torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+MAX_RANK = 256  # the adapter kernels keep a row's r sums (and r x 64 of A's gradient) on the stack
+
+
+def _adapter_layout(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_fp32_cpu(x, weight) and keep.dtype == torch.bool and keep.shape == x.shape and weight.dim() == 2
+            and weight.shape[1] == x.shape[-1] and 0 < weight.shape[0] <= MAX_RANK and x.numel() > 0
+            and all(t.is_contiguous() for t in (x, keep, weight)))
+
+
+def dropout_linear(x: torch.Tensor, keep: torch.Tensor, scale: float, weight: torch.Tensor) -> torch.Tensor | None:
+    """``((x * keep) * scale) @ weight^T`` for x (..., h), keep its bool mask, weight (r, h), in one
+    pass, or None where the library is missing or the layouts differ. The products sum in another
+    order than a BLAS's (~1e-7 relative)."""
+    lib = library()
+    if lib is None or not _adapter_layout(x, keep, weight):
+        return None
+    rank, h = weight.shape
+    y = torch.empty(*x.shape[:-1], rank)
+    lib.dropout_linear_forward(x.data_ptr(), keep.data_ptr(), scale, weight.data_ptr(), y.data_ptr(), x.numel() // h, h, rank,
+                               torch.get_num_threads())
+    return y
+
+
+def dropout_linear_grad(grad: torch.Tensor, source: tuple[torch.Tensor, ...], keep: torch.Tensor, scale: float, weight: torch.Tensor,
+                        want_x: bool, want_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The gradients of ``dropout_linear`` to x and to weight (each only if wanted), the dropped input
+    recomputed from ``source``: ``(x,)``, or a fused RMSNorm's ``(input, r, weight)`` (see
+    ``smolora.fused.normed_from``); or None where the library is missing or the layouts differ."""
+    lib = library()
+    x = source[0]
+    if (lib is None or not _adapter_layout(x, keep, weight) or grad.shape != (*x.shape[:-1], weight.shape[0])
+            or not _fp32_cpu(grad, *source) or not all(t.is_contiguous() for t in source)):
+        return None
+    norm_r, norm_w = source[1:] if len(source) == 3 else (None, None)
+    if norm_r is not None and (norm_r.numel() != x.numel() // x.shape[-1] or norm_w.shape != x.shape[-1:]):
+        return None
+    rank, h = weight.shape
+    grad = grad.contiguous()
+    grad_x = torch.empty_like(x) if want_x else None
+    grad_w = torch.empty_like(weight) if want_weight else None
+    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    lib.dropout_linear_backward(grad.data_ptr(), x.data_ptr(), pointer(norm_r), pointer(norm_w), keep.data_ptr(), scale, weight.data_ptr(),
+                                pointer(grad_x), pointer(grad_w), x.numel() // h, h, rank, torch.get_num_threads())
+    return grad_x, grad_w

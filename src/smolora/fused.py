@@ -110,11 +110,14 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        out = native.swiglu(gate, up)  # one pass, where the kernels are built
+        return out if out is not None else F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        if all(ctx.needs_input_grad) and (grads := native.swiglu_grad(grad, gate, up)) is not None:
+            return grads
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up

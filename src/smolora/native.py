@@ -3,13 +3,15 @@
 Rebuilding a frozen weight from its Q4_1 codes takes torch five element-wise calls (two casts of
 the nibbles, a mask, a shift, a fused multiply-add) and two casts of the fp16 scales and lows, each
 a pass over memory; a Q8_0 block of the LM head three; FastDropout's mask several NumPy arrays;
-the fused RMSNorm six calls forward and eight backward, the rotary embedding three each way, a
+the fused RMSNorm six calls forward and eight backward; the rotary embedding three each way; a
 LoRA adapter's dropout and A product (``DropoutLinear``) three forward and eight backward, two of
-them rank-r products a BLAS runs far below its peak. ``q4_1_weight`` and ``q8_0_weight`` write
-each weight once, reading the fp16 values themselves; ``dropout_keep`` writes the mask straight
-from the generator's stream; the others make one pass over their inputs each way. Each gives the
-same bits as the torch (or NumPy) code it stands in for — but for the sums (RMSNorm's over a row,
-the adapter's products), added in another order (~1e-7 relative) — which stays as the fallback:
+them rank-r products a BLAS runs far below its peak; the SwiGLU's backward four. ``q4_1_weight``
+and ``q8_0_weight`` write each weight once, reading the fp16 values themselves; ``dropout_keep``
+writes the mask straight from the generator's stream; the others make one pass each way.
+
+Each gives the same bits as the torch (or NumPy) code it stands in for — but for the sums
+(RMSNorm's over a row, the adapter's products), added in another order (~1e-7 relative), and
+SwiGLU's exp, a polynomial within ~2 ulp of torch's. That code stays as the fallback:
 ``library()`` is None where no compiler is found, where the build fails (the source needs
 OpenMP), or with ``SMOLORA_NATIVE=0``.
 
@@ -18,8 +20,9 @@ every other step of one run: the rebuilds and masks 0.623 -> 0.586 s a step (med
 pair faster; inside a step the layers' 456 rebuilds 57 -> 35-40 ms, the head's 8 -> 7, the 60
 masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster), the adapters'
 dropout and A product 0.563 -> 0.552 s (17 of 20; alone, one adapter's forward and backward at
-300 tokens 280 -> 130 us). Alone, all 210 layer weights rebuild in 16 ms through torch, 7.5
-through the kernel.
+300 tokens 280 -> 130 us), SwiGLU 0.660 -> 0.648 s in the mean (0.654 -> 0.648 median, 13 of
+20; alone, one MLP's forward and backward at 300 tokens 300 -> 166 us). Alone, all 210 layer
+weights rebuild in 16 ms through torch, 7.5 through the kernel.
 
 The library is built with ``-march=native`` into ``$SMOLORA_HOME/kernels`` (~0.3 s, once), keyed
 by the source, the compiler and the CPU's name and flags, so that a home shared between machines
@@ -89,7 +92,10 @@ def library() -> ctypes.CDLL | None:
     lib.rotary.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_float, ctypes.c_int]
     lib.dropout_linear_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_int]
     lib.dropout_linear_backward.argtypes = [_pointer] * 5 + [ctypes.c_float] + [_pointer] * 3 + [_int64, _int64, _int64, ctypes.c_int]
-    for name in ("rms_norm_forward", "rms_norm_backward", "rotary", "dropout_linear_forward", "dropout_linear_backward"):
+    lib.swiglu_forward.argtypes = [_pointer, _pointer, _pointer, _int64, ctypes.c_int]
+    lib.swiglu_backward.argtypes = [_pointer] * 5 + [_int64, ctypes.c_int]
+    for name in ("rms_norm_forward", "rms_norm_backward", "rotary", "dropout_linear_forward", "dropout_linear_backward",
+                 "swiglu_forward", "swiglu_backward"):
         getattr(lib, name).restype = None
     return lib
 
@@ -221,3 +227,26 @@ def dropout_linear_grad(grad: torch.Tensor, source: tuple[torch.Tensor, ...], ke
     lib.dropout_linear_backward(grad.data_ptr(), x.data_ptr(), pointer(norm_r), pointer(norm_w), keep.data_ptr(), scale, weight.data_ptr(),
                                 pointer(grad_x), pointer(grad_w), x.numel() // h, h, rank, torch.get_num_threads())
     return grad_x, grad_w
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` in one pass, its exp within ~2 ulp of torch's, or None where the library
+    is missing or the inputs are not contiguous fp32 of one shape."""
+    lib = library()
+    if lib is None or not _fp32_cpu(gate, up) or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous():
+        return None
+    out = torch.empty_like(gate)
+    lib.swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    return out
+
+
+def swiglu_grad(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gradients of ``swiglu`` to gate and to up in one pass, or None as ``swiglu``."""
+    lib = library()
+    if lib is None or not _fp32_cpu(grad, gate, up) or not grad.shape == gate.shape == up.shape or not gate.is_contiguous() or not up.is_contiguous():
+        return None
+    grad = grad.contiguous()
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    lib.swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
+                        torch.get_num_threads())
+    return grad_gate, grad_up

@@ -210,3 +210,24 @@ def test_swiglu_is_the_torch_function_up_to_its_exp(without_library):
     without_library(True)
     for value, expected in zip(got, run()):  # the gate's gradient cancels to ~0 near g = -1.28: there absolute
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-5)
+
+
+@needs_compiler
+def test_kernels_write_fp32_whatever_torchs_default_dtype(without_library):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 6, 8, 16, generator=generator), torch.randn(16, generator=generator)
+    cos, sin = torch.randn(1, 1, 8, 16, generator=generator), torch.randn(1, 1, 8, 16, generator=generator)
+    keep, a = torch.rand(1, 8, 16, generator=generator) > 0.5, torch.randn(4, 16, generator=generator)
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = (native.rms_norm(x, weight, 1e-5)[1], native.rotary(x, cos, sin), native.dropout_linear(x[0, :1], keep, 2.0, a))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    without_library(True)
+    from smolora.fused import RMSNormFunction, RotaryFunction
+
+    expected = (torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5), RotaryFunction.apply(x, cos, sin), (x[0, :1] * keep * 2.0) @ a.T)
+    for value, reference in zip(got, expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5)
+    assert RMSNormFunction.apply(x, weight, 1e-5).dtype == torch.float32

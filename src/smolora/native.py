@@ -150,7 +150,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     lib = library()
     if lib is None or not _fp32_cpu(x, weight) or not x.is_contiguous() or not weight.is_contiguous() or not x.numel():
         return None
-    out, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1)
+    out, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
     lib.rms_norm_forward(x.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), r.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
                          torch.get_num_threads())
     return out, r
@@ -177,7 +177,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 
             or any(t.shape != (1, 1, *x.shape[2:]) or not t.is_contiguous() for t in (cos, sin))):
         return None
     _, heads, tokens, d = x.shape
-    out = torch.empty(1, tokens, heads, d)
+    out = torch.empty(1, tokens, heads, d, dtype=torch.float32)
     lib.rotary(x.data_ptr(), x.stride(2), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, d, sign,
                torch.get_num_threads())
     return out.transpose(1, 2)
@@ -200,7 +200,7 @@ def dropout_linear(x: torch.Tensor, keep: torch.Tensor, scale: float, weight: to
     if lib is None or not _adapter_layout(x, keep, weight):
         return None
     rank, h = weight.shape
-    y = torch.empty(*x.shape[:-1], rank)
+    y = torch.empty(*x.shape[:-1], rank, dtype=torch.float32)
     lib.dropout_linear_forward(x.data_ptr(), keep.data_ptr(), scale, weight.data_ptr(), y.data_ptr(), x.numel() // h, h, rank,
                                torch.get_num_threads())
     return y

@@ -159,7 +159,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 def rms_norm_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor | None:
     """The RMSNorm's gradient to ``x`` (not to its weight) in one pass, or None as ``rms_norm``."""
     lib = library()
-    if lib is None or not _fp32_cpu(grad, x, weight, r) or not all(t.is_contiguous() for t in (x, weight, r)) or grad.shape != x.shape:
+    if (lib is None or not _fp32_cpu(grad, x, weight, r) or not all(t.is_contiguous() for t in (x, weight, r)) or grad.shape != x.shape
+            or not x.numel()):
         return None
     grad, grad_x = grad.contiguous(), torch.empty_like(x)
     lib.rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), r.data_ptr(), grad_x.data_ptr(), x.numel() // x.shape[-1],

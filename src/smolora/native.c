@@ -2,9 +2,9 @@
  * -ffp-contract=off: no product is fused into a sum unless written so, as torch's kernels round them).
  *
  * Each does in one pass over memory what torch does in several element-wise calls, and gives the
- * same bits — but for RMSNorm's sums over a row, which add in another order (~1e-7 relative):
- * smolora/codes.py, lora.py and fused.py keep the torch versions, used where no C compiler is
- * found, and the tests compare the two.
+ * same bits — but for the sums of RMSNorm and of the adapters' products, which add in another order
+ * (~1e-7 relative), and SwiGLU's exp (within ~2 ulp): smolora/codes.py, lora.py and fused.py keep
+ * the torch versions, used where no C compiler is found, and the tests compare the two.
  */
 #include <math.h>
 #include <stdint.h>

@@ -48,6 +48,19 @@ ENV = "SMOLORA_NATIVE"  # 0: never build or load the library
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
+_float, _int = ctypes.c_float, ctypes.c_int
+SIGNATURES = {  # native.c's functions: (return type, argument types); threads last where they take them
+    "q4_1_weight": (None, [_pointer] * 4 + [_int64, _int64, _int]),
+    "q8_0_weight": (None, [_pointer] * 3 + [_int64, _int64, _int]),
+    "dropout_keep": (_int64, [ctypes.c_uint64, ctypes.c_uint32, _pointer, _int64]),
+    "rms_norm_forward": (None, [_pointer, _pointer, _float, _pointer, _pointer, _int64, _int64, _int]),
+    "rms_norm_backward": (None, [_pointer] * 5 + [_int64, _int64, _int]),
+    "rotary": (None, [_pointer, _int64, _int64, _pointer, _pointer, _pointer, _int64, _int64, _int64, _float, _int]),
+    "dropout_linear_forward": (None, [_pointer, _pointer, _float, _pointer, _pointer, _int64, _int64, _int64, _int]),
+    "dropout_linear_backward": (None, [_pointer] * 5 + [_float] + [_pointer] * 3 + [_int64, _int64, _int64, _int]),
+    "swiglu_forward": (None, [_pointer] * 3 + [_int64, _int]),
+    "swiglu_backward": (None, [_pointer] * 5 + [_int64, _int]),
+}
 
 
 def _cpu() -> str:
@@ -81,22 +94,9 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.q4_1_weight.argtypes = [_pointer, _pointer, _pointer, _pointer, _int64, _int64, ctypes.c_int]
-    lib.q4_1_weight.restype = None
-    lib.q8_0_weight.argtypes = [_pointer, _pointer, _pointer, _int64, _int64, ctypes.c_int]
-    lib.q8_0_weight.restype = None
-    lib.dropout_keep.argtypes = [ctypes.c_uint64, ctypes.c_uint32, _pointer, _int64]
-    lib.dropout_keep.restype = _int64
-    lib.rms_norm_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, ctypes.c_int]
-    lib.rms_norm_backward.argtypes = [_pointer, _pointer, _pointer, _pointer, _pointer, _int64, _int64, ctypes.c_int]
-    lib.rotary.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_float, ctypes.c_int]
-    lib.dropout_linear_forward.argtypes = [_pointer, _pointer, ctypes.c_float, _pointer, _pointer, _int64, _int64, _int64, ctypes.c_int]
-    lib.dropout_linear_backward.argtypes = [_pointer] * 5 + [ctypes.c_float] + [_pointer] * 3 + [_int64, _int64, _int64, ctypes.c_int]
-    lib.swiglu_forward.argtypes = [_pointer, _pointer, _pointer, _int64, ctypes.c_int]
-    lib.swiglu_backward.argtypes = [_pointer] * 5 + [_int64, ctypes.c_int]
-    for name in ("rms_norm_forward", "rms_norm_backward", "rotary", "dropout_linear_forward", "dropout_linear_backward",
-                 "swiglu_forward", "swiglu_backward"):
-        getattr(lib, name).restype = None
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
     return lib
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ARCHITECTURES, build_tiny, chat_records
-from smolora import attention, onednn
+from smolora import attention, native, onednn
 from smolora.attention import varlen_attention
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
@@ -286,6 +286,72 @@ def test_gemm_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads,
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(lambda *t: attention.GemmAttention.apply(*t, 8**-0.5), exact)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler with OpenMP")
+@pytest.mark.parametrize("heads, kv, d, context, lengths, in_row", [
+    (9, 3, 64, 23, (35, 33, 1, 36, 5), False),  # the embedded model's heads after a step prefix
+    (4, 2, 8, 7, (3, 9, 12), False),
+    (4, 4, 16, 5, (5, 9, 127), True),  # a row's own prefix; the longest span it takes
+    (2, 1, 128, 0, (17, 40), False),  # no context
+    (6, 2, 80, 11, (50, 70), True),  # a head size that is no multiple of 16
+])
+def test_span_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads, kv, d, context, lengths, in_row):
+    """The compiled SpanAttention on a row's spans, each seeing a shared context (separate keys and
+    values, or the row's own first rows) then itself causally: values and gradients against float64
+    SDPA span by span."""
+    gen = torch.Generator().manual_seed(d)
+    tokens = sum(lengths) + (context if in_row else 0)
+    q, k, v = (torch.randn(tokens, h, d, generator=gen, dtype=torch.float64) for h in (heads, kv, kv))
+    ck, cv = (torch.randn(context, kv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    rows, start = ([[0, context, 0]] if in_row else []), (context if in_row else 0)
+    for n in lengths:
+        rows.append([start, start + n, int(context > 0)])
+        start += n
+    spans = torch.tensor(rows)
+    exact = [t.clone().requires_grad_() for t in (q, k, v, ck, cv)]
+    if in_row:
+        exact[3:] = [exact[1][:context], exact[2][:context]]
+    reference = []
+    for start, end, sees in rows:  # one SDPA call per span, in float64
+        keys, values = exact[1][start:end], exact[2][start:end]
+        if sees:
+            keys, values = torch.cat([exact[3], keys]), torch.cat([exact[4], values])
+        mask = torch.ones(end - start, keys.shape[0], dtype=torch.bool).tril(keys.shape[0] - (end - start))
+        as_heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        out = F.scaled_dot_product_attention(as_heads(exact[0][start:end]), as_heads(keys), as_heads(values), attn_mask=mask,
+                                             enable_gqa=True)
+        reference.append(out[0].transpose(0, 1))
+    reference = torch.cat(reference)
+    ours = [t.float().requires_grad_() for t in (q, k, v, ck, cv)]
+    separate = ours[3:] if not in_row else [None, None]
+    out = attention.SpanAttention.apply(*ours[:3], *separate, spans, context, d**-0.5)
+    torch.testing.assert_close(out.double(), reference, atol=5e-6, rtol=0)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    inputs = exact[:3] + ([] if in_row else exact[3:])
+    expected = torch.autograd.grad(reference, inputs, grad, allow_unused=True)
+    got = torch.autograd.grad(out, ours[:3] + ([] if in_row else ours[3:]), grad.float(), allow_unused=True)
+    for a, b in zip(got, expected):
+        if b is None:  # no context: nothing flows to it
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0)
+
+
+def test_short_spans_take_span_attention_where_it_is_built(monkeypatch):
+    """Every span, and a row's prefix, shorter than SPAN_MAX_QUERIES, fp32, no dropout."""
+    q, k = torch.randn(1, 4, 100, 8), torch.randn(1, 2, 100, 8)
+    short = attention.Segments(10, ((10, 50), (50, 100)))
+    long = attention.Segments(0, ((0, 100),))
+    if native.library() is None:
+        assert attention._span_rows(short, 0.0, q, k) is None
+        return
+    assert attention._span_rows(short, 0.0, q, k).tolist() == [[0, 10, 0], [10, 50, 1], [50, 100, 1]]
+    assert attention._span_rows(attention.Segments(0, ((0, 30), (30, 100)), 5), 0.0, q, k).tolist() == [[0, 30, 1], [30, 100, 1]]
+    assert attention._span_rows(short, 0.1, q, k) is None
+    assert attention._span_rows(short, 0.0, q, k.half()) is None
+    monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", 100)
+    assert attention._span_rows(long, 0.0, q, k) is None
 
 
 def test_long_spans_take_gemm_attention_only_where_it_pays(monkeypatch):

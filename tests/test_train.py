@@ -94,24 +94,34 @@ def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, 
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_gemm_attention_gives_the_flash_kernels_update(tokenizer, tmp_path, monkeypatch, gradient_checkpointing):
+@pytest.mark.parametrize("kernel", ["GemmAttention", "SpanAttention"])
+def test_gemm_and_span_attention_give_the_flash_kernels_update(tokenizer, tmp_path, monkeypatch, kernel, gradient_checkpointing):
     # Every packed span (in-row and step prefixes, rows of at most 40 tokens) through GemmAttention,
-    # as on a CPU where oneDNN's GEMM is the faster one, against the flash kernel.
-    from smolora import attention, onednn
+    # as on a CPU where oneDNN's GEMM is the faster one, or through the compiled SpanAttention (the
+    # default where it is built), against the flash kernel.
+    from smolora import attention, native, onednn
 
-    if not onednn._available():
+    if kernel == "GemmAttention" and not onednn._available():
         pytest.skip("this torch build has no oneDNN")
+    if kernel == "SpanAttention" and native.library() is None:
+        pytest.skip("no C compiler with OpenMP")
     settings = dict(batch=1, accum=8, max_tokens=40, share_prefix=True, gradient_checkpointing=gradient_checkpointing)
+    span_max = attention.SPAN_MAX_QUERIES
+    monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", 0)
     monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 10**9)
     flash = adapter_update(tokenizer, tmp_path / "a", **settings)
-    calls, forward = [], attention.GemmAttention.forward
-    monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1)
-    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
-    monkeypatch.setattr(attention.GemmAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
-    gemm = adapter_update(tokenizer, tmp_path / "b", **settings)
+    calls, function = [], getattr(attention, kernel)
+    forward = function.forward
+    if kernel == "GemmAttention":
+        monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1)
+        monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    else:
+        monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", span_max)
+    monkeypatch.setattr(function, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    other = adapter_update(tokenizer, tmp_path / "b", **settings)
     assert len(calls) > 8
     for n in flash:
-        torch.testing.assert_close(gemm[n], flash[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(other[n], flash[n], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -282,3 +282,259 @@ void swiglu_backward(const float *restrict grad, const float *restrict gate, con
   for (int64_t i = 0; i < n; i += CHUNK)
     swiglu_grad_part(grad + i, gate + i, up + i, grad_gate + i, grad_up + i, n - i < CHUNK ? n - i : CHUNK);
 }
+
+/* Attention over the short spans of a packed row (smolora.attention.SpanAttention): each span's
+ * queries see the context's keys (a prefix every span shares) if it is marked to, then their own
+ * span's keys up to their own position. Its work is small blocks — a ~35-query span against ~60
+ * keys — that torch's flash kernel runs one span per call; here a row's spans and key-value heads
+ * are one parallel loop of register-blocked products over 16-float vectors (64 bytes: one AVX-512
+ * register, two AVX ones), with FMAs. The sums add in another order than torch's kernels, and exp is
+ * fast_exp's polynomial (within ~2 ulp): ~1e-6 relative in the outputs. */
+#include <omp.h>
+
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+enum { LANES = 16, QUERIES = 4, PANEL = 64 };  /* a block of 4 queries; head dims padded to 64 (4 vectors) */
+
+static inline vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
+static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+static inline vf splat(float s) {
+  vf r;
+  for (int l = 0; l < LANES; l++) r[l] = s;
+  return r;
+}
+static inline vf vfma(vf a, vf b, vf c) {  /* lane by lane fmaf: one vector FMA where the CPU has them */
+  vf r;
+  for (int l = 0; l < LANES; l++) r[l] = fmaf(a[l], b[l], c[l]);
+  return r;
+}
+static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+typedef struct {
+  const float *q, *k, *v, *ck, *cv;  /* q (T, H, D); k, v (T, KV, D); ck, cv (context, KV, D) */
+  const int64_t *spans;              /* (spans, 3): start, end, whether the span sees the context */
+  int64_t context, heads, kv_heads, d, dp;  /* dp: d rounded up to PANEL */
+  float scale;
+} span_layout;
+
+/* Key (or value) j of a span starting at row `start` that sees `p` context keys, KV head g. */
+static inline const float *key_row(const span_layout *t, const float *own, const float *context, int64_t start, int64_t p,
+                                   int64_t j, int64_t g) {
+  return j < p ? context + (j * t->kv_heads + g) * t->d : own + ((start + j - p) * t->kv_heads + g) * t->d;
+}
+
+/* columns [j, j + 16 * width) of s (QUERIES rows, row stride mp) = a (QUERIES, dp; first d used) @ bt (d, mp). */
+static inline void product_tile(const float *restrict a, int64_t dp, const float *restrict bt, int64_t mp, int64_t d, int64_t j,
+                                int width, float *restrict s) {
+  vf acc[QUERIES][2] = {{{0}}};
+  for (int64_t c = 0; c < d; c++) {
+    vf b[2];
+#pragma GCC unroll 2
+    for (int w = 0; w < width; w++) b[w] = vload(bt + c * mp + j + w * LANES);
+#pragma GCC unroll 4
+    for (int r = 0; r < QUERIES; r++) {
+      vf x = splat(a[r * dp + c]);
+#pragma GCC unroll 2
+      for (int w = 0; w < width; w++) acc[r][w] = vfma(x, b[w], acc[r][w]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < QUERIES; r++)
+#pragma GCC unroll 2
+    for (int w = 0; w < width; w++) vstore(s + r * mp + j + w * LANES, acc[r][w]);
+}
+
+/* Columns [0, len) of s, as product_tile: 32 columns at a time (8 independent sums in flight). */
+static void block_product(const float *restrict a, int64_t dp, const float *restrict bt, int64_t mp, int64_t d, int64_t len,
+                          float *restrict s) {
+  int64_t j = 0;
+  for (; j + 2 * LANES <= round_up(len, LANES); j += 2 * LANES) product_tile(a, dp, bt, mp, d, j, 2, s);
+  if (j < len) product_tile(a, dp, bt, mp, d, j, 1, s);
+}
+
+/* out (QUERIES, dp) = p (QUERIES, [0, len); row stride mp) @ rows (len, dp), times `factor`. */
+static void weighted_rows(const float *restrict p, int64_t mp, const float *restrict rows, int64_t dp, int64_t len, float factor,
+                          float *restrict out) {
+  for (int64_t c = 0; c < dp; c += PANEL) {
+    vf acc[QUERIES][PANEL / LANES] = {{{0}}};
+    for (int64_t j = 0; j < len; j++) {
+      const float *row = rows + j * dp + c;
+      vf weight[QUERIES];
+#pragma GCC unroll 4
+      for (int r = 0; r < QUERIES; r++) weight[r] = splat(p[r * mp + j]);
+#pragma GCC unroll 4
+      for (int u = 0; u < PANEL / LANES; u++) {
+        vf x = vload(row + u * LANES);
+#pragma GCC unroll 4
+        for (int r = 0; r < QUERIES; r++) acc[r][u] = vfma(weight[r], x, acc[r][u]);
+      }
+    }
+    for (int r = 0; r < QUERIES; r++)
+      for (int u = 0; u < PANEL / LANES; u++) vstore(out + r * dp + c + u * LANES, acc[r][u] * factor);
+  }
+}
+
+/* rows (len, dp) += p^T (len x QUERIES; p's row stride mp) @ x (QUERIES, dp). */
+static void add_outer(const float *restrict p, int64_t mp, const float *restrict x, int64_t dp, int64_t len, float *restrict rows) {
+  for (int64_t c = 0; c < dp; c += PANEL) {
+    vf xs[QUERIES][PANEL / LANES];
+    for (int r = 0; r < QUERIES; r++)
+      for (int u = 0; u < PANEL / LANES; u++) xs[r][u] = vload(x + r * dp + c + u * LANES);
+    for (int64_t j = 0; j < len; j++) {
+      float *row = rows + j * dp + c;
+      vf weight[QUERIES];
+#pragma GCC unroll 4
+      for (int r = 0; r < QUERIES; r++) weight[r] = splat(p[r * mp + j]);
+#pragma GCC unroll 4
+      for (int u = 0; u < PANEL / LANES; u++) {
+        vf acc = vload(row + u * LANES);
+#pragma GCC unroll 4
+        for (int r = 0; r < QUERIES; r++) acc = vfma(weight[r], xs[r][u], acc);
+        vstore(row + u * LANES, acc);
+      }
+    }
+  }
+}
+
+/* A span's keys (or values) for KV head g: transposed (d, mp), zero past m, and/or as rows (m, dp), zero past d. */
+static void gather_keys(const span_layout *t, const float *own, const float *context, int64_t start, int64_t p, int64_t m, int64_t g,
+                        float *restrict transposed, int64_t mp, float *restrict rows) {
+  if (transposed) memset(transposed, 0, sizeof(float) * t->d * mp);
+  if (rows) memset(rows, 0, sizeof(float) * m * t->dp);
+  for (int64_t j = 0; j < m; j++) {
+    const float *row = key_row(t, own, context, start, p, j, g);
+    if (transposed)
+      for (int64_t c = 0; c < t->d; c++) transposed[c * mp + j] = row[c];
+    if (rows) memcpy(rows + j * t->dp, row, sizeof(float) * t->d);
+  }
+}
+
+/* QUERIES rows of x (T, H, D) from row `first` (n - i0 of them real, the rest zero) at head h into (QUERIES, dp), times factor. */
+static void gather_queries(const span_layout *t, const float *x, int64_t first, int64_t real, int64_t h, float factor, float *restrict out) {
+  memset(out, 0, sizeof(float) * QUERIES * t->dp);
+  for (int64_t r = 0; r < real; r++)
+    for (int64_t c = 0; c < t->d; c++) out[r * t->dp + c] = x[((first + r) * t->heads + h) * t->d + c] * factor;
+}
+
+/* row[0, seen) = softmax(row[0, seen)), zero from there to len rounded up to 16; returns the log of
+ * the softmax's denominator. */
+static float softmax(float *restrict row, int64_t seen, int64_t len) {
+  int64_t end = round_up(len, LANES), j = 0;
+  for (int64_t i = seen; i < end; i++) row[i] = 0.f;
+  if (!seen) return 0.f;
+  vf most = splat(row[0]), total = {0};
+  for (; j + LANES <= seen; j += LANES) {
+    vf x = vload(row + j);
+    for (int l = 0; l < LANES; l++) most[l] = x[l] > most[l] ? x[l] : most[l];
+  }
+  float top = row[0], sum = 0.f;
+  for (; j < seen; j++) top = row[j] > top ? row[j] : top;
+  for (int l = 0; l < LANES; l++) top = most[l] > top ? most[l] : top;
+  for (j = 0; j < seen; j++) row[j] = fast_exp(row[j] - top);
+  for (j = 0; j < end; j += LANES) total += vload(row + j);
+  for (int l = 0; l < LANES; l++) sum += total[l];
+  float inverse = 1.f / sum;
+  for (j = 0; j < seen; j++) row[j] *= inverse;
+  return top + logf(sum);
+}
+
+static void span_forward(const span_layout *t, int64_t b, int64_t g, float *restrict out, float *restrict lse) {
+  int64_t start = t->spans[3 * b], n = t->spans[3 * b + 1] - start, p = t->spans[3 * b + 2] ? t->context : 0;
+  int64_t d = t->d, dp = t->dp, m = p + n, mp = round_up(m, LANES), group = t->heads / t->kv_heads;
+  float *kt = malloc(sizeof(float) * (d * mp + m * dp + 2 * QUERIES * dp + QUERIES * mp));
+  float *values = kt + d * mp, *qs = values + m * dp, *o = qs + QUERIES * dp, *s = o + QUERIES * dp;
+  gather_keys(t, t->k, t->ck, start, p, m, g, kt, mp, NULL);
+  gather_keys(t, t->v, t->cv, start, p, m, g, NULL, mp, values);
+  for (int64_t h = g * group; h < (g + 1) * group; h++) {
+    for (int64_t i0 = 0; i0 < n; i0 += QUERIES) {
+      int64_t real = n - i0 < QUERIES ? n - i0 : QUERIES, len = p + i0 + real;
+      gather_queries(t, t->q, start + i0, real, h, t->scale, qs);
+      block_product(qs, dp, kt, mp, d, len, s);
+      for (int64_t r = 0; r < QUERIES; r++) {  /* softmax over the keys query i0 + r sees; zero past them */
+        int64_t seen = r < real ? p + i0 + r + 1 : 0;
+        float top = softmax(s + r * mp, seen, len);
+        if (r < real) lse[(start + i0 + r) * t->heads + h] = top;
+      }
+      weighted_rows(s, mp, values, dp, len, 1.f, o);
+      for (int64_t r = 0; r < real; r++) memcpy(out + ((start + i0 + r) * t->heads + h) * d, o + r * dp, sizeof(float) * d);
+    }
+  }
+  free(kt);
+}
+
+/* out (T, H, D) and lse (T, H): the log of each query's softmax denominator, kept for the backward. */
+void span_attention_forward(const float *q, const float *k, const float *v, const float *ck, const float *cv, int64_t context,
+                            const int64_t *spans, int64_t n_spans, int64_t heads, int64_t kv_heads, int64_t d, float scale,
+                            float *out, float *lse, int threads) {
+  span_layout t = {q, k, v, ck, cv, spans, context, heads, kv_heads, d, round_up(d, PANEL), scale};
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+  for (int64_t item = 0; item < n_spans * kv_heads; item++) span_forward(&t, item / kv_heads, item % kv_heads, out, lse);
+}
+
+static void span_backward(const span_layout *t, int64_t b, int64_t g, const float *restrict grad, const float *restrict out,
+                          const float *restrict lse, float *restrict grad_q, float *restrict grad_k, float *restrict grad_v,
+                          float *restrict context_k, float *restrict context_v) {
+  int64_t start = t->spans[3 * b], n = t->spans[3 * b + 1] - start, p = t->spans[3 * b + 2] ? t->context : 0;
+  int64_t d = t->d, dp = t->dp, m = p + n, mp = round_up(m, LANES), group = t->heads / t->kv_heads;
+  float *kt = malloc(sizeof(float) * (2 * d * mp + 3 * m * dp + 4 * QUERIES * dp + 2 * QUERIES * mp));
+  float *vt = kt + d * mp, *keys = vt + d * mp, *dk = keys + m * dp, *dv = dk + m * dp;
+  float *qs = dv + m * dp, *go = qs + QUERIES * dp, *o = go + QUERIES * dp, *dq = o + QUERIES * dp;
+  float *s = dq + QUERIES * dp, *ds = s + QUERIES * mp;
+  gather_keys(t, t->k, t->ck, start, p, m, g, kt, mp, keys);
+  gather_keys(t, t->v, t->cv, start, p, m, g, vt, mp, NULL);
+  memset(dk, 0, sizeof(float) * 2 * m * dp);
+  for (int64_t h = g * group; h < (g + 1) * group; h++) {
+    for (int64_t i0 = 0; i0 < n; i0 += QUERIES) {
+      int64_t real = n - i0 < QUERIES ? n - i0 : QUERIES, len = p + i0 + real;
+      gather_queries(t, t->q, start + i0, real, h, t->scale, qs);
+      gather_queries(t, grad, start + i0, real, h, 1.f, go);
+      gather_queries(t, out, start + i0, real, h, 1.f, o);
+      block_product(qs, dp, kt, mp, d, len, s);   /* the scores again */
+      block_product(go, dp, vt, mp, d, len, ds);  /* grad . v */
+      for (int64_t r = 0; r < QUERIES; r++) {  /* probabilities, and ds = p * (grad . v - grad . out) */
+        float *pr = s + r * mp, *dr = ds + r * mp, top = r < real ? lse[(start + i0 + r) * t->heads + h] : 0.f, delta = 0.f;
+        int64_t seen = r < real ? p + i0 + r + 1 : 0;
+        for (int64_t c = 0; c < d; c++) delta += go[r * dp + c] * o[r * dp + c];
+        for (int64_t j = 0; j < seen; j++) pr[j] = fast_exp(pr[j] - top);
+        for (int64_t j = 0; j < seen; j++) dr[j] = pr[j] * (dr[j] - delta);
+        for (int64_t j = seen; j < len; j++) pr[j] = dr[j] = 0.f;
+      }
+      weighted_rows(ds, mp, keys, dp, len, t->scale, dq);
+      for (int64_t r = 0; r < real; r++) memcpy(grad_q + ((start + i0 + r) * t->heads + h) * d, dq + r * dp, sizeof(float) * d);
+      add_outer(s, mp, go, dp, len, dv);
+      add_outer(ds, mp, qs, dp, len, dk);
+    }
+  }
+  for (int64_t j = 0; j < m; j++) {  /* the span's own keys are its alone; the context's add up over spans */
+    const float *rk = dk + j * dp, *rv = dv + j * dp;
+    if (j < p) {
+      float *ok = context_k + (j * t->kv_heads + g) * d, *ov = context_v + (j * t->kv_heads + g) * d;
+      for (int64_t c = 0; c < d; c++) ok[c] += rk[c], ov[c] += rv[c];
+    } else {
+      memcpy(grad_k + ((start + j - p) * t->kv_heads + g) * d, rk, sizeof(float) * d);
+      memcpy(grad_v + ((start + j - p) * t->kv_heads + g) * d, rv, sizeof(float) * d);
+    }
+  }
+  free(kt);
+}
+
+/* The gradients to q, k, v (T, ...; every row written) and, added to grad_ck and grad_cv (context, KV,
+ * D), to the context — which may be rows of grad_k and grad_v themselves, a row's own prefix. Each
+ * span's share of the context's gradient is kept apart and they are added in the spans' order: the
+ * same bits whichever thread ran which span. */
+void span_attention_backward(const float *grad, const float *q, const float *k, const float *v, const float *ck, const float *cv,
+                             int64_t context, const int64_t *spans, int64_t n_spans, int64_t heads, int64_t kv_heads, int64_t d,
+                             float scale, const float *out, const float *lse, float *grad_q, float *grad_k, float *grad_v,
+                             float *grad_ck, float *grad_cv, int threads) {
+  span_layout t = {q, k, v, ck, cv, spans, context, heads, kv_heads, d, round_up(d, PANEL), scale};
+  int64_t size = context * kv_heads * d;
+  float *parts = calloc((size_t)(2 * size * n_spans) + 1, sizeof(float));  /* each span's gradient to the context's k, then v */
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+  for (int64_t item = 0; item < n_spans * kv_heads; item++) {
+    int64_t b = item / kv_heads;
+    span_backward(&t, b, item % kv_heads, grad, out, lse, grad_q, grad_k, grad_v, parts + 2 * size * b, parts + 2 * size * b + size);
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t e = 0; e < size; e++)
+    for (int64_t b = 0; b < n_spans; b++) grad_ck[e] += parts[2 * size * b + e], grad_cv[e] += parts[2 * size * b + size + e];
+  free(parts);
+}

@@ -60,6 +60,8 @@ SIGNATURES = {  # native.c's functions: (return type, argument types); threads l
     "dropout_linear_backward": (None, [_pointer] * 5 + [_float] + [_pointer] * 3 + [_int64, _int64, _int64, _int]),
     "swiglu_forward": (None, [_pointer] * 3 + [_int64, _int]),
     "swiglu_backward": (None, [_pointer] * 5 + [_int64, _int]),
+    "span_attention_forward": (None, [_pointer] * 5 + [_int64, _pointer] + [_int64] * 4 + [_float, _pointer, _pointer, _int]),
+    "span_attention_backward": (None, [_pointer] * 6 + [_int64, _pointer] + [_int64] * 4 + [_float] + [_pointer] * 7 + [_int]),
 }
 
 
@@ -251,3 +253,55 @@ def swiglu_grad(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tup
     lib.swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
                         torch.get_num_threads())
     return grad_gate, grad_up
+
+
+def _span_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int,
+                 spans: torch.Tensor) -> bool:
+    tensors = (q, k, v, *(context if isinstance(context, tuple) else ()))
+    return (_fp32_cpu(*tensors) and all(t.is_contiguous() and t.dim() == 3 for t in tensors) and k.shape == v.shape
+            and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0
+            and (not isinstance(context, tuple) or context[0].shape == context[1].shape and context[0].shape[1:] == k.shape[1:])
+            and spans.dtype == torch.int64 and spans.is_contiguous() and spans.dim() == 2 and spans.shape[1] == 3)
+
+
+def _context(k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if isinstance(context, tuple):
+        return (*context, context[0].shape[0])
+    return k, v, context  # the row's own first rows
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int,
+                   spans: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention of a packed row's spans (``smolora.attention.SpanAttention``): ``(out, lse)``,
+    out (T, H, D) and each query's log-sum-exp (T, H), for q (T, H, D), k and v (T, KV, D), spans
+    (S, 3) int64 rows ``[start, end, sees_context]``; ``context`` is the keys and values every marked
+    span sees first — ``(ck, cv)`` each (P, KV, D), or an int P: the row's own first P rows. None
+    where the library is missing or the layouts differ."""
+    lib = library()
+    if lib is None or not _span_layout(q, k, v, context, spans):
+        return None
+    ck, cv, length = _context(k, v, context)
+    (tokens, heads, d), kv_heads = q.shape, k.shape[1]
+    out, lse = torch.empty_like(q), torch.empty(tokens, heads, dtype=torch.float32)
+    lib.span_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), ck.data_ptr(), cv.data_ptr(), length, spans.data_ptr(),
+                               spans.shape[0], heads, kv_heads, d, scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out, lse
+
+
+def span_attention_grad(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        context: tuple[torch.Tensor, torch.Tensor] | int, spans: torch.Tensor, scale: float, out: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The gradients of ``span_attention`` to q, k, v and, for a ``(ck, cv)`` context, to ck and cv
+    (for a row's own prefix, they are in k's and v's); None as ``span_attention``."""
+    lib = library()
+    if lib is None or not _span_layout(q, k, v, context, spans) or grad.shape != q.shape or not _fp32_cpu(grad):
+        return None
+    ck, cv, length = _context(k, v, context)
+    grad = grad.contiguous()
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_ck, grad_cv = (torch.zeros_like(ck), torch.zeros_like(cv)) if isinstance(context, tuple) else (grad_k, grad_v)
+    lib.span_attention_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), ck.data_ptr(), cv.data_ptr(), length,
+                                spans.data_ptr(), spans.shape[0], *q.shape[1:2], k.shape[1], q.shape[2], scale, out.data_ptr(),
+                                lse.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), grad_ck.data_ptr(),
+                                grad_cv.data_ptr(), torch.get_num_threads())
+    return (grad_q, grad_k, grad_v) + ((grad_ck, grad_cv) if isinstance(context, tuple) else ())

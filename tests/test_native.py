@@ -47,13 +47,15 @@ def test_the_library_builds_here():
 
 
 @needs_compiler
-@pytest.mark.parametrize("out, blocks", [(576, 18), (40, 1), (7, 3), (1, 2)])
+@pytest.mark.parametrize("out, blocks", [(576, 18), (40, 1), (7, 3), (1, 2), (50, 9)])
 def test_q4_1_weight_is_the_torch_rebuild_bit_for_bit(out, blocks, without_library):
+    """In W^T's layout (the forward's) and in W's own (the backward's: 16 outputs' codes transposed
+    at a time, 8 blocks a task — the shapes cover both remainders)."""
     codes = stored_q4_1(out, blocks, torch.Generator().manual_seed(out))
-    rebuilt = native.q4_1_weight(*codes)
-    assert rebuilt is not None and rebuilt.shape == (out, blocks * 32)
+    rebuilt, rows = native.q4_1_weight(*codes), native.q4_1_weight(*codes, row_major=True)
+    assert rebuilt is not None and rebuilt.shape == (out, blocks * 32) and rows.is_contiguous()
     without_library(True)
-    assert torch.equal(rebuilt, codes.weight())
+    assert torch.equal(rebuilt, codes.weight()) and torch.equal(rows, codes.weight())
 
 
 @needs_compiler

@@ -60,12 +60,14 @@ class Codes(NamedTuple):
     scale: torch.Tensor | None = None  # None: ``codes`` is the weight in bf16 or fp16
     low: torch.Tensor | None = None
 
-    def weight(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The fp32 weight's ``rows``, rebuilt (fp32 arithmetic: the product, then the sum)."""
+    def weight(self, rows: slice = slice(None), row_major: bool = False) -> torch.Tensor:
+        """The fp32 weight's ``rows``, rebuilt (fp32 arithmetic: the product, then the sum). Input-major
+        codes rebuild W in W^T's layout; ``row_major``: in W's own where the compiled kernels are
+        built (the layout the backward's GEMM reads faster)."""
         if self.scale is None:
             return self.codes[rows].float()
         codes, scale, low = self.codes[rows], self.scale[rows], None if self.low is None else self.low[rows]
-        if (rebuilt := native.q8_0_weight(codes, scale) if low is None else native.q4_1_weight(codes, scale, low)) is not None:
+        if (rebuilt := native.q8_0_weight(codes, scale) if low is None else native.q4_1_weight(codes, scale, low, row_major)) is not None:
             return rebuilt  # one pass, where the compiled kernels are built and the codes laid out as stored
         scale = scale.float()
         out, blocks, width = codes.shape
@@ -202,7 +204,10 @@ def codes_of(module: nn.Module) -> Codes | None:
 
 class CodedLinear(torch.autograd.Function):
     """``x @ W^T + b`` for a frozen ``W`` held as codes: rebuilt for the forward and again for the
-    backward to ``x``, so that no layer's fp32 weight is kept between the two.
+    backward to ``x``, so that no layer's fp32 weight is kept between the two. Input-major codes
+    rebuild W in W^T's layout for the forward and, where the compiled kernels are built, in W's own
+    for the backward: the layouts oneDNN's GEMM reads fastest for each (a short step -5.7%, 18 of 20
+    steps faster, against W^T's layout for both).
 
     ``dtype`` (under CPU autocast, its dtype): the product in that dtype, the rebuilt weight, ``x``
     and the bias cast to it, as autocast casts the module's own; the gradient comes back in ``x``'s
@@ -223,7 +228,7 @@ class CodedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         codes = Codes(*ctx.saved_tensors)
         if ctx.dtype is None:
-            grad_x = linear(grad, codes.weight().t())
+            grad_x = linear(grad, codes.weight(row_major=True).t())
         else:
             grad_x = grad.to(ctx.dtype).matmul(_cast(codes, ctx.dtype)).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None

@@ -4,7 +4,10 @@
  * Each does in one pass over memory what torch does in several element-wise calls, and gives the
  * same bits — but for the sums of RMSNorm and of the adapters' products, which add in another order
  * (~1e-7 relative), and SwiGLU's exp (within ~2 ulp): smolora/codes.py, lora.py and fused.py keep
- * the torch versions, used where no C compiler is found, and the tests compare the two.
+ * the torch versions, used where no C compiler is found, and the tests compare the two. The span
+ * attention at the end stands in for a flash-kernel call per span (smolora/attention.py), its sums
+ * in its own order (~1e-6 relative against float64, as the flash kernel's). Vectors are GCC's and
+ * clang's vector extensions; x86 intrinsics only where the portable form compiles to scalar code.
  */
 #include <math.h>
 #include <stdint.h>
@@ -13,6 +16,11 @@
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
+
+enum { LANES = 16 };
+typedef float vf __attribute__((vector_size(64), aligned(4)));  /* 16 floats: one AVX-512 register, two AVX ones */
+typedef uint8_t bytes __attribute__((vector_size(16), aligned(1)));
+typedef int32_t words __attribute__((vector_size(64), aligned(4)));
 
 /* An fp16 value as fp32 (exact: every fp16 value is an fp32 one). */
 static inline float half_to_float(uint16_t h) {
@@ -62,6 +70,80 @@ void q4_1_weight(const uint8_t *restrict codes, const uint16_t *restrict scale, 
           first[o] = (float)(q[o] & 15) * s[o] + l[o];
           second[o] = (float)(q[o] >> 4) * s[o] + l[o];
         }
+      }
+    }
+  }
+}
+
+#ifdef __SSE2__
+#include <immintrin.h>
+/* 16 bytes as 16 int32: one instruction with AVX-512, two with AVX2 (GCC's own conversion goes byte by byte). */
+static inline words widen(bytes q) {
+#if defined(__AVX512F__)
+  return (words)_mm512_cvtepu8_epi32((__m128i)q);
+#elif defined(__AVX2__)
+  __m256i halves[2] = {_mm256_cvtepu8_epi32((__m128i)q), _mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)q, 8))};
+  words w;
+  memcpy(&w, halves, sizeof w);
+  return w;
+#else
+  return __builtin_convertvector(q, words);
+#endif
+}
+
+/* t[o][j] = codes[j * stride + o] for a 16 x 16 block of bytes: four rounds of interleaving. */
+static inline void transpose_bytes(const uint8_t *codes, int64_t stride, bytes t[16]) {
+  __m128i r[16], u[16];
+  for (int j = 0; j < 16; j++) r[j] = _mm_loadu_si128((const __m128i *)(codes + j * stride));
+  for (int j = 0; j < 8; j++) u[j] = _mm_unpacklo_epi8(r[2 * j], r[2 * j + 1]), u[j + 8] = _mm_unpackhi_epi8(r[2 * j], r[2 * j + 1]);
+  for (int j = 0; j < 4; j++)
+    for (int h = 0; h < 2; h++)
+      r[8 * h + j] = _mm_unpacklo_epi16(u[8 * h + 2 * j], u[8 * h + 2 * j + 1]),
+      r[8 * h + j + 4] = _mm_unpackhi_epi16(u[8 * h + 2 * j], u[8 * h + 2 * j + 1]);
+  for (int j = 0; j < 2; j++)
+    for (int h = 0; h < 4; h++)
+      u[4 * h + j] = _mm_unpacklo_epi32(r[4 * h + 2 * j], r[4 * h + 2 * j + 1]),
+      u[4 * h + j + 2] = _mm_unpackhi_epi32(r[4 * h + 2 * j], r[4 * h + 2 * j + 1]);
+  for (int h = 0; h < 8; h++)
+    r[2 * h] = _mm_unpacklo_epi64(u[2 * h], u[2 * h + 1]), r[2 * h + 1] = _mm_unpackhi_epi64(u[2 * h], u[2 * h + 1]);
+  for (int o = 0; o < 16; o++) t[o] = (bytes)r[o];  /* register o: output o's 16 codes */
+}
+#else
+static inline words widen(bytes q) { return __builtin_convertvector(q, words); }
+
+static inline void transpose_bytes(const uint8_t *codes, int64_t stride, bytes t[16]) {
+  for (int j = 0; j < 16; j++)
+    for (int o = 0; o < 16; o++) t[o][j] = codes[j * stride + o];
+}
+#endif
+
+/* W (out, blocks * 32), row-major, from the same input-major Q4_1 codes as q4_1_weight, with the
+ * same values: 16 outputs at a time, each block's codes for them transposed in registers. */
+void q4_1_weight_rows(const uint8_t *restrict codes, const uint16_t *restrict scale, const uint16_t *restrict low,
+                      float *restrict w, int64_t blocks, int64_t out, int threads) {
+  enum { SPAN = 8 };  /* blocks per task: 16 rows x 1 KiB written at a time */
+  int64_t width = blocks * 32, tiles = (out + 15) / 16, spans = (blocks + SPAN - 1) / SPAN;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t task = 0; task < tiles * spans; task++) {
+    int64_t o0 = task / spans * 16, n = out - o0 < 16 ? out - o0 : 16, first = task % spans * SPAN;
+    int64_t last = first + SPAN < blocks ? first + SPAN : blocks;
+    float s[16], l[16];
+    bytes t[16];
+    for (int64_t b = first; b < last; b++) {
+      halves_to_floats(scale + b * out + o0, s, n);
+      halves_to_floats(low + b * out + o0, l, n);
+      if (n == 16) {
+        transpose_bytes(codes + b * 16 * out + o0, out, t);
+      } else {
+        for (int j = 0; j < 16; j++)
+          for (int64_t o = 0; o < n; o++) t[o][j] = codes[(b * 16 + j) * out + o0 + o];
+      }
+      for (int64_t o = 0; o < n; o++) {
+        float *row = w + (o0 + o) * width + b * 32;
+        words wide = widen(t[o]);
+        vf low_half = __builtin_convertvector(wide & 15, vf) * s[o] + l[o], high_half = __builtin_convertvector(wide >> 4, vf) * s[o] + l[o];
+        memcpy(row, &low_half, sizeof low_half);
+        memcpy(row + 16, &high_half, sizeof high_half);
       }
     }
   }
@@ -292,8 +374,7 @@ void swiglu_backward(const float *restrict grad, const float *restrict gate, con
  * fast_exp's polynomial (within ~2 ulp): ~1e-6 relative in the outputs. */
 #include <omp.h>
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));
-enum { LANES = 16, QUERIES = 4, PANEL = 64 };  /* a block of 4 queries; head dims padded to 64 (4 vectors) */
+enum { QUERIES = 4, PANEL = 64 };  /* a block of 4 queries; head dims padded to 64 (4 vectors) */
 
 static inline vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
 static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }

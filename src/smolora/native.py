@@ -6,12 +6,16 @@ a pass over memory; a Q8_0 block of the LM head three; FastDropout's mask severa
 the fused RMSNorm six calls forward and eight backward; the rotary embedding three each way; a
 LoRA adapter's dropout and A product (``DropoutLinear``) three forward and eight backward, two of
 them rank-r products a BLAS runs far below its peak; the SwiGLU's backward four. ``q4_1_weight``
-and ``q8_0_weight`` write each weight once, reading the fp16 values themselves; ``dropout_keep``
+and ``q8_0_weight`` write each weight once, reading the fp16 values themselves — a Q4_1 weight in
+W^T's layout or, for the backward's GEMM, which reads it faster, in W's own; ``dropout_keep``
 writes the mask straight from the generator's stream; the others make one pass each way.
+``span_attention`` attends all the short spans of a packed row in one call per layer, where torch
+runs a flash-kernel call per span and per direction, with the slicing and concatenation around it.
 
 Each gives the same bits as the torch (or NumPy) code it stands in for — but for the sums
 (RMSNorm's over a row, the adapter's products), added in another order (~1e-7 relative), and
-SwiGLU's exp, a polynomial within ~2 ulp of torch's. That code stays as the fallback:
+SwiGLU's exp, a polynomial within ~2 ulp of torch's, and the span attention (its own order of
+sums, the same exp: ~1e-6 relative against float64). That code stays as the fallback:
 ``library()`` is None where no compiler is found, where the build fails (the source needs
 OpenMP), or with ``SMOLORA_NATIVE=0``.
 
@@ -22,7 +26,10 @@ masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster), the
 dropout and A product 0.563 -> 0.552 s (17 of 20; alone, one adapter's forward and backward at
 300 tokens 280 -> 130 us), SwiGLU 0.660 -> 0.648 s in the mean (0.654 -> 0.648 median, 13 of
 20; alone, one MLP's forward and backward at 300 tokens 300 -> 166 us). Alone, all 210 layer
-weights rebuild in 16 ms through torch, 7.5 through the kernel.
+weights rebuild in 16 ms through torch, 7.5 through the kernel. The span attention: 0.593 -> 0.528
+s a step (20 of 20 pairs faster; alone, forward and backward of a layer's eight ~35-token spans
+after a 23-token prefix 1.9 -> 0.65 ms); the backward's weights in W's layout 0.525 -> 0.495 s
+(18 of 20).
 
 The library is built with ``-march=native`` into ``$SMOLORA_HOME/kernels`` (~0.3 s, once), keyed
 by the source, the compiler and the CPU's name and flags, so that a home shared between machines
@@ -51,6 +58,7 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _float, _int = ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # native.c's functions: (return type, argument types); threads last where they take them
     "q4_1_weight": (None, [_pointer] * 4 + [_int64, _int64, _int]),
+    "q4_1_weight_rows": (None, [_pointer] * 4 + [_int64, _int64, _int]),
     "q8_0_weight": (None, [_pointer] * 3 + [_int64, _int64, _int]),
     "dropout_keep": (_int64, [ctypes.c_uint64, ctypes.c_uint32, _pointer, _int64]),
     "rms_norm_forward": (None, [_pointer, _pointer, _float, _pointer, _pointer, _int64, _int64, _int]),
@@ -102,16 +110,21 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def q4_1_weight(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
-    """W (out, in) in W^T's layout from input-major Q4_1 codes (out, blocks, 16) and fp16 scale and
-    low (out, blocks, 1) — as ``smolora.codes.Codes.weight`` rebuilds it — or None where the
-    library is missing or the tensors are not laid out as the codes file stores them."""
+def q4_1_weight(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, row_major: bool = False) -> torch.Tensor | None:
+    """W (out, in) from input-major Q4_1 codes (out, blocks, 16) and fp16 scale and low (out,
+    blocks, 1) — as ``smolora.codes.Codes.weight`` rebuilds it — in W^T's layout, or with
+    ``row_major`` in W's own; or None where the library is missing or the tensors are not laid
+    out as the codes file stores them."""
     lib = library()
     out, blocks, width = codes.shape
     stored = [t.permute(1, 2, 0) for t in (codes, scale, low)]  # (blocks, 16 or 1, out) as in memory
     if (lib is None or width != 16 or codes.dtype != torch.uint8 or scale.dtype != torch.float16 or low.dtype != torch.float16
             or not all(t.is_contiguous() for t in stored)):
         return None
+    if row_major:
+        weight = torch.empty(out, blocks * 32, dtype=torch.float32)
+        lib.q4_1_weight_rows(*(t.data_ptr() for t in (*stored, weight)), blocks, out, torch.get_num_threads())
+        return weight
     weight = torch.empty(blocks, 32, out, dtype=torch.float32)
     lib.q4_1_weight(*(t.data_ptr() for t in (*stored, weight)), blocks, out, torch.get_num_threads())
     return weight.view(blocks * 32, out).t()

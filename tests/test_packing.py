@@ -295,6 +295,7 @@ def test_gemm_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads,
     (4, 4, 16, 5, (5, 9, 127), True),  # a row's own prefix; the longest span it takes
     (2, 1, 128, 0, (17, 40), False),  # no context
     (6, 2, 80, 11, (50, 70), True),  # a head size that is no multiple of 16
+    (4, 2, 16, 9, (300,), False),  # a long span, as it takes them where GemmAttention would
 ])
 def test_span_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads, kv, d, context, lengths, in_row):
     """The compiled SpanAttention on a row's spans, each seeing a shared context (separate keys and
@@ -339,7 +340,9 @@ def test_span_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads,
 
 
 def test_short_spans_take_span_attention_where_it_is_built(monkeypatch):
-    """Every span, and a row's prefix, shorter than SPAN_MAX_QUERIES, fp32, no dropout."""
+    """Every span, and a row's prefix, shorter than SPAN_MAX_QUERIES, fp32, no dropout; longer ones
+    up to SPAN_MAX_QUERIES_OVER_GEMM where GemmAttention would take them."""
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: False)
     q, k = torch.randn(1, 4, 100, 8), torch.randn(1, 2, 100, 8)
     short = attention.Segments(10, ((10, 50), (50, 100)))
     long = attention.Segments(0, ((0, 100),))
@@ -352,6 +355,11 @@ def test_short_spans_take_span_attention_where_it_is_built(monkeypatch):
     assert attention._span_rows(short, 0.0, q, k.half()) is None
     monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", 100)
     assert attention._span_rows(long, 0.0, q, k) is None
+    if onednn._available():
+        monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+        assert attention._span_rows(long, 0.0, q, k).tolist() == [[0, 100, 0]]
+        monkeypatch.setattr(attention, "SPAN_MAX_QUERIES_OVER_GEMM", 100)
+        assert attention._span_rows(long, 0.0, q, k) is None
 
 
 def test_long_spans_take_gemm_attention_only_where_it_pays(monkeypatch):

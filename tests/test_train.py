@@ -106,8 +106,9 @@ def test_gemm_and_span_attention_give_the_flash_kernels_update(tokenizer, tmp_pa
     if kernel == "SpanAttention" and native.library() is None:
         pytest.skip("no C compiler with OpenMP")
     settings = dict(batch=1, accum=8, max_tokens=40, share_prefix=True, gradient_checkpointing=gradient_checkpointing)
-    span_max = attention.SPAN_MAX_QUERIES
+    span_max = attention.SPAN_MAX_QUERIES, attention.SPAN_MAX_QUERIES_OVER_GEMM
     monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", 0)
+    monkeypatch.setattr(attention, "SPAN_MAX_QUERIES_OVER_GEMM", 0)
     monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 10**9)
     flash = adapter_update(tokenizer, tmp_path / "a", **settings)
     calls, function = [], getattr(attention, kernel)
@@ -116,7 +117,8 @@ def test_gemm_and_span_attention_give_the_flash_kernels_update(tokenizer, tmp_pa
         monkeypatch.setattr(attention, "GEMM_MIN_QUERIES", 1)
         monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
     else:
-        monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", span_max)
+        monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", span_max[0])
+        monkeypatch.setattr(attention, "SPAN_MAX_QUERIES_OVER_GEMM", span_max[1])
     monkeypatch.setattr(function, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
     other = adapter_update(tokenizer, tmp_path / "b", **settings)
     assert len(calls) > 8

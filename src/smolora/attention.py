@@ -128,8 +128,12 @@ class GemmAttention(torch.autograd.Function):
 
 # A row whose spans are all shorter than this goes through ``SpanAttention`` where the compiled
 # kernels are built: ~35-query spans after a 23-token step prefix, 9 heads on 3, fwd+bwd of a row of
-# eight 1.9 ms a layer through the flash kernel, 0.65 ms through it.
+# eight 1.9 ms a layer through the flash kernel, 0.65 ms through it. Where GemmAttention would take
+# the long spans (``gemm_attention_pays``: the flash kernel's inner products are slow there), up to
+# SPAN_MAX_QUERIES_OVER_GEMM: one span after the prefix, fwd+bwd, 200 queries 2.35 -> 1.54 ms, 450
+# 8.2 -> 5.4, 700 23.8 -> 12.0, 1000 46.6 -> 32.6 (longer ones were not measured).
 SPAN_MAX_QUERIES = 128
+SPAN_MAX_QUERIES_OVER_GEMM = 1024
 
 
 class SpanAttention(torch.autograd.Function):
@@ -158,11 +162,14 @@ class SpanAttention(torch.autograd.Function):
 def _span_rows(seg: Segments, dropout: float, query: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor | None:
     """The row's spans as ``SpanAttention`` takes them, where it runs this layer: the compiled
     kernels built, fp32 on the CPU, no attention dropout, every span (and the row's prefix) shorter
-    than SPAN_MAX_QUERIES. ``others``: the keys, values and any context's."""
+    than SPAN_MAX_QUERIES (SPAN_MAX_QUERIES_OVER_GEMM where GemmAttention would take the long ones).
+    ``others``: the keys, values and any context's."""
     sizes = [end - start for start, end in seg.spans] + [seg.prefix]
     tensors = [query, *(t for t in others if t is not None)]
     if (dropout or native.library() is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-            or query.shape[1] % others[0].shape[1] or max(sizes) >= SPAN_MAX_QUERIES):
+            or query.shape[1] % others[0].shape[1]):
+        return None
+    if max(sizes) >= (SPAN_MAX_QUERIES_OVER_GEMM if gemm_attention_pays(query, others[0], dropout) else SPAN_MAX_QUERIES):
         return None
     rows = ([[0, seg.prefix, 0]] if seg.prefix else []) + [[start, end, int(bool(seg.prefix or seg.step_prefix))] for start, end in seg.spans]
     return torch.tensor(rows, dtype=torch.int64)

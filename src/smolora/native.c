@@ -432,6 +432,12 @@ static void block_product(const float *restrict a, int64_t dp, const float *rest
   if (j < len) product_tile(a, dp, bt, mp, d, j, 1, s);
 }
 
+/* Column j of p (QUERIES rows, row stride mp), each value in a vector of its own. */
+static inline void column(const float *restrict p, int64_t mp, int64_t j, vf weight[QUERIES]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < QUERIES; r++) weight[r] = splat(p[r * mp + j]);
+}
+
 /* out (QUERIES, dp) = p (QUERIES, [0, len); row stride mp) @ rows (len, dp), times `factor`. */
 static void weighted_rows(const float *restrict p, int64_t mp, const float *restrict rows, int64_t dp, int64_t len, float factor,
                           float *restrict out) {
@@ -440,8 +446,7 @@ static void weighted_rows(const float *restrict p, int64_t mp, const float *rest
     for (int64_t j = 0; j < len; j++) {
       const float *row = rows + j * dp + c;
       vf weight[QUERIES];
-#pragma GCC unroll 4
-      for (int r = 0; r < QUERIES; r++) weight[r] = splat(p[r * mp + j]);
+      column(p, mp, j, weight);
 #pragma GCC unroll 4
       for (int u = 0; u < PANEL / LANES; u++) {
         vf x = vload(row + u * LANES);
@@ -463,8 +468,7 @@ static void add_outer(const float *restrict p, int64_t mp, const float *restrict
     for (int64_t j = 0; j < len; j++) {
       float *row = rows + j * dp + c;
       vf weight[QUERIES];
-#pragma GCC unroll 4
-      for (int r = 0; r < QUERIES; r++) weight[r] = splat(p[r * mp + j]);
+      column(p, mp, j, weight);
 #pragma GCC unroll 4
       for (int u = 0; u < PANEL / LANES; u++) {
         vf acc = vload(row + u * LANES);

@@ -235,3 +235,14 @@ def test_kernels_write_fp32_whatever_torchs_default_dtype(without_library):
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5)
     assert RMSNormFunction.apply(x, weight, 1e-5).dtype == torch.float32
+
+
+@needs_compiler
+def test_span_attention_leaves_spans_that_do_not_tile_the_row_to_torch():
+    """The kernels write each row once and read none outside the spans: anything else is refused."""
+    q, k = torch.randn(10, 4, 8), torch.randn(10, 2, 8)
+    good = torch.tensor([[0, 4, 0], [4, 10, 1]])
+    assert native.span_attention(q, k, k, 4, good, 0.5) is not None
+    for spans, context in [([[0, 4, 0], [5, 10, 1]], 4), ([[0, 4, 0], [4, 11, 1]], 4), ([[0, 4, 0], [4, 9, 1]], 4),
+                           ([[0, 0, 0], [0, 10, 0]], 0), ([[0, 10, 1]], 11)]:
+        assert native.span_attention(q, k, k, context, torch.tensor(spans), 0.5) is None

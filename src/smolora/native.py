@@ -9,8 +9,8 @@ them rank-r products a BLAS runs far below its peak; the SwiGLU's backward four.
 and ``q8_0_weight`` write each weight once, reading the fp16 values themselves — a Q4_1 weight in
 W^T's layout or, for the backward's GEMM, which reads it faster, in W's own; ``dropout_keep``
 writes the mask straight from the generator's stream; the others make one pass each way.
-``span_attention`` attends all the short spans of a packed row in one call per layer, where torch
-runs a flash-kernel call per span and per direction, with the slicing and concatenation around it.
+``span_attention`` attends all the spans of a packed row in one call per layer, where torch runs a
+flash-kernel call per span and per direction, with the slicing and concatenation around it.
 
 Each gives the same bits as the torch (or NumPy) code it stands in for — but for the sums
 (RMSNorm's over a row, the adapter's products), added in another order (~1e-7 relative), and
@@ -270,11 +270,18 @@ def swiglu_grad(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tup
 
 def _span_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int,
                  spans: torch.Tensor) -> bool:
+    """The layouts the span kernels read, and spans that tile the row's T rows in order (the kernels
+    write each row once, and read no row outside them)."""
     tensors = (q, k, v, *(context if isinstance(context, tuple) else ()))
-    return (_fp32_cpu(*tensors) and all(t.is_contiguous() and t.dim() == 3 for t in tensors) and k.shape == v.shape
+    if not (_fp32_cpu(*tensors) and all(t.is_contiguous() and t.dim() == 3 for t in tensors) and k.shape == v.shape
             and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0
             and (not isinstance(context, tuple) or context[0].shape == context[1].shape and context[0].shape[1:] == k.shape[1:])
-            and spans.dtype == torch.int64 and spans.is_contiguous() and spans.dim() == 2 and spans.shape[1] == 3)
+            and spans.dtype == torch.int64 and spans.is_contiguous() and spans.dim() == 2 and spans.shape[1] == 3):
+        return False
+    bounds = spans.tolist()
+    ends = [0] + [end for _, end, _ in bounds]
+    return (0 <= (context if isinstance(context, int) else 0) <= q.shape[0] and ends[-1] == q.shape[0]
+            and all(start == before and end > start for (start, end, _), before in zip(bounds, ends)))
 
 
 def _context(k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -314,7 +321,7 @@ def span_attention_grad(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     grad_ck, grad_cv = (torch.zeros_like(ck), torch.zeros_like(cv)) if isinstance(context, tuple) else (grad_k, grad_v)
     lib.span_attention_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), ck.data_ptr(), cv.data_ptr(), length,
-                                spans.data_ptr(), spans.shape[0], *q.shape[1:2], k.shape[1], q.shape[2], scale, out.data_ptr(),
+                                spans.data_ptr(), spans.shape[0], q.shape[1], k.shape[1], q.shape[2], scale, out.data_ptr(),
                                 lse.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), grad_ck.data_ptr(),
                                 grad_cv.data_ptr(), torch.get_num_threads())
     return (grad_q, grad_k, grad_v) + ((grad_ck, grad_cv) if isinstance(context, tuple) else ())

@@ -121,12 +121,12 @@ static inline void transpose_bytes(const uint8_t *codes, int64_t stride, bytes t
  * same values: 16 outputs at a time, each block's codes for them transposed in registers. */
 void q4_1_weight_rows(const uint8_t *restrict codes, const uint16_t *restrict scale, const uint16_t *restrict low,
                       float *restrict w, int64_t blocks, int64_t out, int threads) {
-  enum { SPAN = 8 };  /* blocks per task: 16 rows x 1 KiB written at a time */
-  int64_t width = blocks * 32, tiles = (out + 15) / 16, spans = (blocks + SPAN - 1) / SPAN;
+  enum { BLOCKS = 8 };  /* blocks per task: 16 rows x 1 KiB written at a time */
+  int64_t width = blocks * 32, tiles = (out + 15) / 16, tasks_per_tile = (blocks + BLOCKS - 1) / BLOCKS;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t task = 0; task < tiles * spans; task++) {
-    int64_t o0 = task / spans * 16, n = out - o0 < 16 ? out - o0 : 16, first = task % spans * SPAN;
-    int64_t last = first + SPAN < blocks ? first + SPAN : blocks;
+  for (int64_t task = 0; task < tiles * tasks_per_tile; task++) {
+    int64_t o0 = task / tasks_per_tile * 16, n = out - o0 < 16 ? out - o0 : 16, first = task % tasks_per_tile * BLOCKS;
+    int64_t last = first + BLOCKS < blocks ? first + BLOCKS : blocks;
     float s[16], l[16];
     bytes t[16];
     for (int64_t b = first; b < last; b++) {

@@ -150,7 +150,7 @@ class SpanAttention(torch.autograd.Function):
         context_arg = (ck, cv) if ck is not None else context
         out, lse = native.span_attention(q, k, v, context_arg, spans, scale)
         ctx.save_for_backward(q, k, v, ck, cv, out, lse)
-        ctx.spans, ctx.context, ctx.scale = spans, context_arg, scale
+        ctx.spans, ctx.context, ctx.scale = spans, context, scale
         return out
 
     @staticmethod

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __F16C__
+#ifdef __SSE2__
 #include <immintrin.h>
 #endif
 
@@ -76,7 +76,6 @@ void q4_1_weight(const uint8_t *restrict codes, const uint16_t *restrict scale, 
 }
 
 #ifdef __SSE2__
-#include <immintrin.h>
 /* 16 bytes as 16 int32: one instruction with AVX-512, two with AVX2 (GCC's own conversion goes byte by byte). */
 static inline words widen(bytes q) {
 #if defined(__AVX512F__)
@@ -365,15 +364,13 @@ void swiglu_backward(const float *restrict grad, const float *restrict gate, con
     swiglu_grad_part(grad + i, gate + i, up + i, grad_gate + i, grad_up + i, n - i < CHUNK ? n - i : CHUNK);
 }
 
-/* Attention over the short spans of a packed row (smolora.attention.SpanAttention): each span's
+/* Attention over the spans of a packed row (smolora.attention.SpanAttention): each span's
  * queries see the context's keys (a prefix every span shares) if it is marked to, then their own
  * span's keys up to their own position. Its work is small blocks — a ~35-query span against ~60
  * keys — that torch's flash kernel runs one span per call; here a row's spans and key-value heads
  * are one parallel loop of register-blocked products over 16-float vectors (64 bytes: one AVX-512
  * register, two AVX ones), with FMAs. The sums add in another order than torch's kernels, and exp is
  * fast_exp's polynomial (within ~2 ulp): ~1e-6 relative in the outputs. */
-#include <omp.h>
-
 enum { QUERIES = 4, PANEL = 64 };  /* a block of 4 queries; head dims padded to 64 (4 vectors) */
 
 static inline vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }

@@ -318,7 +318,7 @@ def span_attention_grad(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         return None
     ck, cv, length = _context(k, v, context)
     grad = grad.contiguous()
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the spans write every row
     grad_ck, grad_cv = (torch.zeros_like(ck), torch.zeros_like(cv)) if isinstance(context, tuple) else (grad_k, grad_v)
     lib.span_attention_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), ck.data_ptr(), cv.data_ptr(), length,
                                 spans.data_ptr(), spans.shape[0], q.shape[1], k.shape[1], q.shape[2], scale, out.data_ptr(),

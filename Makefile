@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "[make] installing SmoLoRA and its pinned dependencies into $(VENV) (a minute or two, once)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build.
@@ -20,6 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
+	@echo "[make] installing the test tools (pytest, hypothesis, ruff)"
 	$(PIP) install -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -40,4 +42,4 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) smolora_demo fine_tuned_model
+	rm -rf $(VENV) .venv-newest smolora_demo fine_tuned_model

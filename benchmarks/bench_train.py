@@ -39,7 +39,7 @@ import torch
 
 USER_ENV = set(os.environ)  # before importing smolora, which sets oneDNN's cache sizes
 
-from smolora import allocator, native, onednn  # noqa: E402
+from smolora.fast import allocator, native, onednn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
@@ -209,7 +209,7 @@ def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
     return [order[s * per : (s + 1) * per] for s in range(steps)]
 
 
-def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False) -> dict:
+def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False, fast: bool = True) -> dict:
     from smolora.config import TrainConfig
     from smolora.lora import add_lora
     from smolora.train import train
@@ -221,7 +221,7 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
                           learning_rate=SPEC["lr"], max_steps=steps, logging_steps=10**6, max_length=SPEC["max_length"],
-                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing, bf16=bf16)
+                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing, bf16=bf16, fast=fast)
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
@@ -230,7 +230,7 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
         rows.append([])
         lengths = [len(examples[i].input_ids) for i in idx]
         groups = [[examples[idx[i]] for i in g] for g in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch)]
-        step_p = shared_prefix_length([e for g in groups for e in g]) if cfg.share_prefix and len(groups) > 1 else 0
+        step_p = shared_prefix_length([e for g in groups for e in g]) if fast and cfg.share_prefix and len(groups) > 1 else 0
         if step_p:  # one StepPrefix forward for the step's rows
             rows[-1].append((step_p, step_p * step_p / 2, 0))
         for exs in groups:
@@ -330,6 +330,8 @@ def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing:
 WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
            "trl_no_ckpt": lambda records, steps, seed: worker_trl(records, steps, seed, gradient_checkpointing=False),
            "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True),
+           # --no-fast: SmoLoRA's loop on the libraries' own path, to show what the speed wing buys
+           "smolora_plain": lambda records, steps, seed: worker_smolora(records, steps, seed, fast=False),
            # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
            "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
            "trl_bf16": lambda records, steps, seed: worker_trl(records, steps, seed, bf16=True)}
@@ -347,7 +349,7 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     # the machine right after the run, in the dtype of the run's matmuls
     data["gemm_peak"], data["gemm_dtype"] = gemm_peak(model_config(), dtype=dtype)["peak"], str(dtype).removeprefix("torch.")
     data["allocator"] = allocator.active()
-    data["native_kernels"] = impl.startswith("smolora") and native.library() is not None  # smolora.native: built and used
+    data["native_kernels"] = impl.startswith("smolora") and impl != "smolora_plain" and native.library() is not None  # smolora.fast.native: built and used
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data
 
@@ -369,7 +371,7 @@ def peak_rss_mib() -> float:
 
 def spawn(impl: str, variant: str, steps: int, seed: int, tcmalloc: str = "smolora") -> dict:
     """Run one worker in a fresh process. SmoLoRA's run on the allocator the ``smolora`` command
-    picks (tcmalloc where the system has it, ``smolora.allocator``), the others on the system's
+    picks (tcmalloc where the system has it, ``smolora.fast.allocator``), the others on the system's
     malloc, as a script of theirs would; ``tcmalloc`` "all" or "none" puts every worker on one."""
     cmd = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--steps", str(steps), "--seed", str(seed)]
     if MODEL:
@@ -402,7 +404,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--long-steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="trl,trl_no_ckpt,smolora,smolora_ckpt,reference",
+    ap.add_argument("--impls", default="trl,trl_no_ckpt,smolora,smolora_ckpt,smolora_plain,reference",
                     help="workers, comma-separated: " + ", ".join(WORKERS))
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -456,10 +458,10 @@ def main() -> None:
         peaks[d["gemm_dtype"]] = max(peaks.get(d["gemm_dtype"], 0.0), d["gemm_peak"])
     report["gemm_peak_used"] = peaks["float32"]
     report["gemm_peaks_used"] = peaks
-    built = sorted({d["native_kernels"] for rs in raw.values() for impl, r in rs.items() if impl.startswith("smolora") for d in r})
+    built = sorted({d["native_kernels"] for rs in raw.values() for impl, r in rs.items() if impl.startswith("smolora") and impl != "smolora_plain" for d in r})
     report["native_kernels"] = built == [True]
     if built:
-        print(f"\nSmoLoRA's compiled kernels (smolora.native): {'built and used' if built == [True] else 'not built: torch fallback'}.")
+        print(f"\nSmoLoRA's compiled kernels (smolora.fast.native): {'built and used' if built == [True] else 'not built: torch fallback'}.")
     print("\nMFU is counted against the highest GEMM probe of this invocation in the run's dtype: "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".")
     for variant, runs in raw.items():
@@ -480,8 +482,8 @@ def print_table(variant: str, steps: int, med: dict, allocators: dict) -> None:
     for impl, m in med.items():
         print(f"| {impl} | {allocators[impl]} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
               f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
-    for ours, theirs in (("smolora", "trl"), ("smolora", "trl_no_ckpt"), ("smolora_ckpt", "trl"), ("smolora_bf16", "trl_bf16"),
-                         ("smolora_bf16", "trl")):
+    for ours, theirs in (("smolora", "trl"), ("smolora", "trl_no_ckpt"), ("smolora_ckpt", "trl"), ("smolora_plain", "trl"),
+                         ("smolora", "smolora_plain"), ("smolora_bf16", "trl_bf16"), ("smolora_bf16", "trl")):
         if ours in med and theirs in med:
             s, t = med[ours], med[theirs]
             print(f"\n{ours} / {theirs}: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")

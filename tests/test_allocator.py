@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from smolora import allocator
+from smolora.fast import allocator
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_preload_env_nothing_to_load(monkeypatch):
 @pytest.mark.parametrize("choice", [None, "system"])
 def test_reexec_in_a_real_process(choice):
     """The process runs itself again, in place, on tcmalloc where it is installed; not when told not to."""
-    code = "import os; from smolora import allocator; allocator.reexec_with_tcmalloc(); print(os.getpid(), allocator.active())"
+    code = "import os; from smolora.fast import allocator; allocator.reexec_with_tcmalloc(); print(os.getpid(), allocator.active())"
     env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, "LD_PRELOAD")}
     if choice:
         env[allocator.ENV] = choice

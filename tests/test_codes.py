@@ -13,17 +13,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import smolora.onednn
+import smolora.fast.onednn
 from conftest import build_tiny, build_tiny_llama, chat_records, write_jsonl
-from smolora.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, read_codes, save_codes
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.errors import SmoLoRAError
 from smolora.evaluate import evaluate
+from smolora.fast.codes import BLOCK, CODES_FILE, Codes, coded_weights, codes_of, fit_codes, read_codes, save_codes
 from smolora.lora import add_lora
 from smolora.merge import merge_and_unload
 from smolora.models import codes_source, half_cache_folder, load_model, resolve_model
-from smolora.train import NonFiniteLossError, evaluate_loss, train
+from smolora.train import NonFiniteLossError, train
 from test_cli import ENV
 from test_cli import smolora as run_cli
 
@@ -163,7 +163,7 @@ def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpo
 def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(tokenizer, tmp_path, monkeypatch,
                                                                                   gradient_checkpointing, onednn):
     if not onednn:  # torch's own GEMM (MKL's), as on a CPU where oneDNN's is not faster
-        monkeypatch.setattr(smolora.onednn, "onednn_is_faster", lambda: False)
+        monkeypatch.setattr(smolora.fast.onednn, "onednn_is_faster", lambda: False)
     plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a", False, gradient_checkpointing)
     losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing)
     assert losses == plain_losses and all(x == x for x in losses)
@@ -188,7 +188,7 @@ def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):
     with pytest.raises(NonFiniteLossError):  # the poisoned rows are read
         train_on(folder, tokenizer, tmp_path / "b", True, weight_codes=False)
     model, examples = load_poisoned(folder).requires_grad_(False), encode_records(chat_records(4), tokenizer, FormatOptions())[0]
-    assert math.isfinite(evaluate_loss(model, examples)) and math.isnan(evaluate_loss(model, examples, weight_codes=False))
+    assert math.isfinite(evaluate(model, tokenizer, examples, progress=False).loss)
     assert math.isnan(evaluate(model, tokenizer, examples, progress=False, weight_codes=False).loss)  # smolora eval --no-weight-codes
 
 
@@ -224,15 +224,15 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
 
 def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, tmp_path, monkeypatch):
     model = add_lora(load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))), LoraSettings().to_peft(), warn=lambda *_: None)
-    monkeypatch.setenv(smolora.onednn.ENV, "neither")  # read by the first GEMM: the fused layers' probes
-    smolora.onednn.onednn_is_faster.cache_clear()
+    monkeypatch.setenv(smolora.fast.onednn.ENV, "neither")  # read by the first GEMM: the fused layers' probes
+    smolora.fast.onednn.onednn_is_faster.cache_clear()
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SmoLoRAError, match="SMOLORA_GEMM"):
             train(model, encode_records(chat_records(4), tokenizer, FormatOptions())[0],
                   TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1), log=lambda *_: None)
     finally:
-        smolora.onednn.onednn_is_faster.cache_clear()
+        smolora.fast.onednn.onednn_is_faster.cache_clear()
     assert signal.getsignal(signal.SIGINT) is handler
     assert not any("forward" in vars(m) or codes_of(m) is not None for m in model.modules())
     assert model.get_base_model().config._attn_implementation != "smolora_varlen"

@@ -80,7 +80,7 @@ def test_the_conversion_keeps_the_exact_codes_of_every_q4_1_tensor(embedded):
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors import safe_open
 
-    from smolora.codes import CODES_FILE, read_codes
+    from smolora.fast.codes import CODES_FILE, read_codes
     from smolora.models import embedded_gguf_path
 
     source, _ = embedded
@@ -91,3 +91,44 @@ def test_the_conversion_keeps_the_exact_codes_of_every_q4_1_tensor(embedded):
         assert len(names) == quantized == 30 * 7 + 1
         for name in names:
             assert torch.equal(read_codes(codes, name).weight(), fp32.get_tensor(name)), name
+
+
+def test_the_cli_trains_the_same_steps_with_and_without_the_speed_wing_and_the_readers_agree(tmp_path, embedded):
+    """``smolora train`` on the embedded model, default and ``--no-fast`` (dropout 0: the wing draws its
+    masks from another generator; SGD: its update is the gradient's, where Adam's first steps are
+    about the learning rate whatever the gradient): the same per-step losses and adapters; PEFT reads
+    the adapter and transformers the merged model, and their logits agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from smolora.models import load_model
+
+    source, tok = embedded
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Spell {n} backwards.", "completion": str(n)[::-1]}) + "\n" for n in range(100, 132)))
+    runs = {}
+    for name, extra in (("fast", []), ("plain", ["--no-fast", "--no-merge"])):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "smolora.cli", "train", "--data", str(data), "--output", str(out), "--max-steps", "3",
+               "--lora-dropout", "0", "--logging-steps", "1", "--optim", "sgd", "--learning-rate", "0.5", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ("speed levers: none (the plain path)" in proc.stdout) == (name == "plain"), proc.stdout[-2000:]
+        losses = [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+        runs[name] = losses, load_file(out / "adapter_checkpoint" / "adapter_model.safetensors")
+    (fast_losses, fast_adapter), (plain_losses, plain_adapter) = runs["fast"], runs["plain"]
+    assert len(fast_losses) == 3 and fast_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-4)  # logged to 4 decimals
+    for key, value in plain_adapter.items():
+        torch.testing.assert_close(fast_adapter[key], value, rtol=1e-4, atol=1e-4)
+    assert max(v.abs().max() for k, v in plain_adapter.items() if "lora_B" in k) > 1e-3  # a real update
+
+    ids = tok(["Spell 120 backwards.", "Hello there"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(load_model(source), str(tmp_path / "fast" / "adapter_checkpoint")).eval()
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fast" / "final_merged", dtype=torch.float32).eval()
+        torch.testing.assert_close(merged(**ids).logits, adapted(**ids).logits, rtol=1e-4, atol=1e-4)

@@ -11,8 +11,9 @@ import torch
 from conftest import build_tiny_llama
 from smolora.data.formats import FormatOptions, encode_record, encode_records
 from smolora.evaluate import evaluate, last_reply
+from smolora.fast import accelerated
 from smolora.generate import generate
-from smolora.train import evaluate_loss
+from smolora.loss import evaluate_loss
 from test_cli import smolora
 
 
@@ -39,7 +40,8 @@ def test_loss_is_the_training_validation_loss_and_exact_match_compares_greedy_re
     records[1]["completion"] = replies[1] + " and more"  # one wrong reference
     examples, _ = encode_records(records, tokenizer, FormatOptions())
     result = evaluate(model, tokenizer, examples, exact_match=True, max_new_tokens=4, progress=False)
-    assert result.loss == evaluate_loss(model, examples, 8, pad_id=tokenizer.pad_token_id)
+    with accelerated(model, training=False) as speed:  # the loss training's validation computes
+        assert result.loss == evaluate_loss(model, examples, 8, pad_id=tokenizer.pad_token_id, loss_sum=speed.loss_sum)
     assert result.perplexity == pytest.approx(math.exp(result.loss))
     assert result.supervised_tokens == sum(e.num_supervised for e in examples)
     assert (result.matched, result.scored, result.exact_match) == (3, 4, 75.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, build_tiny
-from smolora.fused import RMSNormFunction, RotaryFunction, SwiGLUFunction, apply_rotary_pos_emb, fused_layers
+from smolora.fast.fused import RMSNormFunction, RotaryFunction, SwiGLUFunction, apply_rotary_pos_emb, fused_layers
 
 
 def test_fused_functions_pass_gradcheck():
@@ -95,7 +95,7 @@ def test_swiglu_saves_gate_and_up_only_and_matches_autograd():
 
 
 def test_lora_input_after_a_fused_norm_is_recomputed_not_saved_and_gives_the_same_bits():
-    from smolora.lora import DropoutLinear
+    from smolora.fast.dropout import DropoutLinear
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(2, 7, 16, generator=gen, requires_grad=True)

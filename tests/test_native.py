@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-from smolora import native
-from smolora.codes import Codes
-from smolora.lora import FastDropout
+from smolora.fast import native
+from smolora.fast.codes import Codes
+from smolora.fast.dropout import FastDropout
 
 needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C compiler with OpenMP")
 
@@ -133,7 +133,7 @@ def test_the_library_is_built_once_into_smolora_home(without_library, monkeypatc
 @needs_compiler
 @pytest.mark.parametrize("shape", [(1, 300, 576), (1, 7, 9, 64), (3, 5)])
 def test_rms_norm_is_the_torch_function_up_to_the_order_of_its_sums(shape, without_library):
-    from smolora.fused import RMSNormFunction, rms_scale
+    from smolora.fast.fused import RMSNormFunction, rms_scale
 
     generator = torch.Generator().manual_seed(len(shape))
     x = torch.randn(shape, generator=generator, requires_grad=True)
@@ -152,7 +152,7 @@ def test_rms_norm_is_the_torch_function_up_to_the_order_of_its_sums(shape, witho
 @needs_compiler
 @pytest.mark.parametrize("heads, tokens, d", [(9, 300, 64), (2, 5, 8), (1, 1, 2)])
 def test_rotary_is_the_torch_function_bit_for_bit(heads, tokens, d, without_library):
-    from smolora.fused import RotaryFunction
+    from smolora.fast.fused import RotaryFunction
 
     generator = torch.Generator().manual_seed(d)
     x = torch.randn(1, tokens, heads, d, generator=generator).transpose(1, 2).requires_grad_()  # as q_proj's output is viewed
@@ -175,8 +175,8 @@ def test_adapter_dropout_and_a_product_are_the_torch_functions_up_to_the_order_o
                                                                                            without_library):
     """``DropoutLinear`` forward and backward, its dropped input recomputed from a fused RMSNorm's
     input (``normed_from``) or from the saved input itself."""
-    from smolora.fused import RMSNormFunction
-    from smolora.lora import DropoutLinear
+    from smolora.fast.dropout import DropoutLinear
+    from smolora.fast.fused import RMSNormFunction
 
     generator = torch.Generator().manual_seed(rank)
     x0, norm_weight = torch.randn(1, tokens, h, generator=generator), torch.randn(h, generator=generator)
@@ -199,7 +199,7 @@ def test_adapter_dropout_and_a_product_are_the_torch_functions_up_to_the_order_o
 def test_swiglu_is_the_torch_function_up_to_its_exp(without_library):
     """Its exp is a polynomial within ~2 ulp of torch's, clamped where fp32's would over- or underflow:
     values and gradients over gates from -100 to 100 stay within a few ulp of torch's."""
-    from smolora.fused import SwiGLUFunction
+    from smolora.fast.fused import SwiGLUFunction
 
     generator = torch.Generator().manual_seed(0)
     gate = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(3 * 1536 + 3, generator=generator) * 3]).view(1, -1, 7).requires_grad_()
@@ -228,7 +228,7 @@ def test_kernels_write_fp32_whatever_torchs_default_dtype(without_library):
     finally:
         torch.set_default_dtype(torch.float32)
     without_library(True)
-    from smolora.fused import RMSNormFunction, RotaryFunction
+    from smolora.fast.fused import RMSNormFunction, RotaryFunction
 
     expected = (torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5), RotaryFunction.apply(x, cos, sin), (x[0, :1] * keep * 2.0) @ a.T)
     for value, reference in zip(got, expected):

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import build_tiny_llama, chat_records
-from smolora import onednn
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.errors import SmoLoRAError
+from smolora.fast import onednn
 from smolora.lora import add_lora
 from smolora.train import train
 
@@ -127,7 +127,7 @@ def test_kernel_caches_stay_small_over_many_row_lengths():
     each) 100 row lengths grew this process by ~700 MiB; capped at 32, by ~50."""
     script = textwrap.dedent("""
         import re, torch
-        from smolora import onednn
+        from smolora.fast import onednn
         assert onednn.onednn_is_faster()
         rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
         weights = [torch.randn(o, i) for i, o in ((576, 1536), (1536, 576), (576, 576), (576, 192))]
@@ -144,7 +144,7 @@ def test_kernel_caches_stay_small_over_many_row_lengths():
 
 
 def test_importing_caps_the_kernel_caches_unless_the_user_set_them():
-    script = "import os, smolora.onednn; print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    script = "import os, smolora.fast.onednn; print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     env = {k: v for k, v in os.environ.items() if k not in onednn.CACHES} | {"LRU_CACHE_CAPACITY": "7"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["7", "32"]

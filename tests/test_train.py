@@ -77,7 +77,7 @@ def test_accumulation_8x1_equals_one_batch_of_8(tokenizer, tmp_path):
 def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, gradient_checkpointing):
     # 8 examples in rows of at most 40 tokens: the system prompt is computed once by a StepPrefix
     # that every row attends to, and its gradient flows back through that one forward.
-    from smolora.attention import StepPrefix
+    from smolora.fast.attention import StepPrefix
 
     calls = []
     original = StepPrefix.backward
@@ -99,7 +99,7 @@ def test_gemm_and_span_attention_give_the_flash_kernels_update(tokenizer, tmp_pa
     # Every packed span (in-row and step prefixes, rows of at most 40 tokens) through GemmAttention,
     # as on a CPU where oneDNN's GEMM is the faster one, or through the compiled SpanAttention (the
     # default where it is built), against the flash kernel.
-    from smolora import attention, native, onednn
+    from smolora.fast import attention, native, onednn
 
     if kernel == "GemmAttention" and not onednn._available():
         pytest.skip("this torch build has no oneDNN")
@@ -210,7 +210,7 @@ def test_an_adapter_on_lm_head_is_in_the_loss_and_trains(tokenizer, tmp_path, ti
     from peft import LoraConfig
 
     from smolora.data.batching import collate
-    from smolora.train import token_loss_sum
+    from smolora.fast.head_loss import loss_sum as token_loss_sum
 
     model = add_lora(build_tiny_llama(len(tokenizer), tie=tie), LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
                      warn=lambda *_: None)
@@ -241,11 +241,12 @@ def test_lr_schedules():
 @pytest.mark.parametrize("n, batch, accum, epochs, steps", [(16, 2, 2, 2, 8), (10, 1, 4, 2, 5), (7, 1, 8, 3, 3), (9, 2, 2, 1, 3)])
 def test_epochs_instead_of_max_steps_train_every_example_that_many_times(tokenizer, tmp_path, monkeypatch, n, batch, accum,
                                                                           epochs, steps):
+    import smolora.step
     import smolora.train
 
     model, examples = setup(tokenizer)
     seen = []
-    monkeypatch.setattr(smolora.train, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
+    monkeypatch.setattr(smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
     c = cfg(tmp_path, max_steps=-1, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
             max_tokens_per_batch=0, share_prefix=False)
     result = train(model, examples[:n], c, **QUIET)
@@ -255,6 +256,7 @@ def test_epochs_instead_of_max_steps_train_every_example_that_many_times(tokeniz
 
 def test_epochs_are_exact_when_each_epoch_groups_its_own_way(tokenizer, tmp_path, monkeypatch):
     """Unpacked micro-batches under a token budget: each shuffled epoch makes a different number of them."""
+    import smolora.step
     import smolora.train
 
     model, _ = setup(tokenizer)
@@ -262,7 +264,7 @@ def test_epochs_are_exact_when_each_epoch_groups_its_own_way(tokenizer, tmp_path
                              {"role": "assistant", "content": "x " * (1 + 5 * (i % 5))}]} for i in range(24)]
     examples = encode_records(records, tokenizer, FormatOptions())[0]
     seen = []
-    monkeypatch.setattr(smolora.train, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
+    monkeypatch.setattr(smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
     c = cfg(tmp_path, max_steps=-1, num_train_epochs=2, packing=False, max_tokens_per_batch=150, per_device_train_batch_size=4,
             gradient_accumulation_steps=1)
     train(model, examples, c, **QUIET)
@@ -392,6 +394,7 @@ def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
 
 def scripted_eval(monkeypatch, losses, start=0):
     """Validation losses in this order, one per evaluation (``start``: how many a resumed run has had)."""
+    import smolora.step
     import smolora.train
 
     calls = iter(losses[start:])
@@ -502,7 +505,7 @@ def test_partial_target_match_warns_with_count(tokenizer):
 
 
 def test_fast_dropout_keeps_1_minus_p_follows_torch_rng_and_backprops_its_mask():
-    from smolora.lora import FastDropout
+    from smolora.fast.dropout import FastDropout
 
     drop = FastDropout(0.1)
     x = torch.randn(1000, 1000, requires_grad=True)
@@ -524,7 +527,7 @@ def test_fast_dropout_ties_on_the_high_byte_are_decided_by_the_low_bits(p):
     """The mask's 32-bit draw is its high byte and, where that equals the threshold's, 24 more
     bits. At 25.5/256 half the ties (1/256 of the elements) are kept: keeping all or none of them
     would move the keep rate by 0.002, 6 standard deviations of 1e6 draws."""
-    from smolora.lora import FastDropout
+    from smolora.fast.dropout import FastDropout
 
     torch.manual_seed(0)
     kept = FastDropout(p).mask(torch.empty(1000, 1000)).double().mean().item()
@@ -532,7 +535,7 @@ def test_fast_dropout_ties_on_the_high_byte_are_decided_by_the_low_bits(p):
 
 
 def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_path):
-    from smolora.lora import FastDropout, fast_dropout
+    from smolora.fast.dropout import FastDropout, fast_dropout
 
     model, _ = setup(tokenizer, dropout=0.1)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -543,7 +546,7 @@ def test_fast_dropout_is_swapped_in_for_training_and_back_out(tokenizer, tmp_pat
 
 def _saved_bytes(model, mb) -> int:
     """Bytes autograd keeps for backward over one forward (each storage counted once)."""
-    from smolora.train import token_loss_sum
+    from smolora.fast.head_loss import loss_sum as token_loss_sum
 
     storages = {}
 
@@ -557,7 +560,7 @@ def _saved_bytes(model, mb) -> int:
 
 
 def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokenizer, tmp_path, monkeypatch):
-    from smolora import lora
+    from smolora.fast import dropout as lora
 
     def run(fused: bool, out):
         if not fused:
@@ -574,14 +577,14 @@ def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokeniz
     saved, losses, weights = run(True, tmp_path / "fused")
     saved_plain, losses_plain, weights_plain = run(False, tmp_path / "plain")
     torch.testing.assert_close(losses, losses_plain, rtol=1e-6, atol=1e-6)
-    for n, w in weights.items():  # smolora.native's A product sums in another order: after 4 Adam steps at lr 1e-2, ~3e-6
+    for n, w in weights.items():  # smolora.fast.native's A product sums in another order: after 4 Adam steps at lr 1e-2, ~3e-6
         torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-5, msg=n)
     # a layer's q/k/v adapters read one normed input, its gate/up adapters another: each saved once, not as dropped copies
     assert saved < saved_plain
 
 
 def test_dropout_lora_function_gradients():
-    from smolora.lora import DropoutLinear
+    from smolora.fast.dropout import DropoutLinear
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -668,7 +671,7 @@ def test_the_optimizer_state_grows_with_the_adapter(tokenizer):
     model, examples = setup(tokenizer, dropout=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    from smolora.train import token_loss_sum
+    from smolora.fast.head_loss import loss_sum as token_loss_sum
 
     token_loss_sum(model, collate(examples[:2])).backward()
     optimizer.step()

@@ -135,7 +135,7 @@ class SmoLoRA:
         if saved is not None:  # settings and data before the model loads; the model after
             ckpt.check_compatible(saved, run_info, allow_config_change)
         torch.manual_seed(cfg.seed)  # LoRA A init
-        source = codes_source(self.source, self.device, cfg.weight_codes)  # 16-bit weights held as such (smolora.codes)
+        source = codes_source(self.source, self.device, cfg.weight_codes)  # 16-bit weights held as such (smolora.fast.codes)
         base = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
         self.model = add_lora(base, peft_config)
         if distributed.is_main():

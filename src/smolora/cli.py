@@ -109,10 +109,11 @@ def parse_data_arg(items: list[str]):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.")
+    parser = argparse.ArgumentParser(prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a LoRA adapter, then merge it", description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.")
+    t = sub.add_parser("train", allow_abbrev=False, help="train a LoRA adapter, then merge it", description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.")
     t.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
                         "repeat as TASK=PATH[@WEIGHT] to mix tasks")
@@ -129,14 +130,14 @@ def make_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(t, LoraSettings)
     add_dataclass_flags(t, DataConfig)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base model", description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.")
+    m = sub.add_parser("merge", allow_abbrev=False, help="merge an adapter into its base model", description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.")
     m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--output", required=True, help="folder for the merged model")
     m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     m.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
     _add_safety_flags(m)
 
-    g = sub.add_parser("generate", help="generate from a prompt, or chat interactively", description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.")
+    g = sub.add_parser("generate", allow_abbrev=False, help="generate from a prompt, or chat interactively", description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.")
     g.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
     g.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
     g.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
@@ -148,7 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(g)
 
-    e = sub.add_parser("eval", help="loss, perplexity and exact match of a model on a data file",
+    e = sub.add_parser("eval", allow_abbrev=False, help="loss, perplexity and exact match of a model on a data file",
                        description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
                                    "reply tokens, and with --exact-match greedy exact match of each last reply.")
     e.add_argument("--data", action="append", required=True, metavar="PATH", help="evaluation data, in any format train reads; repeat as TASK=PATH for several tasks (each record once, with its task prefix)")
@@ -162,10 +163,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     e.add_argument("--no-weight-codes", dest="weight_codes", action="store_false",
                    help="compute the loss from the fp32 weights, not the codes a converted model keeps beside them")
+    e.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="the libraries' own layers, attention and loss instead of the speed wing (also SMOLORA_FAST=0)")
     _add_safety_flags(e)
     add_dataclass_flags(e, DataConfig, skip=("validation_data",))
 
-    x = sub.add_parser("export", help="write a model as one GGUF file (llama.cpp, Ollama)",
+    x = sub.add_parser("export", allow_abbrev=False, help="write a model as one GGUF file (llama.cpp, Ollama)",
                        description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.")
     x.add_argument("--output", required=True, help="the .gguf file to write")
     x.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
@@ -176,7 +179,7 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_safety_flags(x)
 
-    d = sub.add_parser("demo", help="fine-tune the embedded model on a built-in task; show before/after", description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; report held-out exact match before and after.")
+    d = sub.add_parser("demo", allow_abbrev=False, help="fine-tune the embedded model on a built-in task; show before/after", description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; report held-out exact match before and after.")
     d.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
     d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     d.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
@@ -288,7 +291,7 @@ def cmd_eval(args) -> int:
     device = pick_device(args.device)
     model = _load_model(args, codes_source(source, device, args.weight_codes and not args.adapter), device)  # merged: no codes
     result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
-                      weight_codes=args.weight_codes)
+                      weight_codes=args.weight_codes, fast=args.fast)
     print(result.summary())
     if args.json:
         try:
@@ -322,11 +325,15 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command itself, not a call from Python: train on tcmalloc where the system has it
-        from smolora.allocator import reexec_with_tcmalloc
+        from smolora.fast import reexec_with_tcmalloc
 
         reexec_with_tcmalloc()
         if not sys.stderr.isatty():  # a log file or a pipe: no progress bars, whose \r redraws pile up in one line
             os.environ.setdefault("TQDM_DISABLE", "1")  # (read by tqdm when it is imported, not yet here)
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     parser = make_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}

@@ -128,6 +128,9 @@ class TrainConfig(_Settings):
         "on a CPU (fp32, or --bf16 autocast), hold the frozen weights as the exact codes they came from: a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 "
         "blocks (the embedded model: ~1/5 of the fp32 weights' memory), or the 16 bits a Hugging Face checkpoint stores (1/2; written "
         "once as fp32 + codes under $SMOLORA_HOME). The same training", True)
+    fast: bool = _help(
+        "the speed wing (smolora.fast): span attention, weight codes, fused kernels, oneDNN; off (--no-fast, or "
+        "SMOLORA_FAST=0): the libraries' own layers, attention and loss, the reference the wing is tested against", True)
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)

@@ -63,17 +63,20 @@ def replies_to_score(examples: list[Example]) -> list[tuple[list[int], list[int]
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = False, max_new_tokens: int = 64,
-             batch_size: int = 8, progress: bool = True, weight_codes: bool = True) -> EvalResult:
+             batch_size: int = 8, progress: bool = True, weight_codes: bool = True, fast: bool = True) -> EvalResult:
     """Loss over ``examples``' supervised tokens; with ``exact_match``, also generate each last reply
     greedily and compare it with the reference (whitespace at either end ignored). ``weight_codes``:
-    the loss from the frozen weights' GGUF codes where the model has them (``smolora.codes``)."""
-    from smolora.train import evaluate_loss
+    the loss from the frozen weights' GGUF codes where the model has them (``smolora.fast.codes``);
+    ``fast``: through the speed wing (``smolora.fast``), else the libraries' own path."""
+    from smolora.fast import accelerated
+    from smolora.loss import evaluate_loss
 
     hits = _exact_matches(model, tokenizer, examples, max_new_tokens, progress) if exact_match else None
 
     def measure(indices: list[int]) -> EvalResult:
         part = [examples[i] for i in indices]
-        loss = evaluate_loss(model, part, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0, weight_codes=weight_codes)
+        with accelerated(model, fast=fast, training=False, weight_codes=weight_codes) as speed:
+            loss = evaluate_loss(model, part, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0, loss_sum=speed.loss_sum)
         tokens = sum(1 for e in part for x in e.labels[1:] if x != IGNORE)
         result = EvalResult(len(part), tokens, loss, math.exp(min(loss, 50)))
         scored = [hits[i] for i in indices if hits[i] is not None] if hits is not None else []

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from smolora.errors import SmoLoRAError
-from smolora.onednn import onednn_linears
+from smolora.fast import accelerated
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool | None = None) -> torch.Tensor:
@@ -116,7 +116,7 @@ def generate(
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with folded_adapter(model), onednn_linears(model):
+    with folded_adapter(model), accelerated(model, training=False, only=("oneDNN linears",)):
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

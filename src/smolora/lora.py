@@ -1,22 +1,18 @@
-"""LoRA adapters through PEFT: attach, check targets, report trainable parameters; fast CPU dropout;
-rank growth during training."""
+"""LoRA adapters through PEFT: attach, check targets, report trainable parameters; rank growth
+during training."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
-import threading
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from smolora import native
 from smolora.errors import SmoLoRAError
-from smolora.fused import normed_from, rms_scale
 
 
 def linear_module_names(model: nn.Module) -> dict[str, int]:
@@ -88,154 +84,6 @@ def format_parameter_report(model: nn.Module) -> str:
     """The spec's report: trainable params, all params, trainable %."""
     trainable, total = parameter_report(model)
     return f"Trainable params: {trainable:,}\nAll params: {total:,}\nTrainable %: {100 * trainable / total:.2f}"
-
-
-class _KeepScale(torch.autograd.Function):
-    """x * keep / (1 - p), saving only the bool mask (as torch's own dropout does)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None, None
-
-
-_generators = threading.local()
-
-
-def _sfc64(seed: int) -> np.random.SFC64:
-    """This thread's SFC64 generator, seeded as its author seeds one from 64 bits (a = b = c = seed,
-    counter 1, 12 outputs discarded): a few microseconds where NumPy's ``SFC64(seed)`` runs a
-    ``SeedSequence`` (~20-90 us between a training step's GEMMs, which leave the caches cold)."""
-    generator = getattr(_generators, "sfc64", None)
-    if generator is None:
-        generator = _generators.sfc64 = np.random.SFC64(0)
-    generator.state = {"bit_generator": "SFC64", "state": {"state": np.array([seed, seed, seed, 1], dtype=np.uint64)},
-                       "has_uint32": 0, "uinteger": 0}
-    generator.random_raw(12)
-    return generator
-
-
-class FastDropout(nn.Dropout):
-    """``nn.Dropout`` with its CPU mask drawn by NumPy's SFC64 generator, about 10x faster than
-    torch's CPU ``bernoulli_`` (which was 8-9% of a training step here).
-
-    Each call seeds the generator with one draw from torch's default generator, so the masks follow
-    torch's RNG state exactly like ``nn.Dropout``'s do: a resumed run and gradient checkpointing's
-    recomputed forward draw the same masks. An element is kept when a uniform 32-bit integer is at
-    least ``round(p * 2**32)`` (p exact to 2**-32). The integer's high byte is drawn for every
-    element and decides all but the 1/256 of them where it equals the threshold's; only those draw
-    their low 24 bits: a quarter of the random bits, the same distribution. ``smolora.native`` draws
-    the same mask in C where it is built (~40 us against ~70 for a 300 x 576 mask).
-    """
-
-    def active(self, x: torch.Tensor) -> bool:
-        return self.training and x.device.type == "cpu" and 0.0 < self.p < 1.0 and not self.inplace
-
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The next bool mask of elements kept, shaped like ``x``."""
-        seed, threshold = int(torch.randint(0, 2**62, ())), min(round(self.p * 2**32), 2**32 - 1)
-        if (keep := native.dropout_keep(seed, threshold, x.shape)) is not None:
-            return keep  # the same mask, drawn in C
-        generator, n = _sfc64(seed), x.numel()
-        high, threshold_high = generator.random_raw((n + 7) // 8).view(np.uint8)[:n], np.uint8(threshold >> 24)
-        keep = high > threshold_high
-        ties = np.flatnonzero(high == threshold_high)
-        low = generator.random_raw((ties.size + 1) // 2).view(np.uint32)[: ties.size] >> np.uint32(8)
-        keep[ties] = low >= np.uint32(threshold & 0xFFFFFF)
-        return torch.from_numpy(keep).view(x.shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active(x):
-            return super().forward(x)
-        return _KeepScale.apply(x, self.mask(x), 1.0 / (1.0 - self.p))
-
-
-class DropoutLinear(torch.autograd.Function):
-    """``(x * keep / (1 - p)) @ A^T``, saving ``x`` and the bool mask instead of the dropped input.
-
-    A layer's q_proj and v_proj adapters read the same normed hidden states, each through a
-    dropout of its own: autograd through ``lora_A(dropout(x))`` keeps two dropped copies of it per
-    layer, where this keeps ``x`` once, shared, and recomputes the dropped input for A's gradient.
-    Where ``x`` is a fused RMSNorm's output (``smolora.fused``), not even that: the norm's backward
-    keeps its input and 1/rms already, and ``x`` is recomputed from them, bit for bit. Where
-    ``smolora.native``'s kernels are built, each direction is one pass over ``x``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, keep, scale: float, weight):
-        ctx.save_for_backward(*(normed_from(x) or (x,)), keep, weight)
-        ctx.scale = scale
-        fused = native.dropout_linear(x, keep, scale, weight)  # one pass, where the kernels are built
-        return fused if fused is not None else torch.mul(x, keep).mul_(scale) @ weight.T
-
-    @staticmethod
-    def backward(ctx, grad):
-        *source, keep, weight = ctx.saved_tensors
-        fused = native.dropout_linear_grad(grad, source, keep, ctx.scale, weight, *ctx.needs_input_grad[0:4:3])
-        if fused is not None:
-            return fused[0], None, None, fused[1]
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(grad @ weight, keep).mul_(ctx.scale)
-        if ctx.needs_input_grad[3]:
-            x = rms_scale(*source) if len(source) == 3 else source[0]
-            dropped = torch.mul(x, keep).mul_(ctx.scale)
-            grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
-        return grad_x, None, None, grad_w
-
-
-def _dropout_lora_forward(layer, original):
-    """PEFT's LoRA ``Linear.forward`` for one plain adapter, its dropout and ``lora_A`` in one
-    ``DropoutLinear``; anything else (mixed adapters, variants, merged, autocast) goes to PEFT's."""
-
-    def forward(x, *args, **kwargs):
-        names = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] in getattr(layer, "lora_variant", {})
-                or getattr(layer, "use_dora", {}).get(names[0]) or torch.is_autocast_enabled(x.device.type)):
-            return original(x, *args, **kwargs)
-        name = names[0]
-        lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-        if (not isinstance(drop, FastDropout) or not drop.active(x) or type(lora_a) is not nn.Linear or lora_a.bias is not None
-                or x.dtype != lora_a.weight.dtype):
-            return original(x, *args, **kwargs)
-        result = layer.base_layer(x)
-        dropped_a = DropoutLinear.apply(x, drop.mask(x), 1.0 / (1.0 - drop.p), lora_a.weight)
-        return (result + lora_b(dropped_a) * layer.scaling[name]).to(result.dtype)
-
-    return forward
-
-
-@contextlib.contextmanager
-def fast_dropout(model: nn.Module):
-    """Swap PEFT's LoRA ``nn.Dropout`` modules for ``FastDropout`` while training on CPU, and run
-    each plain LoRA linear layer's dropout and ``lora_A`` as one ``DropoutLinear``."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    swapped, patched = [], []
-    try:
-        for module in model.modules():
-            drops = getattr(module, "lora_dropout", None)
-            if isinstance(drops, nn.ModuleDict):
-                for name, drop in drops.items():
-                    if type(drop) is nn.Dropout:
-                        drops[name] = FastDropout(drop.p).train(drop.training)
-                        swapped.append((drops, name, drop))
-                if type(module) is LoraLinear and "forward" not in vars(module):
-                    module.forward = _dropout_lora_forward(module, module.forward)
-                    patched.append((module, module.forward))
-        yield
-    finally:
-        for drops, name, drop in swapped:
-            drops[name] = drop
-        for module, forward in patched:
-            if vars(module).get("forward") is forward:  # ours, still
-                del module.forward
 
 
 # ---------------------------------------------------------------------------------------------

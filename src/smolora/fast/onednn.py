@@ -23,7 +23,6 @@ oneDNN call, unless the environment already names them. Re-creating an evicted k
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolora.errors import SmoLoRAError
+from smolora.fast.patch import Patches, patched
 
 ENV = "SMOLORA_GEMM"  # auto (measure), onednn, or mkl (torch's default)
 CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # read once, at the process's first oneDNN call
@@ -117,19 +117,20 @@ def _frozen_forward(module: nn.Linear, original):
     return forward
 
 
-@contextlib.contextmanager
+def patch_onednn(model: nn.Module, patches: Patches) -> int:
+    """Until ``patches`` are restored, run ``model``'s frozen ``nn.Linear`` layers through
+    ``FrozenLinear`` where oneDNN is faster on this CPU; a layer whose weight or bias trains keeps
+    its own forward. Returns how many layers were patched."""
+    if not onednn_is_faster():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and "forward" not in vars(module):
+            patches.attribute(module, "forward", _frozen_forward(module, module.forward), "oneDNN linears")
+            count += 1
+    return count
+
+
 def onednn_linears(model: nn.Module):
-    """Inside the block, run ``model``'s frozen ``nn.Linear`` layers through ``FrozenLinear``
-    where oneDNN is faster on this CPU; a layer whose weight or bias trains keeps its own forward."""
-    patched = []
-    try:
-        if onednn_is_faster():
-            for module in model.modules():
-                if type(module) is nn.Linear and "forward" not in vars(module):
-                    module.forward = _frozen_forward(module, module.forward)
-                    patched.append((module, module.forward))
-        yield
-    finally:
-        for module, forward in patched:
-            if vars(module).get("forward") is forward:  # ours, still
-                del module.forward
+    """``patch_onednn`` for the duration of a ``with`` block."""
+    return patched(patch_onednn, model)

@@ -5,24 +5,24 @@ Autograd through transformers' RMSNorm runs six element-wise kernels forward and
 backward; through its rotary embedding (``x * cos + rotate_half(x) * sin``), five each way. On a
 CPU those passes, not arithmetic, are the cost. The functions here do each in three or four
 passes, with a hand-written backward: about 3% of a decoder layer's forward and backward at
-300-450 tokens (benchmarks/RESULTS.md); in one, where ``smolora.native``'s kernels are built. The SwiGLU MLP's ``silu(gate) * up`` saves gate and up
+300-450 tokens (benchmarks/RESULTS.md); in one, where ``smolora.fast.native``'s kernels are built. The SwiGLU MLP's ``silu(gate) * up`` saves gate and up
 only and recomputes ``silu(gate)`` in backward: a sixth of a row's saved activations (peak RSS
 -54 MiB on the benchmark's short data, -87 MiB on long), within noise of the same speed.
 
-``fused_layers(lm)`` switches them on for the duration of a training loop, and only where they
+``patch_fused(lm, patches)`` switches them on for the duration of a training loop, and only where they
 reproduce the model's own module on a probe input, so a model whose norm, rotary or MLP convention
 differs (Gemma's ``1 + weight`` and GELU MLP, interleaved rotary) keeps its own code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from smolora import native
+from smolora.fast import native
+from smolora.fast.patch import Patches, patched
 
 
 def rms_scale(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -182,39 +182,39 @@ def _rotary_matches(original, like: torch.Tensor) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def fused_layers(lm):
-    """Run ``lm``'s RMSNorms, rotary embedding and SwiGLU MLPs through the fused functions inside the block.
+def patch_fused(lm, patches: Patches) -> int:
+    """Run ``lm``'s RMSNorms, rotary embedding and SwiGLU MLPs through the fused functions until
+    ``patches`` are restored; each only where it reproduces the model's own on a probe. Returns how
+    many modules and functions were patched.
 
-    Rotary embedding is looked up by name in the model's modeling module, so inside the block it
-    is replaced for every model of that architecture in the process.
+    Rotary embedding is looked up by name in the model's modeling module, so until then it is
+    replaced for every model of that architecture in the process.
     """
-    replaced, patched = [], []
-    try:
-        for module in lm.modules():
-            if (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and "forward" not in vars(module)
-                    and _mlp_matches(module)):
-                module.forward = _fused_mlp_forward(module)
-                replaced.append(module)
-                continue
-            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-            weight = getattr(module, "weight", None)
-            if (type(module).__name__.endswith("RMSNorm") and isinstance(eps, float) and weight is not None
-                    and weight.dim() == 1 and "forward" not in vars(module) and _norm_matches(module, eps)):
-                module.forward = _fused_norm_forward(module, module.forward, eps)
-                replaced.append(module)
-        for name in {type(m).__module__ for m in lm.modules() if type(m).__name__.endswith("Attention")}:
-            modeling = sys.modules.get(name)
-            original = getattr(modeling, "apply_rotary_pos_emb", None)
-            if callable(original) and original is not apply_rotary_pos_emb and _rotary_matches(original, next(lm.parameters())):
-                modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
-                patched.append((modeling, original))
-        yield
-    finally:
-        for module in replaced:
-            del module.forward
-        for modeling, original in patched:
-            modeling.apply_rotary_pos_emb = original
+    count = 0
+    for module in lm.modules():
+        if (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and "forward" not in vars(module)
+                and _mlp_matches(module)):
+            patches.attribute(module, "forward", _fused_mlp_forward(module), "fused SwiGLU")
+            count += 1
+            continue
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        weight = getattr(module, "weight", None)
+        if (type(module).__name__.endswith("RMSNorm") and isinstance(eps, float) and weight is not None
+                and weight.dim() == 1 and "forward" not in vars(module) and _norm_matches(module, eps)):
+            patches.attribute(module, "forward", _fused_norm_forward(module, module.forward, eps), "fused RMSNorm")
+            count += 1
+    for name in {type(m).__module__ for m in lm.modules() if type(m).__name__.endswith("Attention")}:
+        modeling = sys.modules.get(name)
+        original = getattr(modeling, "apply_rotary_pos_emb", None)
+        if callable(original) and original is not apply_rotary_pos_emb and _rotary_matches(original, next(lm.parameters())):
+            patches.attribute(modeling, "apply_rotary_pos_emb", apply_rotary_pos_emb, "fused rotary")
+            count += 1
+    return count
+
+
+def fused_layers(lm):
+    """``patch_fused`` for the duration of a ``with`` block."""
+    return patched(patch_fused, lm)
 
 
 def _fused_norm_forward(module, original, eps: float):

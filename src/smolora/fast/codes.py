@@ -11,21 +11,20 @@ is a bf16 or fp16 value throughout (a Hugging Face checkpoint stored in 16 bits)
 The GGUF conversion, and the fp32 copy training makes of a 16-bit checkpoint
 (``smolora.models.half_cache_folder``), write them beside the fp32 weights (``CODES_FILE``).
 
-Inside ``coded_weights(model)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
+Inside ``patch_codes(model, patches)`` each frozen ``nn.Linear`` and ``nn.Embedding`` that has codes
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
 (``CodedLinear``; under CPU autocast, cast to its dtype as autocast casts the fp32 weight), an
 embedding only the rows it looks up, the LM-head loss a block of the vocabulary at a time
 (``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
 whose file pages then stay out of memory: on the embedded model 513 MiB of fp32 weights become
 92 MiB of codes (peak RSS 1209 -> 832 MiB on the benchmark's short data, 1377 -> 999 on long).
-Rebuilding a layer's weight is one pass through ``smolora.native``'s compiled kernel (a few
+Rebuilding a layer's weight is one pass through ``smolora.fast.native``'s compiled kernel (a few
 element-wise torch calls where no C compiler is found), ~6% of a short step. The products, and so
 the training, are those of the fp32 weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolora import native
-from smolora.onednn import linear
+from smolora.fast import native
+from smolora.fast.onednn import linear
+from smolora.fast.patch import Patches, patched
 
 CODES_FILE = "smolora-codes.safetensors"  # in a model folder: "<weight name>.codes" / ".scale" (/ ".low")
 BLOCK = 32  # weights per scale along the input dimension, as in GGUF's Q4_0/1, Q5_0/1 and Q8_0
@@ -272,42 +272,43 @@ def _load(file, names: set[str], key: str, weight: torch.Tensor) -> Codes | None
     return codes if torch.equal(codes.weight(slice(0, 1)), weight[:1].detach()) else None  # unequal widths: unequal
 
 
-@contextlib.contextmanager
-def coded_weights(model: nn.Module):
-    """Inside the block, each frozen ``nn.Linear`` and ``nn.Embedding`` of ``model`` that has codes
-    in its model folder (``CODES_FILE``) rebuilds its weight from them (``CodedLinear``, ``Codes.rows``)
-    and carries them (``codes_of``, for the LM-head loss). The codes are matched by name, and each
-    weight's first row is checked against them, so a model changed since it was loaded (or a
-    folder's stale file) keeps its own weights."""
+def patch_codes(model: nn.Module, patches: Patches) -> int:
+    """Until ``patches`` are restored, each frozen ``nn.Linear`` and ``nn.Embedding`` of ``model``
+    that has codes in its model folder (``CODES_FILE``) rebuilds its weight from them
+    (``CodedLinear``, ``Codes.rows``) and carries them (``codes_of``, for the LM-head loss). The
+    codes are matched by name, and each weight's first row is checked against them, so a model
+    changed since it was loaded (or a folder's stale file) keeps its own weights. Returns how many
+    modules were patched."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     path = Path(getattr(lm, "name_or_path", "") or "nonexistent") / CODES_FILE
-    patched = []
-    try:
-        if path.is_file() and not getattr(lm, CHANGED_ATTR, False) and next(lm.parameters()).device.type == "cpu":
-            from safetensors import safe_open
+    if not path.is_file() or getattr(lm, CHANGED_ATTR, False) or next(lm.parameters()).device.type != "cpu":
+        return 0
+    from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as file:
-                found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
-                names = set(file.keys())
-                for name, module in lm.named_modules():
-                    bias = getattr(module, "bias", None)  # CodedLinear's backward gives none to a bias
-                    if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
-                            or (bias is not None and bias.requires_grad)
-                            or "forward" in vars(module) or getattr(module, "max_norm", None) is not None):
-                        continue
-                    # PEFT wraps an adapted layer's own module as its base_layer
-                    key = ".".join(part for part in name.split(".") if part != "base_layer") + ".weight"
-                    weight = module.weight
-                    if id(weight) not in found:
-                        found[id(weight)] = _load(file, names, key, weight)
-                    if (codes := found[id(weight)]) is not None:
-                        embedding = type(module) is nn.Embedding  # a lookup: only its rows
-                        module.forward = codes.rows if embedding else _coded_forward(module, module.forward, codes)
-                        setattr(module, CODES_ATTR, codes)
-                        patched.append((module, module.forward))
-        yield
-    finally:
-        for module, forward in patched:
-            if vars(module).get("forward") is forward:
-                del module.forward
-            vars(module).pop(CODES_ATTR, None)
+    count = 0
+    with safe_open(str(path), "pt") as file:
+        found: dict[int, Codes | None] = {}  # by weight: a tied one's codes are its first name's
+        names = set(file.keys())
+        for name, module in lm.named_modules():
+            bias = getattr(module, "bias", None)  # CodedLinear's backward gives none to a bias
+            if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
+                    or (bias is not None and bias.requires_grad)
+                    or "forward" in vars(module) or getattr(module, "max_norm", None) is not None):
+                continue
+            # PEFT wraps an adapted layer's own module as its base_layer
+            key = ".".join(part for part in name.split(".") if part != "base_layer") + ".weight"
+            weight = module.weight
+            if id(weight) not in found:
+                found[id(weight)] = _load(file, names, key, weight)
+            if (codes := found[id(weight)]) is not None:
+                embedding = type(module) is nn.Embedding  # a lookup: only its rows
+                forward = codes.rows if embedding else _coded_forward(module, module.forward, codes)
+                patches.attribute(module, "forward", forward, "weight codes")
+                patches.attribute(module, CODES_ATTR, codes, "weight codes")
+                count += 1
+    return count
+
+
+def coded_weights(model: nn.Module):
+    """``patch_codes`` for the duration of a ``with`` block."""
+    return patched(patch_codes, model)

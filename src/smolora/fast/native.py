@@ -112,7 +112,7 @@ def library() -> ctypes.CDLL | None:
 
 def q4_1_weight(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, row_major: bool = False) -> torch.Tensor | None:
     """W (out, in) from input-major Q4_1 codes (out, blocks, 16) and fp16 scale and low (out,
-    blocks, 1) — as ``smolora.codes.Codes.weight`` rebuilds it — in W^T's layout, or with
+    blocks, 1) — as ``smolora.fast.codes.Codes.weight`` rebuilds it — in W^T's layout, or with
     ``row_major`` in W's own; or None where the library is missing or the tensors are not laid
     out as the codes file stores them."""
     lib = library()
@@ -159,7 +159,7 @@ def _fp32_cpu(*tensors: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(out, r)`` as ``smolora.fused.RMSNormFunction`` computes them — ``r = 1 / rms(x)`` (..., 1),
+    """``(out, r)`` as ``smolora.fast.fused.RMSNormFunction`` computes them — ``r = 1 / rms(x)`` (..., 1),
     ``out = (x * r) * weight`` — in one pass, or None where the library is missing or ``x`` is not
     contiguous fp32. The sum of squares adds in another order than torch's (~1e-7 relative)."""
     lib = library()
@@ -185,7 +185,7 @@ def rms_norm_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor | None:
     """``x * cos + rotate_half(x) * sin`` for ``x`` (1, heads, tokens, d) and ``cos``, ``sin`` (1, 1,
-    tokens, d) — with ``sign = -1``, its gradient — bit for bit as ``smolora.fused.RotaryFunction``,
+    tokens, d) — with ``sign = -1``, its gradient — bit for bit as ``smolora.fast.fused.RotaryFunction``,
     or None where the library is missing or the layouts differ. The output is laid out (1, tokens,
     heads, d), as the attention's input projections make ``x``."""
     lib = library()
@@ -226,7 +226,7 @@ def dropout_linear_grad(grad: torch.Tensor, source: tuple[torch.Tensor, ...], ke
                         want_x: bool, want_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """The gradients of ``dropout_linear`` to x and to weight (each only if wanted), the dropped input
     recomputed from ``source``: ``(x,)``, or a fused RMSNorm's ``(input, r, weight)`` (see
-    ``smolora.fused.normed_from``); or None where the library is missing or the layouts differ."""
+    ``smolora.fast.fused.normed_from``); or None where the library is missing or the layouts differ."""
     lib = library()
     x = source[0]
     if (lib is None or not _adapter_layout(x, keep, weight) or grad.shape != (*x.shape[:-1], weight.shape[0])
@@ -292,7 +292,7 @@ def _context(k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torc
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | int,
                    spans: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Causal attention of a packed row's spans (``smolora.attention.SpanAttention``): ``(out, lse)``,
+    """Causal attention of a packed row's spans (``smolora.fast.attention.SpanAttention``): ``(out, lse)``,
     out (T, H, D) and each query's log-sum-exp (T, H), for q (T, H, D), k and v (T, KV, D), spans
     (S, 3) int64 rows ``[start, end, sees_context]``; ``context`` is the keys and values every marked
     span sees first — ``(ck, cv)`` each (P, KV, D), or an int P: the row's own first P rows. None

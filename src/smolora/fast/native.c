@@ -202,7 +202,7 @@ int64_t dropout_keep(uint64_t seed, uint32_t threshold, uint8_t *restrict keep, 
 }
 
 /* RMSNorm over rows of width h, x and out contiguous: r = 1 / sqrt(mean(x^2) + eps) per row (rows,),
- * out = (x * r) * w, the two products rounded in that order as smolora.fused.rms_scale rounds them. */
+ * out = (x * r) * w, the two products rounded in that order as smolora.fast.fused.rms_scale rounds them. */
 void rms_norm_forward(const float *restrict x, const float *restrict w, float eps, float *restrict out,
                       float *restrict r, int64_t rows, int64_t h, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -273,7 +273,7 @@ void dropout_linear_forward(const float *restrict x, const uint8_t *restrict kee
 
 /* Its gradients: grad_x (rows, h) = ((grad @ A) * keep) * scale, grad_a (r, h) = grad^T @ dropped,
  * the dropped input recomputed from x — or, where norm_r and norm_w are given, from a fused RMSNorm's
- * input as (x * norm_r[t]) * norm_w, as smolora.fused.rms_scale makes it. Either output may be NULL. */
+ * input as (x * norm_r[t]) * norm_w, as smolora.fast.fused.rms_scale makes it. Either output may be NULL. */
 void dropout_linear_backward(const float *restrict grad, const float *restrict x, const float *restrict norm_r,
                              const float *restrict norm_w, const uint8_t *restrict keep, float scale, const float *restrict a,
                              float *restrict grad_x, float *restrict grad_a, int64_t rows, int64_t h, int64_t r, int threads) {
@@ -364,7 +364,7 @@ void swiglu_backward(const float *restrict grad, const float *restrict gate, con
     swiglu_grad_part(grad + i, gate + i, up + i, grad_gate + i, grad_up + i, n - i < CHUNK ? n - i : CHUNK);
 }
 
-/* Attention over the spans of a packed row (smolora.attention.SpanAttention): each span's
+/* Attention over the spans of a packed row (smolora.fast.attention.SpanAttention): each span's
  * queries see the context's keys (a prefix every span shares) if it is marked to, then their own
  * span's keys up to their own position. Its work is small blocks — a ~35-query span against ~60
  * keys — that torch's flash kernel runs one span per call; here a row's spans and key-value heads

@@ -1,6 +1,6 @@
 """Variable-length attention for packed rows: each example attends only to itself (and to a prefix
 shared by the row, or by every row of the optimizer step), computed block by block — no (T, T)
-mask, and none of the wasted work of masked-out blocks. Where ``smolora.native``'s kernels are
+mask, and none of the wasted work of masked-out blocks. Where ``smolora.fast.native``'s kernels are
 built, a row's spans are one ``SpanAttention`` call per layer (a short step -11%, a long one -8%).
 Otherwise a block is torch's flash kernel or, for a span of ``GEMM_MIN_QUERIES`` or more on a CPU
 where oneDNN's GEMM is the faster one, ``GemmAttention``: its products as oneDNN GEMMs (a quarter
@@ -15,37 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from smolora import native
-from smolora.onednn import linear, usable
+from smolora.data.batching import Segments
+from smolora.fast import native
+from smolora.fast.onednn import linear, usable
+from smolora.fast.patch import Patches
+from smolora.loss import has_sliding_window
 
 NAME = "smolora_varlen"
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Layout of a packed row: ``prefix`` shared tokens, then one span [start, end) per example.
-
-    ``step_prefix`` > 0: the row's examples continue a prefix that is not in the row: a
-    ``StepPrefix`` computed it once for the whole optimizer step, and every span attends to its
-    keys and values as well.
-    """
-
-    prefix: int
-    spans: tuple[tuple[int, int], ...]
-    step_prefix: int = 0
-
-    def dense_mask(self, length: int) -> torch.Tensor:
-        """(1, 1, T, T) bool mask, True where a query may attend: for models without the interface."""
-        seg = torch.zeros(length, dtype=torch.long)
-        for k, (s, e) in enumerate(self.spans, start=1):
-            seg[s:e] = k
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        return (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]
 
 
 # Torch's CPU flash kernel takes all keys as one block below 512 of them, so a causal call saves
@@ -63,7 +43,7 @@ def _causal_mask(prefix: int, start: int, end: int, device: torch.device) -> tor
     return torch.arange(prefix + end, device=device)[None, :] <= prefix + i
 
 
-# Where oneDNN's GEMM is the faster one (``smolora.onednn``: an AMD CPU, where the flash kernel's
+# Where oneDNN's GEMM is the faster one (``smolora.fast.onednn``: an AMD CPU, where the flash kernel's
 # inner products run on MKL's AVX2 path), a span of this many queries or more is attended by
 # ``GemmAttention`` instead: fwd+bwd of one span after a 23-token prefix, 9 heads on 3: 100 queries
 # 0.93 ms either way, 150 1.74 -> 1.48, 300 5.7 -> 4.0, 450 9.6 -> 7.5 ms. Its probabilities are
@@ -88,7 +68,7 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
 class GemmAttention(torch.autograd.Function):
     """Causal attention of queries (1, H, n, D) on keys and values (1, KV, m, D), m >= n: query i
     sees keys 0 .. m - n + i. Per KV group its H / KV query heads are one (H / KV * n, D) matrix,
-    so each product is one oneDNN GEMM (``smolora.onednn.linear``) and the softmax one fused
+    so each product is one oneDNN GEMM (``smolora.fast.onednn.linear``) and the softmax one fused
     kernel over the group's scores. Backward recomputes the probabilities from q and k, as flash
     attention does, instead of keeping them."""
 
@@ -139,7 +119,7 @@ SPAN_MAX_QUERIES_OVER_GEMM = 1024
 
 
 class SpanAttention(torch.autograd.Function):
-    """Causal attention of a packed row's spans by ``smolora.native.span_attention``: all spans
+    """Causal attention of a packed row's spans by ``smolora.fast.native.span_attention``: all spans
     and heads of a layer in one call, each span seeing the context first where it is marked to. q
     (T, H, D), k and v (T, KV, D); the context ``ck``, ``cv`` (P, KV, D), or None and ``context`` P:
     the row's own first P rows; ``spans`` (S, 3) int64 rows [start, end, sees_context]. Backward
@@ -308,24 +288,24 @@ def _register() -> None:
         _registered = True
 
 
-def has_sliding_window(lm) -> bool:
-    """Some of the model's layers attend only to a window of recent tokens (Mistral, Gemma 2 and 3)."""
-    return bool(getattr(lm.config, "sliding_window", None))
-
-
 def supports_varlen(lm) -> bool:
     """Models written against transformers' attention interface (Llama, Qwen, Gemma, ...), without a
     sliding window."""
     return bool(getattr(lm, "_supports_attention_backend", False)) and not has_sliding_window(lm)
 
 
+def route_attention(lm, patches: Patches) -> None:
+    """Route the model's attention through ``smolora_varlen`` until ``patches`` are restored."""
+    _register()
+    patches.attribute(lm.config, "_attn_implementation", NAME, "span attention")  # one config, shared by every layer
+
+
 @contextlib.contextmanager
 def varlen_attention(lm):
-    """Route the model's attention through ``smolora_varlen`` for one forward."""
-    _register()
-    previous = lm.config._attn_implementation  # one config object, shared by every layer
-    lm.config._attn_implementation = NAME
+    """Route the model's attention through ``smolora_varlen`` inside the block."""
+    patches = Patches()
+    route_attention(lm, patches)
     try:
         yield
     finally:
-        lm.config._attn_implementation = previous
+        patches.restore()

@@ -83,7 +83,8 @@ def build_arch(arch: str, dtype: str = "float32") -> str:
 
     import transformers
 
-    from smolora.models import resolve_model, smolora_home
+    from smolora.models import resolve_model
+    from smolora.paths import smolora_home
 
     base = resolve_model(None).folder
     folder = smolora_home() / "bench-models" / (arch if dtype == "float32" else f"{arch}-{dtype}")

@@ -179,3 +179,27 @@ def test_a_failure_undoing_the_speed_wing_loses_nothing(tokenizer, tmp_path, mon
     result = train(model, _examples(tokenizer), cfg, log=warnings.append)
     assert result.steps == 2 and result.last_checkpoint is not None and result.last_checkpoint.is_dir()
     assert any("could not be undone (RuntimeError: transformers changed under us)" in w for w in warnings)
+
+
+def test_a_failing_merge_names_the_adapter_it_leaves_and_peft_loads_it(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    import smolora.run
+    from conftest import write_jsonl
+    from smolora import SmoLoRA
+    from smolora.errors import SmoLoRAError
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    lora = SmoLoRA(base_model_name=str(tiny_model_dir), dataset_name=str(data), output_dir=str(tmp_path / "out"))
+    lora.sft_config.max_steps = 2
+    lora.train()
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(smolora.run, "merge_adapter", full_disk)
+    adapter = tmp_path / "out" / "adapter_checkpoint"
+    with pytest.raises(SmoLoRAError, match=f"merging failed .*No space left.*the trained adapter is safe in {adapter}"):
+        lora.save()
+    base = build_tiny("llama", len(tokenizer))
+    assert isinstance(PeftModel.from_pretrained(base, str(adapter)), PeftModel)

@@ -15,6 +15,7 @@ from smolora.config import LoraSettings, TrainConfig
 from smolora.data.batching import collate
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.lora import add_lora
+from smolora.paths import publish
 from smolora.train import NonFiniteLossError, lr_at, train
 
 QUIET = dict(log=lambda *_: None)
@@ -360,9 +361,9 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_no_partial_one(toke
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_folder(ckpt.checkpoint_dir(tmp_path, 3), crash)
+        publish(ckpt.checkpoint_dir(tmp_path, 3), crash, marker=True)
     with pytest.raises(OSError, match="disk full"):  # replacing an existing checkpoint fails safe too
-        ckpt.atomic_folder(ckpt.checkpoint_dir(tmp_path, 2), crash)
+        publish(ckpt.checkpoint_dir(tmp_path, 2), crash, marker=True)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == before == ["step-000001", "step-000002"]
     assert ckpt.find_resume_checkpoint(tmp_path, "auto").name == "step-000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # no temp folder left
@@ -786,7 +787,7 @@ def test_resume_with_nothing_to_resume_says_it_starts_at_step_0(tmp_path, tiny_m
 
 
 def test_an_output_folder_with_a_runs_outputs_is_never_trained_over_silently(tmp_path, tiny_model_dir, monkeypatch):
-    import smolora.api
+    import smolora.run
     from smolora import SmoLoRA
     from smolora.errors import SmoLoRAError
 
@@ -805,7 +806,7 @@ def test_an_output_folder_with_a_runs_outputs_is_never_trained_over_silently(tmp
     lora().train(overwrite=True)
     changed = lora()
     changed.sft_config.learning_rate = 1e-3
-    monkeypatch.setattr(smolora.api, "load_model", lambda *a, **k: pytest.fail("the model loaded before the settings were checked"))
+    monkeypatch.setattr(smolora.run, "load_model", lambda *a, **k: pytest.fail("the model loaded before the settings were checked"))
     with pytest.raises(SmoLoRAError, match="cannot resume: settings differ.*learning_rate"):
         changed.train(resume=True)
 

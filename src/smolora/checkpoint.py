@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,16 +29,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smolora.errors import SmoLoRAError, load_mismatch
+from smolora.paths import MARKER, publish
 
-MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TENSOR_FILE = "optimizer.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Settings that may change between a run and its resume without changing the result (its length,
 # LENGTH_FIELDS, only under a constant learning rate: see check_compatible).
 LENGTH_FIELDS = {"max_steps", "num_train_epochs"}
+# the same training either way, to fp32 rounding (weight_codes: exactly; fast: the plain path's sums)
 RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "eval_steps",
-                      "weight_codes"} | LENGTH_FIELDS
+                      "weight_codes", "fast"} | LENGTH_FIELDS
 
 
 @dataclass
@@ -77,18 +77,6 @@ def fingerprint_model(model) -> str:
     return h.hexdigest()[:32]
 
 
-def fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def safe_child(root: str | Path, *names: str) -> Path:
     """``root/names...``, refusing names that would leave ``root`` (``..``, absolute paths) or
     write through a symlink planted inside it."""
@@ -102,33 +90,6 @@ def safe_child(root: str | Path, *names: str) -> Path:
             raise SmoLoRAError(f"{probe}: is a symlink inside the output folder; refusing to write through it")
         probe = probe.parent
     return path
-
-
-def atomic_folder(final: Path, write) -> Path:
-    """Call ``write(tmp_folder)``, fsync, write the marker, then rename to ``final``."""
-    if final.is_symlink():
-        raise SmoLoRAError(f"{final}: is a symlink; refusing to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        (tmp / MARKER).write_text("ok\n")
-        fsync_tree(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -204,7 +165,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info:
                "stopped": state.stopped, "optimizer": opt_meta, "rng": rng_meta, **run_info}
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
 
-    return atomic_folder(folder, write)
+    return publish(folder, write, marker=True)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:

@@ -195,19 +195,17 @@ def _add_safety_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from smolora.api import SmoLoRA
+    from smolora.run import Run, device_for, merge_run, train_adapter
 
-    output = args.output or args.output_dir or "./fine_tuned_model"
-    args.output_dir = output
-    lora = SmoLoRA(base_model_name=args.model, dataset_name=parse_data_arg(args.data), output_dir=output,
-                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    lora.sft_config = build_from(TrainConfig, args, lora.sft_config)
-    lora.data_config = build_from(DataConfig, args, lora.data_config)
-    lora.peft_config = build_from(LoraSettings, args).to_peft()
-    lora.train(resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change,
-               skip_nonfinite_steps=args.skip_nonfinite_steps)
+    args.output_dir = args.output or args.output_dir or "./fine_tuned_model"
+    cfg = build_from(TrainConfig, args, TrainConfig(output_dir=args.output_dir))
+    run = Run(args.model, parse_data_arg(args.data), build_from(LoraSettings, args).to_peft(), cfg,
+              build_from(DataConfig, args), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    done = train_adapter(run, device_for(cfg), resume=args.resume, overwrite=args.overwrite,
+                         allow_config_change=args.allow_config_change, skip_nonfinite_steps=args.skip_nonfinite_steps)
     if not args.no_merge:
-        lora.save()
+        done.model = None  # freed before the merge loads a fresh base
+        merge_run(run, done.adapter)
     return 0
 
 

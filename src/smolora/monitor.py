@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -62,5 +64,25 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
+        # never through a symbolic link: the file is the output folder's own
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def progress(items: Iterable, desc: str, unit: str, every: float = 30.0) -> Iterator:
+    """``items`` with a progress bar on a terminal; elsewhere (a log file, a pipe: no bar is drawn)
+    a line every ``every`` seconds, so that a long phase is never silent."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    if not bar.disable:
+        yield from bar
+        return
+    total = f"/{len(items)}" if hasattr(items, "__len__") else ""
+    start = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        if (now := time.monotonic()) - last >= every:
+            print(f"{desc}: {done}{total} {unit}s, {now - start:.0f} s", flush=True)
+            last = now

@@ -27,7 +27,8 @@ def load_source(source: Any, data: DataConfig, seed: int = 42, mix: bool = True)
     mixed by their weights, or with ``mix=False`` every task's records once (each with its task)."""
     # Token windows need the tokenizer: read whole files here, cut them when encoding.
     mode = "file" if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else data.txt_mode
-    read = lambda s: load_records(s, txt_mode=mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe)  # noqa: E731
+    read = lambda s: load_records(s, txt_mode=mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe,
+                                   max_file_mb=data.max_file_mb)  # noqa: E731
     if isinstance(source, dict):
         tasks = []
         for name, spec in source.items():

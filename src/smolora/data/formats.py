@@ -16,6 +16,7 @@ template, and never by comparing labels with the pad id (pad == eos on SmolLM2).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
@@ -127,9 +128,15 @@ def record_to_messages(record: dict, shape: str, opts: FormatOptions) -> list[di
     return messages
 
 
+_NAME = re.compile(r"[A-Za-z_][\w \-]{0,39}")
+
+
 def _need_str(record: dict, name: str, where: str) -> str:
     if name not in record:
-        have = ", ".join(k for k in record if not k.startswith("_")) or "none"
+        fields = [k for k in record if not k.startswith("_")]
+        # names only where they look like names: a file that is not data (a CSV read from /etc) is never echoed
+        have = ", ".join(fields) if all(_NAME.fullmatch(k) for k in fields) else f"{len(fields)} fields"
+        have = have or "none"
         raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have}); "
                            "name the text field with --dataset-text-field or rename fields with --field-map")
     value = record[name]

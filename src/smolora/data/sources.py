@@ -28,6 +28,7 @@ def load_records(
     chunk_words: int = 0,
     chunk_stride: int = 0,
     dedupe: bool = True,
+    max_file_mb: int = 2048,
 ) -> list[dict]:
     """Load records from a path, a ``datasets.Dataset``, a list of dicts or a hub name.
 
@@ -36,8 +37,9 @@ def load_records(
         txt_mode: for text files: ``line`` (one example per non-empty line), ``file`` (one per
             file) or ``chunk`` (windows of ``chunk_words`` words moving by ``chunk_stride``).
         dedupe: drop exact duplicate records; the count is printed.
+        max_file_mb: a larger data file is refused before it is read.
     """
-    records = _read_any(source, txt_mode, chunk_words, chunk_stride)
+    records = _read_any(source, txt_mode, chunk_words, chunk_stride, max_file_mb)
     name = _describe(source)
     if not records:
         raise SmoLoRAError(f"{name}: no records found (the data is empty)")
@@ -54,7 +56,7 @@ def _describe(source: Any) -> str:
     return type(source).__name__
 
 
-def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int) -> list[dict]:
+def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int, max_file_mb: int) -> list[dict]:
     if isinstance(source, list):
         for i, rec in enumerate(source):
             if not isinstance(rec, dict):
@@ -73,9 +75,11 @@ def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int) -
             raise SmoLoRAError(f"{path}: folder holds no .txt files and is not a saved dataset")
         records: list[dict] = []
         for f in files:
+            _check_file(f, max_file_mb)
             records.extend(read_text_file(f, txt_mode, chunk_words, chunk_stride))
         return records
     if path.exists():
+        _check_file(path, max_file_mb)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             return read_jsonl(path)
@@ -92,6 +96,16 @@ def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int) -
     if text.startswith((".", "/", "~")) or Path(text).suffix.lower() in KNOWN_SUFFIXES or text.count("/") > 1:
         raise SmoLoRAError(f"{text}: data path does not exist")
     return _read_hub(text)
+
+
+def _check_file(path: Path, max_file_mb: int) -> None:
+    """Only regular files are read (a FIFO would block, a device never end), and none larger than the limit."""
+    if not path.is_file():
+        raise SmoLoRAError(f"{path}: not a regular file (a pipe, a device or a socket); data is read from files only")
+    size = path.stat().st_size
+    if size > max_file_mb * 2**20:
+        raise SmoLoRAError(f"{path}: {size / 2**20:.0f} MiB, larger than max_file_mb ({max_file_mb}); "
+                           "raise --max-file-mb to read it")
 
 
 def _decode_lines(path: Path) -> list[str]:

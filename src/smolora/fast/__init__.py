@@ -32,12 +32,12 @@ from smolora.fast.codes import CODES_FILE, forget_codes, patch_codes, save_codes
 from smolora.fast.dropout import patch_dropout
 from smolora.fast.fused import patch_fused
 from smolora.fast.head_loss import loss_sum as fast_loss_sum
-from smolora.fast.onednn import patch_onednn
+from smolora.fast.onednn import gemm_choice, patch_onednn, use_gemm
 from smolora.fast.patch import Patches
 from smolora.loss import LossSum, base_lm, token_loss_sum
 
-__all__ = ["CODES_FILE", "Speed", "accelerated", "allocator_name", "enabled", "forget_codes", "reexec_with_tcmalloc",
-           "release_free_memory", "save_codes"]
+__all__ = ["CODES_FILE", "Speed", "accelerated", "allocator_name", "enabled", "forget_codes", "gemm_choice",
+           "reexec_with_tcmalloc", "release_free_memory", "save_codes", "use_gemm"]
 
 ENV = "SMOLORA_FAST"  # "0": the plain path, whatever the settings say
 LEVERS = ("span attention", "weight codes", "fast dropout", "fused layers", "oneDNN linears")

@@ -3,9 +3,7 @@
 A training step frees and reallocates every activation of every row. glibc's malloc leaves the
 freed space scattered among small long-lived objects (autograd nodes, Python objects), so the next
 row's tensors do not fit in it and the heap grows; tcmalloc keeps large blocks apart from small
-ones and reuses them. Measured on the benchmark's data (benchmarks/RESULTS.md): peak RSS
-1608-1627 -> 1366-1368 MiB on short chat examples, 2017-2052 -> 1583 MiB on long ones, at the
-same speed and with the same losses to the last digit.
+ones and reuses them: a lower peak, the same speed and the same losses (benchmarks/RESULTS.md).
 
 The allocator has to be chosen before the process starts, so ``smolora`` re-runs itself once
 with ``LD_PRELOAD`` set (the same process id, so signals and torchrun see one process).

@@ -45,9 +45,8 @@ def _causal_mask(prefix: int, start: int, end: int, device: torch.device) -> tor
 
 # Where oneDNN's GEMM is the faster one (``smolora.fast.onednn``: an AMD CPU, where the flash kernel's
 # inner products run on MKL's AVX2 path), a span of this many queries or more is attended by
-# ``GemmAttention`` instead: fwd+bwd of one span after a 23-token prefix, 9 heads on 3: 100 queries
-# 0.93 ms either way, 150 1.74 -> 1.48, 300 5.7 -> 4.0, 450 9.6 -> 7.5 ms. Its probabilities are
-# one (heads of a group x queries x keys) block: above GEMM_MAX_SCORES the flash kernel's tiles win.
+# ``GemmAttention`` instead; below it the two take the same time. Its probabilities are one
+# (heads of a group x queries x keys) block: above GEMM_MAX_SCORES the flash kernel's tiles win.
 GEMM_MIN_QUERIES = 128
 GEMM_MAX_SCORES = 1 << 22  # 16 MiB of fp32 scores per KV group
 
@@ -109,11 +108,9 @@ class GemmAttention(torch.autograd.Function):
 
 
 # A row whose spans are all shorter than this goes through ``SpanAttention`` where the compiled
-# kernels are built: ~35-query spans after a 23-token step prefix, 9 heads on 3, fwd+bwd of a row of
-# eight 1.9 ms a layer through the flash kernel, 0.65 ms through it. Where GemmAttention would take
-# the long spans (``gemm_attention_pays``: the flash kernel's inner products are slow there), up to
-# SPAN_MAX_QUERIES_OVER_GEMM: one span after the prefix, fwd+bwd, 200 queries 2.35 -> 1.54 ms, 450
-# 8.2 -> 5.4, 700 23.8 -> 12.0, 1000 46.6 -> 32.6 (longer ones were not measured).
+# kernels are built: one call for all its spans where the flash kernel takes one per span. Where
+# GemmAttention would take the long spans (``gemm_attention_pays``: the flash kernel's inner
+# products are slow there), spans up to SPAN_MAX_QUERIES_OVER_GEMM (longer ones were not measured).
 SPAN_MAX_QUERIES = 128
 SPAN_MAX_QUERIES_OVER_GEMM = 1024
 

@@ -15,12 +15,11 @@ Inside ``patch_codes(model, patches)`` each frozen ``nn.Linear`` and ``nn.Embedd
 rebuilds its weight from them — a linear layer's whole weight for each forward and backward
 (``CodedLinear``; under CPU autocast, cast to its dtype as autocast casts the fp32 weight), an
 embedding only the rows it looks up, the LM-head loss a block of the vocabulary at a time
-(``smolora.train.LinearCrossEntropy``) — and never reads its fp32 weight,
-whose file pages then stay out of memory: on the embedded model 513 MiB of fp32 weights become
-92 MiB of codes (peak RSS 1209 -> 832 MiB on the benchmark's short data, 1377 -> 999 on long).
-Rebuilding a layer's weight is one pass through ``smolora.fast.native``'s compiled kernel (a few
-element-wise torch calls where no C compiler is found), ~6% of a short step. The products, and so
-the training, are those of the fp32 weights.
+(``smolora.fast.head_loss.LinearCrossEntropy``) — and never reads its fp32 weight,
+whose file pages then stay out of memory: on the embedded model about a fifth of the fp32
+weights' bytes. Rebuilding a layer's weight is one pass through ``smolora.fast.native``'s compiled
+kernel (a few element-wise torch calls where no C compiler is found). The products, and so the
+training, are those of the fp32 weights.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ class Codes(NamedTuple):
     Codes with a ``low`` may be input-major in memory (the same shapes, the output dimension
     innermost), as the codes file stores them: ``weight`` then rebuilds W in W^T's layout, each
     element-wise pass running along hundreds of outputs where row-major ones run along blocks of
-    16 (the embedded model's 210 layer weights: 20 -> 16 ms a rebuild of all).
+    16.
     """
 
     codes: torch.Tensor
@@ -206,14 +205,13 @@ class CodedLinear(torch.autograd.Function):
     """``x @ W^T + b`` for a frozen ``W`` held as codes: rebuilt for the forward and again for the
     backward to ``x``, so that no layer's fp32 weight is kept between the two. Input-major codes
     rebuild W in W^T's layout for the forward and, where the compiled kernels are built, in W's own
-    for the backward: the layouts oneDNN's GEMM reads fastest for each (a short step -5.7%, 18 of 20
-    steps faster, against W^T's layout for both).
+    for the backward: the layouts oneDNN's GEMM reads fastest for each.
 
     ``dtype`` (under CPU autocast, its dtype): the product in that dtype, the rebuilt weight, ``x``
     and the bias cast to it, as autocast casts the module's own; the gradient comes back in ``x``'s
     dtype. The cast weight keeps the rebuild's layout (W^T's for input-major codes): a GEMM may sum
     in another order than on autocast's row-major copy (here bf16's does not, fp16's does: ~1e-6),
-    where a transposing cast cost +13-26% of a step.
+    where a transposing cast would cost far more than it changes.
     """
 
     @staticmethod

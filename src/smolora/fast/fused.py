@@ -4,10 +4,9 @@ modules in fewer passes over memory, or with less of it saved for backward.
 Autograd through transformers' RMSNorm runs six element-wise kernels forward and about eight
 backward; through its rotary embedding (``x * cos + rotate_half(x) * sin``), five each way. On a
 CPU those passes, not arithmetic, are the cost. The functions here do each in three or four
-passes, with a hand-written backward: about 3% of a decoder layer's forward and backward at
-300-450 tokens (benchmarks/RESULTS.md); in one, where ``smolora.fast.native``'s kernels are built. The SwiGLU MLP's ``silu(gate) * up`` saves gate and up
-only and recomputes ``silu(gate)`` in backward: a sixth of a row's saved activations (peak RSS
--54 MiB on the benchmark's short data, -87 MiB on long), within noise of the same speed.
+passes with a hand-written backward, or in one where ``smolora.fast.native``'s kernels are built.
+The SwiGLU MLP's ``silu(gate) * up`` saves gate and up only and recomputes ``silu(gate)`` in
+backward: a sixth of a row's saved activations.
 
 ``patch_fused(lm, patches)`` switches them on for the duration of a training loop, and only where they
 reproduce the model's own module on a probe input, so a model whose norm, rotary or MLP convention

@@ -146,7 +146,7 @@ def _ce_by_positions(hidden, w, targets, want_h: bool):
         probs = logp.exp_()  # softmax, in place
         probs[rows, t] -= 1.0  # d loss / d logits
         probs = probs.to(dtype)
-        if want_h:  # torch's mm: as (W^T probs^T)^T, the vocabulary as the GEMM's long side (168 -> 197 GFLOP/s)
+        if want_h:  # torch's mm: as (W^T probs^T)^T, the vocabulary as the GEMM's long side (faster)
             grad_h[s : s + len(t)] = linear(probs, w.t()) if fast else (w.T @ probs.T).T
         grad_w += probs.T @ h
         logits = logp = probs = None  # oneDNN's (c, V) block: freed before the next chunk allocates its own

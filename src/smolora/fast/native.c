@@ -1,4 +1,4 @@
-/* SmoLoRA's CPU kernels, compiled on first use by smolora/native.py (cc -O3 -march=native -fopenmp
+/* SmoLoRA's CPU kernels, compiled on first use by smolora/fast/native.py (cc -O3 -march=native -fopenmp
  * -ffp-contract=off: no product is fused into a sum unless written so, as torch's kernels round them).
  *
  * Each does in one pass over memory what torch does in several element-wise calls, and gives the

@@ -19,19 +19,7 @@ sums, the same exp: ~1e-6 relative against float64). That code stays as the fall
 ``library()`` is None where no compiler is found, where the build fails (the source needs
 OpenMP), or with ``SMOLORA_NATIVE=0``.
 
-Measured on the embedded model's short benchmark data (2 cores), each kernel switched on and off
-every other step of one run: the rebuilds and masks 0.623 -> 0.586 s a step (medians of 20; every
-pair faster; inside a step the layers' 456 rebuilds 57 -> 35-40 ms, the head's 8 -> 7, the 60
-masks 13 -> 5), RMSNorm and rotary 0.687 -> 0.668 s (15 pairs of 20 faster), the adapters'
-dropout and A product 0.563 -> 0.552 s (17 of 20; alone, one adapter's forward and backward at
-300 tokens 280 -> 130 us), SwiGLU 0.660 -> 0.648 s in the mean (0.654 -> 0.648 median, 13 of
-20; alone, one MLP's forward and backward at 300 tokens 300 -> 166 us). Alone, all 210 layer
-weights rebuild in 16 ms through torch, 7.5 through the kernel. The span attention: 0.593 -> 0.528
-s a step (20 of 20 pairs faster; alone, forward and backward of a layer's eight ~35-token spans
-after a 23-token prefix 1.9 -> 0.65 ms); the backward's weights in W's layout 0.525 -> 0.495 s
-(18 of 20).
-
-The library is built with ``-march=native`` into ``$SMOLORA_HOME/kernels`` (~0.3 s, once), keyed
+The library is built once with ``-march=native`` into ``$SMOLORA_HOME/kernels``, keyed
 by the source, the compiler and the CPU's name and flags, so that a home shared between machines
 never loads one built for another CPU.
 """
@@ -46,10 +34,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from smolora.paths import publish, smolora_home
 
 ENV = "SMOLORA_NATIVE"  # 0: never build or load the library
 SOURCE = Path(__file__).with_name("native.c")
@@ -82,6 +71,10 @@ def _cpu() -> str:
         return platform.processor() + platform.machine()
 
 
+def _compile(compiler: str, output: Path) -> None:
+    subprocess.run([compiler, *FLAGS, "-o", str(output), str(SOURCE), "-lm"], check=True, capture_output=True, timeout=300)
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on the first call of the process and cached on disk; None if not available."""
@@ -90,17 +83,11 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    from smolora.models import smolora_home
-
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), _cpu().encode()]))
     path = smolora_home() / "kernels" / f"native-{key.hexdigest()[:16]}.so"
     try:
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # written whole, then renamed: never half a library
-                built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True, capture_output=True, timeout=300)
-                os.replace(built, path)
+        if not path.is_file():  # written whole, then renamed: never half a library
+            publish(path, functools.partial(_compile, compiler), folder=False)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = ["Write a short poem about the sea.", "Explain what a prime number is.", "List three uses of copper.",
-           "Describe a cat to someone who has never seen one."]
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a prime number is.",
+    "List three uses of copper.",
+    "Describe a cat to someone who has never seen one.",
+]
 
 
 def make_adapter(folder: Path, targets: list[str], r: int) -> None:
@@ -28,8 +32,11 @@ def make_adapter(folder: Path, targets: list[str], r: int) -> None:
     from smolora.lora import add_lora
     from smolora.models import load_model, resolve_model
 
-    model = add_lora(load_model(resolve_model(None)), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"),
-                     warn=lambda *_: None)
+    model = add_lora(
+        load_model(resolve_model(None)),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"),
+        warn=lambda *_: None,
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -51,8 +58,14 @@ def generation_speed(model, tokenizer, new_tokens: int, fold: bool = True) -> fl
         with torch.no_grad():
             t = time.perf_counter()
             with folded_adapter(model) if fold else contextlib.nullcontext():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             seconds += time.perf_counter() - t
         total += out.shape[1] - ids.shape[1]
     return total / seconds
@@ -62,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results_generate.json"))
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the measurements to this JSON file")
     args = ap.parse_args()
 
     from smolora.merge import load_adapter, merge_adapter
@@ -71,8 +84,10 @@ def main() -> None:
     source = resolve_model(None)  # warms the cache (converts the GGUF once)
     tokenizer = load_tokenizer(source)
     report = {}
-    for name, targets, r in [("qv-r8", ["q_proj", "v_proj"], 8),
-                             ("all-r16", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16)]:
+    for name, targets, r in [
+        ("qv-r8", ["q_proj", "v_proj"], 8),
+        ("all-r16", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16),
+    ]:
         with tempfile.TemporaryDirectory() as tmp:
             adapter, merged_dir = Path(tmp) / "adapter", Path(tmp) / "merged"
             make_adapter(adapter, targets, r)
@@ -89,13 +104,20 @@ def main() -> None:
                 speeds["merged"].append(generation_speed(merged, tokenizer, args.new_tokens))
                 speeds["unmerged_peft_plain"].append(generation_speed(unmerged, tokenizer, args.new_tokens, fold=False))
         med = {k: statistics.median(v) for k, v in speeds.items()}
-        report[name] = {"merge_seconds": statistics.median(merge_times), "tokens_per_s": med,
-                        "unmerged_over_merged": med["unmerged"] / med["merged"]}
-        print(f"{name}: merge (load base, merge, save) {report[name]['merge_seconds']:.2f} s; generation tokens/s "
-              f"merged {med['merged']:.1f}, unmerged {med['unmerged']:.1f} (unmerged/merged = {med['unmerged'] / med['merged']:.3f}); "
-              f"PEFT's plain unmerged forward {med['unmerged_peft_plain']:.1f}",
-              flush=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+        report[name] = {
+            "merge_seconds": statistics.median(merge_times),
+            "tokens_per_s": med,
+            "unmerged_over_merged": med["unmerged"] / med["merged"],
+        }
+        print(
+            f"{name}: merge (load base, merge, save) {report[name]['merge_seconds']:.2f} s; generation tokens/s "
+            f"merged {med['merged']:.1f}, unmerged {med['unmerged']:.1f} "
+            f"(unmerged/merged = {med['unmerged'] / med['merged']:.3f}); "
+            f"PEFT's plain unmerged forward {med['unmerged_peft_plain']:.1f}",
+            flush=True,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

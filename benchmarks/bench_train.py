@@ -4,11 +4,12 @@
     python benchmarks/bench_train.py --impls trl,smolora,reference   # the issue's pair and the loss check only
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants short   # a quick look
     python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
-    python benchmarks/bench_train.py --arch qwen3 --arch-dtype bfloat16   # its weights stored in bf16, as real checkpoints are
+    python benchmarks/bench_train.py --arch qwen3 --arch-dtype bfloat16   # weights stored in bf16, as checkpoints are
     python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
 
 Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct
-(or ``--model``/``--arch``), with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj; batch 1 x accumulation 8;
+(or ``--model``/``--arch``), with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj;
+batch 1 x accumulation 8;
 lr 2e-4; AdamW; fp32; max_length 1024. TRL runs with its own default of gradient checkpointing on
 (trl 1.x; the spec's config leaves it unset); ``trl_no_ckpt`` runs it off and ``smolora_ckpt`` runs
 SmoLoRA with it on, for the like-for-like pairs (smolora / trl_no_ckpt, smolora_ckpt / trl).
@@ -42,9 +43,11 @@ USER_ENV = set(os.environ)  # before importing smolora, which sets oneDNN's cach
 from smolora.fast import allocator, native, onednn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
-         "company number group problem fact water river mountain city music garden light paper story energy market "
-         "simple quick bright quiet early strong small large green happy careful clear warm cold").split()
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point government "
+    "company number group problem fact water river mountain city music garden light paper story energy market "
+    "simple quick bright quiet early strong small large green happy careful clear warm cold"
+).split()
 SPEC = dict(r=8, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"], batch=1, accum=8, lr=2e-4, max_length=1024)
 
 
@@ -91,9 +94,22 @@ def build_arch(arch: str, dtype: str = "float32") -> str:
     if (folder / "model.safetensors").is_file():
         return str(folder)
     ref = transformers.AutoConfig.from_pretrained(base)
-    dims = {k: getattr(ref, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                                         "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")}
+    dims = {
+        k: getattr(ref, k)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        )
+    }
     config = getattr(transformers, ARCHS[arch] + "Config")(**dims, head_dim=ref.hidden_size // ref.num_attention_heads)
     torch.manual_seed(0)
     model = getattr(transformers, ARCHS[arch] + "ForCausalLM")(config)
@@ -123,8 +139,13 @@ def gemm_peak(cfg, tokens: int = 512, dtype: torch.dtype = torch.float32) -> dic
     and, in fp32, through oneDNN as well (``dnn_*``), which SmoLoRA uses where it is faster: on an
     AMD CPU MKL takes its AVX2 path, and the machine's fp32 peak is oneDNN's. ``peak``: the best."""
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"qo": (tokens, hidden, hidden), "kv": (tokens, hidden, 192), "up": (tokens, hidden, inter),
-              "down": (tokens, inter, hidden), "head": (tokens, hidden, vocab)}
+    shapes = {
+        "qo": (tokens, hidden, hidden),
+        "kv": (tokens, hidden, 192),
+        "up": (tokens, hidden, inter),
+        "down": (tokens, inter, hidden),
+        "head": (tokens, hidden, vocab),
+    }
     backends = {"": lambda a, w: a @ w.T}
     if dtype == torch.float32 and onednn._available():
         backends["dnn_"] = onednn._onednn_linear
@@ -160,8 +181,15 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
     h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    dims = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     total = 0.0
     for tokens, pairs, head_positions in rows:
         for layer in range(layers):
@@ -191,8 +219,14 @@ def load_base(training: bool = False):
 def peft_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=SPEC["r"], lora_alpha=SPEC["alpha"], lora_dropout=SPEC["dropout"], bias="none",
-                      task_type="CAUSAL_LM", target_modules=SPEC["targets"])
+    return LoraConfig(
+        r=SPEC["r"],
+        lora_alpha=SPEC["alpha"],
+        lora_dropout=SPEC["dropout"],
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=SPEC["targets"],
+    )
 
 
 def encode(records, tokenizer):
@@ -210,7 +244,9 @@ def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
     return [order[s * per : (s + 1) * per] for s in range(steps)]
 
 
-def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False, fast: bool = True) -> dict:
+def worker_smolora(
+    records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False, fast: bool = True
+) -> dict:
     from smolora.config import TrainConfig
     from smolora.lora import add_lora
     from smolora.train import train
@@ -220,9 +256,20 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
     torch.manual_seed(seed)
     model = add_lora(model, peft_config(), warn=lambda *_: None)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
-                          learning_rate=SPEC["lr"], max_steps=steps, logging_steps=10**6, max_length=SPEC["max_length"],
-                          seed=seed, save_total_limit=1, gradient_checkpointing=gradient_checkpointing, bf16=bf16, fast=fast)
+        cfg = TrainConfig(
+            output_dir=out,
+            per_device_train_batch_size=SPEC["batch"],
+            gradient_accumulation_steps=SPEC["accum"],
+            learning_rate=SPEC["lr"],
+            max_steps=steps,
+            logging_steps=10**6,
+            max_length=SPEC["max_length"],
+            seed=seed,
+            save_total_limit=1,
+            gradient_checkpointing=gradient_checkpointing,
+            bf16=bf16,
+            fast=fast,
+        )
         result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
@@ -230,17 +277,30 @@ def worker_smolora(records, steps, seed, gradient_checkpointing: bool = False, b
     for idx in step_order(len(examples), steps, seed):
         rows.append([])
         lengths = [len(examples[i].input_ids) for i in idx]
-        groups = [[examples[idx[i]] for i in g] for g in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch)]
-        step_p = shared_prefix_length([e for g in groups for e in g]) if fast and cfg.share_prefix and len(groups) > 1 else 0
+        groups = [
+            [examples[idx[i]] for i in g]
+            for g in group_micro_batches(lengths, list(range(len(idx))), len(idx), cfg.max_tokens_per_batch)
+        ]
+        step_p = (
+            shared_prefix_length([e for g in groups for e in g]) if fast and cfg.share_prefix and len(groups) > 1 else 0
+        )
         if step_p:  # one StepPrefix forward for the step's rows
             rows[-1].append((step_p, step_p * step_p / 2, 0))
         for exs in groups:
             p = step_p or (shared_prefix_length(exs) if cfg.share_prefix else 0)
             tokens = (0 if step_p else p) + sum(len(e.input_ids) - p for e in exs)
-            pairs = (0 if step_p else p * p / 2) + sum((len(e.input_ids) - p) * p + (len(e.input_ids) - p) ** 2 / 2 for e in exs)
+            pairs = (0 if step_p else p * p / 2) + sum(
+                (len(e.input_ids) - p) * p + (len(e.input_ids) - p) ** 2 / 2 for e in exs
+            )
             rows[-1].append((tokens, pairs, sum(1 for e in exs for x in e.labels[1:] if x != -100)))
-    return {"step_seconds": result.step_seconds, "losses": result.losses, "flops_rows": rows,
-            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
+    return {
+        "step_seconds": result.step_seconds,
+        "losses": result.losses,
+        "flops_rows": rows,
+        "tokens_per_step": [
+            sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)
+        ],
+    }
 
 
 def worker_reference(records, steps, seed) -> dict:
@@ -254,7 +314,9 @@ def worker_reference(records, steps, seed) -> dict:
     model = get_peft_model(model, peft_config())
     model.config.use_cache = False
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEC["lr"], weight_decay=0.0)  # as SmoLoRA, TRL
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=SPEC["lr"], weight_decay=0.0
+    )  # as SmoLoRA, TRL
     losses, times, rows = [], [], []
     for s, idx in enumerate(step_order(len(examples), steps, seed)):
         t0 = time.perf_counter()
@@ -267,7 +329,9 @@ def worker_reference(records, steps, seed) -> dict:
             ids = torch.tensor([examples[i].input_ids])
             labels = torch.tensor([examples[i].labels])
             logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / n_targets
+            loss = (
+                F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / n_targets
+            )
             loss.backward()
             step_loss += loss.item()
             rows[-1].append((ids.shape[1], ids.shape[1] ** 2 / 2, ids.shape[1]))
@@ -276,8 +340,14 @@ def worker_reference(records, steps, seed) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
         times.append(time.perf_counter() - t0)
-    return {"step_seconds": times, "losses": losses, "flops_rows": rows,
-            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)]}
+    return {
+        "step_seconds": times,
+        "losses": losses,
+        "flops_rows": rows,
+        "tokens_per_step": [
+            sum(len(examples[i].input_ids) for i in idx) for idx in step_order(len(examples), steps, seed)
+        ],
+    }
 
 
 def trl_row(record: dict) -> dict:
@@ -286,8 +356,10 @@ def trl_row(record: dict) -> dict:
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return {"prompt": msgs[:last], "completion": msgs[last : last + 1]}
-    return {"prompt": [{"role": "user", "content": record["prompt"]}],
-            "completion": [{"role": "assistant", "content": record["completion"]}]}
+    return {
+        "prompt": [{"role": "user", "content": record["prompt"]}],
+        "completion": [{"role": "assistant", "content": record["completion"]}],
+    }
 
 
 def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing: bool = True) -> dict:
@@ -300,8 +372,12 @@ def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing:
     source, tok, model = load_base()
     examples = encode(records, tok)
     if len(examples) != len(records):
-        raise RuntimeError(f"{len(records) - len(examples)} records have nothing to learn; the order would not match SmoLoRA's")
-    order = step_order(len(examples), steps, seed)  # SmoLoRA's examples per step, in its order; TRL samples sequentially
+        raise RuntimeError(
+            f"{len(records) - len(examples)} records have nothing to learn; the order would not match SmoLoRA's"
+        )
+    order = step_order(
+        len(examples), steps, seed
+    )  # SmoLoRA's examples per step, in its order; TRL samples sequentially
     rows = [trl_row(records[i]) for idx in order for i in idx]
     times: list[float] = []
 
@@ -313,29 +389,60 @@ def worker_trl(records, steps, seed, bf16: bool = False, gradient_checkpointing:
             times.append(time.perf_counter() - self.t)
 
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=SPEC["batch"], gradient_accumulation_steps=SPEC["accum"],
-                         learning_rate=SPEC["lr"], max_steps=steps, logging_steps=1, optim="adamw_torch", fp16=False, bf16=bf16,
-                         max_length=SPEC["max_length"], report_to=[], save_strategy="no", use_cpu=True, seed=seed,
-                         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,
-                         train_sampling_strategy="sequential")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(),
-                             processing_class=tok, callbacks=[Clock()])
+        args = SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=SPEC["batch"],
+            gradient_accumulation_steps=SPEC["accum"],
+            learning_rate=SPEC["lr"],
+            max_steps=steps,
+            logging_steps=1,
+            optim="adamw_torch",
+            fp16=False,
+            bf16=bf16,
+            max_length=SPEC["max_length"],
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            gradient_checkpointing=gradient_checkpointing,
+            train_sampling_strategy="sequential",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            peft_config=peft_config(),
+            processing_class=tok,
+            callbacks=[Clock()],
+        )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    flops_rows = [[(len(examples[i].input_ids), len(examples[i].input_ids) ** 2 / 2, len(examples[i].input_ids)) for i in idx]
-                  for idx in order]
-    return {"step_seconds": times, "losses": losses, "flops_rows": flops_rows,
-            "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in order]}
+    flops_rows = [
+        [(len(examples[i].input_ids), len(examples[i].input_ids) ** 2 / 2, len(examples[i].input_ids)) for i in idx]
+        for idx in order
+    ]
+    return {
+        "step_seconds": times,
+        "losses": losses,
+        "flops_rows": flops_rows,
+        "tokens_per_step": [sum(len(examples[i].input_ids) for i in idx) for idx in order],
+    }
 
 
-WORKERS = {"trl": worker_trl, "smolora": worker_smolora, "reference": worker_reference,
-           "trl_no_ckpt": lambda records, steps, seed: worker_trl(records, steps, seed, gradient_checkpointing=False),
-           "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True),
-           # --no-fast: SmoLoRA's loop on the libraries' own path, to show what the speed wing buys
-           "smolora_plain": lambda records, steps, seed: worker_smolora(records, steps, seed, fast=False),
-           # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
-           "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
-           "trl_bf16": lambda records, steps, seed: worker_trl(records, steps, seed, bf16=True)}
+WORKERS = {
+    "trl": worker_trl,
+    "smolora": worker_smolora,
+    "reference": worker_reference,
+    "trl_no_ckpt": lambda records, steps, seed: worker_trl(records, steps, seed, gradient_checkpointing=False),
+    "smolora_ckpt": lambda records, steps, seed: worker_smolora(records, steps, seed, gradient_checkpointing=True),
+    # --no-fast: SmoLoRA's loop on the libraries' own path, to show what the speed wing buys
+    "smolora_plain": lambda records, steps, seed: worker_smolora(records, steps, seed, fast=False),
+    # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
+    "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
+    "trl_bf16": lambda records, steps, seed: worker_trl(records, steps, seed, bf16=True),
+}
 
 
 def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
@@ -348,9 +455,14 @@ def run_worker(impl: str, variant: str, steps: int, seed: int) -> dict:
     data = WORKERS[impl](records, steps, seed)
     data["peak_rss_mib"] = peak_rss_mib()  # before the probe: its buffers (a 100 MB head output) are not the run's
     # the machine right after the run, in the dtype of the run's matmuls
-    data["gemm_peak"], data["gemm_dtype"] = gemm_peak(model_config(), dtype=dtype)["peak"], str(dtype).removeprefix("torch.")
+    data["gemm_peak"], data["gemm_dtype"] = (
+        gemm_peak(model_config(), dtype=dtype)["peak"],
+        str(dtype).removeprefix("torch."),
+    )
     data["allocator"] = allocator.active()
-    data["native_kernels"] = impl.startswith("smolora") and impl != "smolora_plain" and native.library() is not None  # smolora.fast.native: built and used
+    data["native_kernels"] = (
+        impl.startswith("smolora") and impl != "smolora_plain" and native.library() is not None
+    )  # smolora.fast.native: built and used
     data["examples_per_step"] = SPEC["batch"] * SPEC["accum"]
     return data
 
@@ -394,9 +506,15 @@ def summarize(data: dict, flops_per_step: float, peak: float) -> dict:
     timed = data["step_seconds"][1:] or data["step_seconds"]  # the first step is a warm-up
     tokens = data["tokens_per_step"][1:] or data["tokens_per_step"]
     sec = sum(timed)
-    return {"s_per_step": sec / len(timed), "tokens_per_s": sum(tokens) / sec,
-            "examples_per_s": data["examples_per_step"] * len(timed) / sec, "peak_rss_mib": data["peak_rss_mib"],
-            "first_loss": data["losses"][0], "last_loss": data["losses"][-1], "mfu": flops_per_step / (sec / len(timed)) / (peak * 1e9)}
+    return {
+        "s_per_step": sec / len(timed),
+        "tokens_per_s": sum(tokens) / sec,
+        "examples_per_s": data["examples_per_step"] * len(timed) / sec,
+        "peak_rss_mib": data["peak_rss_mib"],
+        "first_loss": data["losses"][0],
+        "last_loss": data["losses"][-1],
+        "mfu": flops_per_step / (sec / len(timed)) / (peak * 1e9),
+    }
 
 
 def main() -> None:
@@ -405,17 +523,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--long-steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="trl,trl_no_ckpt,smolora,smolora_ckpt,smolora_plain,reference",
-                    help="workers, comma-separated: " + ", ".join(WORKERS))
-    ap.add_argument("--json", default=str(HERE / "results.json"))
+    ap.add_argument(
+        "--impls",
+        default="trl,trl_no_ckpt,smolora,smolora_ckpt,smolora_plain,reference",
+        help="workers, comma-separated: " + ", ".join(WORKERS),
+    )
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write every measurement to this JSON file")
     ap.add_argument("--model", help="a local model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes")
-    ap.add_argument("--arch-dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="how --arch's random weights are stored: float32 (default) or bfloat16, as real checkpoints are")
-    ap.add_argument("--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw")
-    ap.add_argument("--tcmalloc", choices=("smolora", "all", "none"), default="smolora",
-                    help="which workers run on tcmalloc where the system has it: SmoLoRA's, as the smolora command "
-                         "does (default), every worker's, or none")
+    ap.add_argument(
+        "--arch", choices=sorted(ARCHS), help="a random-weight model of this architecture at SmolLM2-135M's sizes"
+    )
+    ap.add_argument(
+        "--arch-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="how --arch's random weights are stored: float32 (default) or bfloat16, as real checkpoints are",
+    )
+    ap.add_argument(
+        "--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw"
+    )
+    ap.add_argument(
+        "--tcmalloc",
+        choices=("smolora", "all", "none"),
+        default="smolora",
+        help="which workers run on tcmalloc where the system has it: SmoLoRA's, as the smolora command "
+        "does (default), every worker's, or none",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -433,8 +566,16 @@ def main() -> None:
     codes_source(resolve_model(MODEL), "cpu")  # any conversion SmoLoRA's training makes: once, before the workers
     gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
-    report = {"gemm": gemm, "spec": SPEC, "tcmalloc": args.tcmalloc, "threads": torch.get_num_threads(), "model": MODEL or "embedded",
-              "model_type": model_cfg.model_type, "data_seed": args.data_seed, "results": {}}
+    report = {
+        "gemm": gemm,
+        "spec": SPEC,
+        "tcmalloc": args.tcmalloc,
+        "threads": torch.get_num_threads(),
+        "model": MODEL or "embedded",
+        "model_type": model_cfg.model_type,
+        "data_seed": args.data_seed,
+        "results": {},
+    }
     steps = {variant: args.long_steps if variant == "long" else args.steps for variant in args.variants.split(",")}
     raw: dict[str, dict[str, list[dict]]] = {}
     for variant in steps:
@@ -443,14 +584,17 @@ def main() -> None:
         for rep in range(args.reps):
             # interleaved, so machine drift hits all alike; each repetition starts with the next
             # implementation, so none always runs first
-            for impl in impls[rep % len(impls):] + impls[: rep % len(impls)]:
+            for impl in impls[rep % len(impls) :] + impls[: rep % len(impls)]:
                 data = spawn(impl, variant, steps[variant], seed=args.data_seed + rep, tcmalloc=args.tcmalloc)
                 per_step = [step_flops(model_cfg, rows, SPEC["r"], SPEC["targets"]) for rows in data["flops_rows"]]
                 timed = per_step[1:] or per_step  # the steps summarize() times: not the warm-up
                 data["flops_per_step"] = sum(timed) / len(timed)
                 raw[variant][impl].append(data)
-                print(f"  {variant} rep {rep} {impl}: {summarize(data, 1, 1)['tokens_per_s']:.0f} tok/s "
-                      f"(GEMM probe {data['gemm_peak']:.0f})", flush=True)
+                print(
+                    f"  {variant} rep {rep} {impl}: {summarize(data, 1, 1)['tokens_per_s']:.0f} tok/s "
+                    f"(GEMM probe {data['gemm_peak']:.0f})",
+                    flush=True,
+                )
     # MFU against the best GEMM rate any probe of this invocation saw in the run's dtype: the machine
     # drifts (probes ranged 185-314 GFLOP/s on one day here), and the highest never flatters.
     runs_all = [d for runs in raw.values() for rs in runs.values() for d in rs]
@@ -459,21 +603,40 @@ def main() -> None:
         peaks[d["gemm_dtype"]] = max(peaks.get(d["gemm_dtype"], 0.0), d["gemm_peak"])
     report["gemm_peak_used"] = peaks["float32"]
     report["gemm_peaks_used"] = peaks
-    built = sorted({d["native_kernels"] for rs in raw.values() for impl, r in rs.items() if impl.startswith("smolora") and impl != "smolora_plain" for d in r})
+    built = sorted(
+        {
+            d["native_kernels"]
+            for rs in raw.values()
+            for impl, r in rs.items()
+            if impl.startswith("smolora") and impl != "smolora_plain"
+            for d in r
+        }
+    )
     report["native_kernels"] = built == [True]
     if built:
-        print(f"\nSmoLoRA's compiled kernels (smolora.fast.native): {'built and used' if built == [True] else 'not built: torch fallback'}.")
-    print("\nMFU is counted against the highest GEMM probe of this invocation in the run's dtype: "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".")
+        print(
+            "\nSmoLoRA's compiled kernels (smolora.fast.native): "
+            + ("built and used." if built == [True] else "not built: torch fallback.")
+        )
+    print(
+        "\nMFU is counted against the highest GEMM probe of this invocation in the run's dtype: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + "."
+    )
     for variant, runs in raw.items():
-        summaries = {impl: [summarize(d, d["flops_per_step"], peaks[d["gemm_dtype"]]) | {"gemm_probe": d["gemm_peak"]} for d in rs]
-                     for impl, rs in runs.items()}
+        summaries = {
+            impl: [
+                summarize(d, d["flops_per_step"], peaks[d["gemm_dtype"]]) | {"gemm_probe": d["gemm_peak"]} for d in rs
+            ]
+            for impl, rs in runs.items()
+        }
         med = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in summaries.items()}
         allocators = {impl: "/".join(sorted({d["allocator"] for d in rs})) for impl, rs in runs.items()}
         report["results"][variant] = {"median": med, "runs": summaries, "allocators": allocators}
         print_table(variant, steps[variant], med, allocators)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"\nJSON: {args.json}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"\nJSON: {args.json}")
 
 
 def print_table(variant: str, steps: int, med: dict, allocators: dict) -> None:
@@ -481,17 +644,33 @@ def print_table(variant: str, steps: int, med: dict, allocators: dict) -> None:
     print("| impl | allocator | examples/s | tokens/s | s/step | peak RSS MiB | first loss | last loss | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for impl, m in med.items():
-        print(f"| {impl} | {allocators[impl]} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
-              f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |")
-    for ours, theirs in (("smolora", "trl"), ("smolora", "trl_no_ckpt"), ("smolora_ckpt", "trl"), ("smolora_plain", "trl"),
-                         ("smolora", "smolora_plain"), ("smolora_bf16", "trl_bf16"), ("smolora_bf16", "trl")):
+        print(
+            f"| {impl} | {allocators[impl]} | {m['examples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
+            f"{m['s_per_step']:.2f} | {m['peak_rss_mib']:.0f} | "
+            f"{m['first_loss']:.4f} | {m['last_loss']:.4f} | {100 * m['mfu']:.0f}% |"
+        )
+    for ours, theirs in (
+        ("smolora", "trl"),
+        ("smolora", "trl_no_ckpt"),
+        ("smolora_ckpt", "trl"),
+        ("smolora_plain", "trl"),
+        ("smolora", "smolora_plain"),
+        ("smolora_bf16", "trl_bf16"),
+        ("smolora_bf16", "trl"),
+    ):
         if ours in med and theirs in med:
             s, t = med[ours], med[theirs]
-            print(f"\n{ours} / {theirs}: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+            print(
+                f"\n{ours} / {theirs}: tokens/s x{s['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                f"peak RSS x{s['peak_rss_mib'] / t['peak_rss_mib']:.2f}"
+            )
     for ours in ("smolora", "smolora_bf16"):
         if "reference" in med and ours in med:
             s, r = med[ours], med["reference"]
-            print(f"{ours} vs reference (fp32) last loss: {100 * (s['last_loss'] - r['last_loss']) / r['last_loss']:+.2f}%")
+            print(
+                f"{ours} vs reference (fp32) last loss: "
+                f"{100 * (s['last_loss'] - r['last_loss']) / r['last_loss']:+.2f}%"
+            )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def found(monkeypatch):
 
 def test_preload_env_adds_tcmalloc_once(found):
     env = allocator.preload_env({"PATH": "/bin"})
-    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env[allocator.ENV] == "tcmalloc" and env["PATH"] == "/bin"
+    assert (
+        env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env[allocator.ENV] == "tcmalloc" and env["PATH"] == "/bin"
+    )
     assert allocator.preload_env(env) is None  # the re-run process does not run again
     kept = allocator.preload_env({"LD_PRELOAD": "libfoo.so"})
     assert kept["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libfoo.so"
@@ -41,11 +43,16 @@ def test_preload_env_nothing_to_load(monkeypatch):
 @pytest.mark.parametrize("choice", [None, "system"])
 def test_reexec_in_a_real_process(choice):
     """The process runs itself again, in place, on tcmalloc where it is installed; not when told not to."""
-    code = "import os; from smolora.fast import allocator; allocator.reexec_with_tcmalloc(); print(os.getpid(), allocator.active())"
+    code = (
+        "import os; from smolora.fast import allocator; allocator.reexec_with_tcmalloc(); "
+        "print(os.getpid(), allocator.active())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, "LD_PRELOAD")}
     if choice:
         env[allocator.ENV] = choice
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     want = "tcmalloc" if choice is None and allocator.find_tcmalloc() and sys.platform.startswith("linux") else "system"

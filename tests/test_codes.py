@@ -87,7 +87,9 @@ def test_codes_rebuild_a_q4_1_weight_bit_for_bit_and_nothing_else():
     assert fit_codes(weight[:, :48]) is None and fit_codes(weight.double()) is None
 
 
-@pytest.mark.parametrize(("kind", "make", "per_byte"), [("q4_0", q4_0, 2), ("q5_0", lambda *a: q4_0(*a, bits=5), 1), ("q5_1", q5_1, 1)])
+@pytest.mark.parametrize(
+    ("kind", "make", "per_byte"), [("q4_0", q4_0, 2), ("q5_0", lambda *a: q4_0(*a, bits=5), 1), ("q5_1", q5_1, 1)]
+)
 def test_codes_rebuild_the_other_block_types_smolora_exports(kind, make, per_byte):
     generator = torch.Generator().manual_seed(0)
     weight = make(96, 4 * BLOCK, generator)
@@ -124,12 +126,16 @@ def coded_folder(tmp_path, tokenizer, with_codes: bool, arch: str = "llama"):
         for module in model.modules():
             if type(module) is nn.Linear and module is not model.lm_head:
                 module.weight.copy_(q4_1(*module.weight.shape, generator))
-        model.get_input_embeddings().weight.copy_(q8_0(*model.get_input_embeddings().weight.shape, generator))  # tied to the head
+        model.get_input_embeddings().weight.copy_(
+            q8_0(*model.get_input_embeddings().weight.shape, generator)
+        )  # tied to the head
     folder = tmp_path / ("coded" if with_codes else "plain")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if with_codes:
-        assert save_codes(model, folder) == 15  # 2 layers x q, k, v, o, gate, up, down; the embedding, once for the tied head
+        assert (
+            save_codes(model, folder) == 15
+        )  # 2 layers x q, k, v, o, gate, up, down; the embedding, once for the tied head
     return folder
 
 
@@ -144,42 +150,82 @@ def load_poisoned(folder):
     return model
 
 
-def train_on(folder, tokenizer, tmp_path, poison: bool = False, gradient_checkpointing: bool = False, weight_codes: bool = True,
-             bias: str = "none", precision: str = "fp32"):
+def train_on(
+    folder,
+    tokenizer,
+    tmp_path,
+    poison: bool = False,
+    gradient_checkpointing: bool = False,
+    weight_codes: bool = True,
+    bias: str = "none",
+    precision: str = "fp32",
+):
     model = load_poisoned(folder) if poison else load_model(resolve_model(folder))
     torch.manual_seed(0)
-    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None)
+    model = add_lora(
+        model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None
+    )
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
-    cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1,
-                      eval_steps=2, gradient_checkpointing=gradient_checkpointing, weight_codes=weight_codes,
-                      bf16=precision == "bf16", fp16=precision == "fp16")
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        seed=1,
+        eval_steps=2,
+        gradient_checkpointing=gradient_checkpointing,
+        weight_codes=weight_codes,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+    )
     result = train(model, examples, cfg, val_examples=examples[:4], log=lambda *_: None)
     assert not any("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)  # restored
     assert len(result.eval_losses) == 2
-    return result.losses + [loss for _, loss in result.eval_losses], {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return result.losses + [loss for _, loss in result.eval_losses], {
+        n: p.detach() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize(("gradient_checkpointing", "onednn"), [(False, True), (True, True), (False, False)])
-def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(tokenizer, tmp_path, monkeypatch,
-                                                                                  gradient_checkpointing, onednn):
+def test_training_on_codes_is_training_on_the_fp32_weights_and_never_reads_them(
+    tokenizer, tmp_path, monkeypatch, gradient_checkpointing, onednn
+):
     if not onednn:  # torch's own GEMM (MKL's), as on a CPU where oneDNN's is not faster
         monkeypatch.setattr(smolora.fast.onednn, "onednn_is_faster", lambda: False)
-    plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a", False, gradient_checkpointing)
-    losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing)
+    plain_losses, plain_adapter = train_on(
+        coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a", False, gradient_checkpointing
+    )
+    losses, adapter = train_on(
+        coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True, gradient_checkpointing
+    )
     assert losses == plain_losses and all(x == x for x in losses)
     assert plain_adapter.keys() == adapter.keys() and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
 
 
 @pytest.mark.parametrize(("precision", "gradient_checkpointing"), [("bf16", False), ("bf16", True), ("fp16", False)])
-def test_training_on_codes_under_autocast_is_training_on_the_fp32_weights_under_it(tokenizer, tmp_path, precision,
-                                                                                   gradient_checkpointing):
+def test_training_on_codes_under_autocast_is_training_on_the_fp32_weights_under_it(
+    tokenizer, tmp_path, precision, gradient_checkpointing
+):
     """``--bf16`` / ``--fp16`` on a CPU: the rebuilt weight cast to autocast's dtype is the one autocast
     casts from the fp32 weight (in W^T's layout, so a GEMM may sum in another order: not to the bit)."""
-    plain_losses, plain_adapter = train_on(coded_folder(tmp_path, tokenizer, False), tokenizer, tmp_path / "a",
-                                           gradient_checkpointing=gradient_checkpointing, precision=precision)
-    losses, adapter = train_on(coded_folder(tmp_path, tokenizer, True), tokenizer, tmp_path / "b", True,
-                               gradient_checkpointing=gradient_checkpointing, precision=precision)
-    assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(losses, plain_losses, strict=True))  # NaN if a fp32 weight was read
+    plain_losses, plain_adapter = train_on(
+        coded_folder(tmp_path, tokenizer, False),
+        tokenizer,
+        tmp_path / "a",
+        gradient_checkpointing=gradient_checkpointing,
+        precision=precision,
+    )
+    losses, adapter = train_on(
+        coded_folder(tmp_path, tokenizer, True),
+        tokenizer,
+        tmp_path / "b",
+        True,
+        gradient_checkpointing=gradient_checkpointing,
+        precision=precision,
+    )
+    assert all(
+        math.isclose(x, y, rel_tol=1e-5) for x, y in zip(losses, plain_losses, strict=True)
+    )  # NaN if a fp32 weight was read
     assert all(torch.allclose(plain_adapter[n], adapter[n], rtol=1e-3, atol=1e-6) for n in adapter)
 
 
@@ -187,9 +233,14 @@ def test_weight_codes_off_reads_the_fp32_weights(tokenizer, tmp_path):
     folder = coded_folder(tmp_path, tokenizer, True)
     with pytest.raises(NonFiniteLossError):  # the poisoned rows are read
         train_on(folder, tokenizer, tmp_path / "b", True, weight_codes=False)
-    model, examples = load_poisoned(folder).requires_grad_(False), encode_records(chat_records(4), tokenizer, FormatOptions())[0]
+    model, examples = (
+        load_poisoned(folder).requires_grad_(False),
+        encode_records(chat_records(4), tokenizer, FormatOptions())[0],
+    )
     assert math.isfinite(evaluate(model, tokenizer, examples, progress=False).loss)
-    assert math.isnan(evaluate(model, tokenizer, examples, progress=False, weight_codes=False).loss)  # smolora eval --no-weight-codes
+    assert math.isnan(
+        evaluate(model, tokenizer, examples, progress=False, weight_codes=False).loss
+    )  # smolora eval --no-weight-codes
 
 
 def test_a_layer_whose_bias_trains_keeps_its_own_forward(tokenizer, tmp_path):
@@ -202,7 +253,9 @@ def test_a_layer_whose_bias_trains_keeps_its_own_forward(tokenizer, tmp_path):
 
 
 def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_path):
-    model = load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))).requires_grad_(False)  # frozen, as a base trains
+    model = load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))).requires_grad_(
+        False
+    )  # frozen, as a base trains
     assert (tmp_path / "coded" / CODES_FILE).is_file()
 
     def coded() -> int:
@@ -223,14 +276,22 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
 
 
 def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, tmp_path, monkeypatch):
-    model = add_lora(load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))), LoraSettings().to_peft(), warn=lambda *_: None)
+    model = add_lora(
+        load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))),
+        LoraSettings().to_peft(),
+        warn=lambda *_: None,
+    )
     monkeypatch.setenv(smolora.fast.onednn.ENV, "neither")  # read by the first GEMM: the fused layers' probes
     smolora.fast.onednn.onednn_is_faster.cache_clear()
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SmoLoRAError, match="SMOLORA_GEMM"):
-            train(model, encode_records(chat_records(4), tokenizer, FormatOptions())[0],
-                  TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1), log=lambda *_: None)
+            train(
+                model,
+                encode_records(chat_records(4), tokenizer, FormatOptions())[0],
+                TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1),
+                log=lambda *_: None,
+            )
     finally:
         smolora.fast.onednn.onednn_is_faster.cache_clear()
     assert signal.getsignal(signal.SIGINT) is handler
@@ -239,7 +300,8 @@ def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, t
 
 
 def half_folder(tmp_path, tokenizer, dtype: torch.dtype):
-    """A tiny Llama saved as a Hugging Face checkpoint in ``dtype``, as most are: loaded, its weights are fp32 copies."""
+    """A tiny Llama saved as a Hugging Face checkpoint in ``dtype``, as most are: loaded, its weights are
+    fp32 copies."""
     folder = tmp_path / str(dtype).removeprefix("torch.")
     build_tiny("llama", len(tokenizer), seed=3).to(dtype).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -258,20 +320,28 @@ def test_codes_hold_a_weight_a_checkpoint_stored_in_16_bits_as_such():
     assert fit_codes(q4_1(8, 64, generator)).codes.dtype == torch.uint8  # the smaller codes first
 
 
-@pytest.mark.parametrize(("dtype", "precision"), [(torch.bfloat16, "fp32"), (torch.float16, "fp32"), (torch.bfloat16, "bf16")])
-def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_once(tokenizer, tmp_path, monkeypatch, dtype,
-                                                                                      precision):
+@pytest.mark.parametrize(
+    ("dtype", "precision"), [(torch.bfloat16, "fp32"), (torch.float16, "fp32"), (torch.bfloat16, "bf16")]
+)
+def test_a_16_bit_checkpoint_trains_on_its_16_bit_weights_from_a_cache_written_once(
+    tokenizer, tmp_path, monkeypatch, dtype, precision
+):
     monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
     folder = half_folder(tmp_path, tokenizer, dtype)
     cache = half_cache_folder(folder)
     assert cache.parent == tmp_path / "home" / "models" and (cache / CODES_FILE).is_file()
-    assert half_cache_folder(folder) == cache and (cache / "model.safetensors").stat().st_mtime_ns == \
-        (half_cache_folder(folder) / "model.safetensors").stat().st_mtime_ns  # reused, not rewritten
+    assert (
+        half_cache_folder(folder) == cache
+        and (cache / "model.safetensors").stat().st_mtime_ns
+        == (half_cache_folder(folder) / "model.safetensors").stat().st_mtime_ns
+    )  # reused, not rewritten
     assert (cache / "config.json").read_text() == (folder / "config.json").read_text()
     with safe_open(str(cache / CODES_FILE), "pt") as file:
         assert len(list(file.keys())) == 15 and all(file.get_tensor(k).dtype == dtype for k in file.keys())
     plain_losses, plain_adapter = train_on(folder, tokenizer, tmp_path / "a", weight_codes=False, precision=precision)
-    losses, adapter = train_on(cache, tokenizer, tmp_path / "b", poison=True, precision=precision)  # the fp32 copies are never read
+    losses, adapter = train_on(
+        cache, tokenizer, tmp_path / "b", poison=True, precision=precision
+    )  # the fp32 copies are never read
     assert losses == plain_losses and all(torch.equal(plain_adapter[n], adapter[n]) for n in adapter)
 
 
@@ -281,7 +351,9 @@ def test_training_through_the_api_uses_the_16_bit_cache_only_where_codes_are_on(
     monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
     folder, adapters = half_folder(tmp_path, tokenizer, torch.bfloat16), []
     for weight_codes in (False, True):
-        lora = SmoLoRA(base_model_name=str(folder), dataset_name=chat_records(8), output_dir=str(tmp_path / str(weight_codes)))
+        lora = SmoLoRA(
+            base_model_name=str(folder), dataset_name=chat_records(8), output_dir=str(tmp_path / str(weight_codes))
+        )
         lora.sft_config.max_steps, lora.sft_config.weight_codes = 2, weight_codes
         lora.train()
         adapters.append({n: p.detach() for n, p in lora.model.named_parameters() if p.requires_grad})
@@ -293,13 +365,21 @@ def test_training_through_the_api_uses_the_16_bit_cache_only_where_codes_are_on(
 def test_smolora_eval_of_a_16_bit_checkpoint_reads_it_from_the_cache(tokenizer, tmp_path):
     folder, data = half_folder(tmp_path, tokenizer, torch.bfloat16), write_jsonl(tmp_path / "v.jsonl", chat_records(6))
     env = {**ENV, "SMOLORA_HOME": str(tmp_path / "home")}
-    plain = run_cli("eval", "--model", folder, "--data", data, "--json", tmp_path / "plain.json", "--no-weight-codes", env=env)
+    plain = run_cli(
+        "eval", "--model", folder, "--data", data, "--json", tmp_path / "plain.json", "--no-weight-codes", env=env
+    )
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert not (tmp_path / "home" / "models").exists()  # (its compiled kernels may be there)
     coded = run_cli("eval", "--model", folder, "--data", data, "--json", tmp_path / "coded.json", env=env)
     assert coded.returncode == 0, coded.stderr[-2000:]
-    assert "16-bit weights as fp32 + codes (once)" in coded.stdout and len(list((tmp_path / "home" / "models").iterdir())) == 1
-    assert json.loads((tmp_path / "coded.json").read_text())["loss"] == json.loads((tmp_path / "plain.json").read_text())["loss"]
+    assert (
+        "16-bit weights as fp32 + codes (once)" in coded.stdout
+        and len(list((tmp_path / "home" / "models").iterdir())) == 1
+    )
+    assert (
+        json.loads((tmp_path / "coded.json").read_text())["loss"]
+        == json.loads((tmp_path / "plain.json").read_text())["loss"]
+    )
 
 
 def test_a_16_bit_cache_only_for_cpu_training_of_a_model_transformers_implements(tokenizer, tmp_path, monkeypatch):

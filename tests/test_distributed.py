@@ -47,8 +47,21 @@ def data(tmp_path):
 
 def test_two_processes_make_the_updates_one_process_makes(tmp_path, tiny_model_dir, data):
     """An epoch of 21 examples, 4 per step: 6 steps, the last one example (one process gets nothing)."""
-    common = ["train", "--data", data, "--model", tiny_model_dir, "--max-steps", -1, "--lora-dropout", 0,
-              "--logging-steps", 1, "--no-merge", "--no-dedupe"]
+    common = [
+        "train",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        -1,
+        "--lora-dropout",
+        0,
+        "--logging-steps",
+        1,
+        "--no-merge",
+        "--no-dedupe",
+    ]
     one = smolora(*common, "--gradient-accumulation-steps", 4, "--output", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun(*common, "--gradient-accumulation-steps", 2, "--output", tmp_path / "two")
@@ -57,17 +70,34 @@ def test_two_processes_make_the_updates_one_process_makes(tmp_path, tiny_model_d
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
-    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert len(logs[0]) == len(logs[1]) == 6  # one writer
     for x, y in zip(*logs):
-        assert x["loss"] == pytest.approx(y["loss"], abs=2e-4) and x["grad_norm"] == pytest.approx(y["grad_norm"], abs=2e-4)
+        assert x["loss"] == pytest.approx(y["loss"], abs=2e-4) and x["grad_norm"] == pytest.approx(
+            y["grad_norm"], abs=2e-4
+        )
     assert "adapter saved to" in two.stdout and two.stdout.count("adapter saved to") == 1
 
 
 def test_a_resumed_two_process_run_is_bit_identical_and_the_process_count_is_kept(tmp_path, tiny_model_dir, data):
     """Dropout on: each process draws its own masks, and the checkpoint keeps each one's RNG state."""
-    common = ["train", "--data", data, "--model", tiny_model_dir, "--lr-scheduler-type", "constant", "--no-merge",
-              "--gradient-accumulation-steps", 2, "--save-steps", 1]
+    common = [
+        "train",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--lr-scheduler-type",
+        "constant",
+        "--no-merge",
+        "--gradient-accumulation-steps",
+        2,
+        "--save-steps",
+        1,
+    ]
     whole = torchrun(*common, "--max-steps", 4, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     part = torchrun(*common, "--max-steps", 2, "--output", tmp_path / "part")
@@ -85,13 +115,35 @@ def test_a_resumed_two_process_run_is_bit_identical_and_the_process_count_is_kep
 
 def test_ctrl_c_inside_a_long_step_checkpoints_the_last_finished_one_at_once(tmp_path, tiny_model_dir, data):
     """Both processes give up the step under way (torchrun kills them 30 s after Ctrl-C); resuming is exact."""
-    common = ["train", "--data", data, "--model", tiny_model_dir, "--max-steps", 3, "--no-merge", "--save-steps", 0,
-              "--lr-scheduler-type", "constant", "--gradient-accumulation-steps", 1500, "--logging-steps", 1]
+    common = [
+        "train",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        3,
+        "--no-merge",
+        "--save-steps",
+        0,
+        "--lr-scheduler-type",
+        "constant",
+        "--gradient-accumulation-steps",
+        1500,
+        "--logging-steps",
+        1,
+    ]
     whole = torchrun(*common, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, *TORCHRUN, "-m", "smolora.cli", *map(str, common), "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *TORCHRUN, "-m", "smolora.cli", *map(str, common), "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():  # step 1 done: step 2 under way
         time.sleep(0.01)

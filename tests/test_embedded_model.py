@@ -44,10 +44,12 @@ def test_twenty_steps_lower_the_loss_and_the_merged_model_stops(tmp_path, embedd
 
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "Spell the number 1234 backwards."}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Spell the number 1234 backwards."}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=30, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
     assert tok.eos_token_id in new, tok.decode(new)  # it learned to stop
     assert len(new) < 30
 
@@ -86,7 +88,10 @@ def test_the_conversion_keeps_the_exact_codes_of_every_q4_1_tensor(embedded):
     source, _ = embedded
     kinds = [t.tensor_type for t in GGUFReader(embedded_gguf_path()).tensors]
     quantized = sum(kind in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0) for kind in kinds)
-    with safe_open(f"{source.folder}/{CODES_FILE}", "pt") as codes, safe_open(f"{source.folder}/model.safetensors", "pt") as fp32:
+    with (
+        safe_open(f"{source.folder}/{CODES_FILE}", "pt") as codes,
+        safe_open(f"{source.folder}/model.safetensors", "pt") as fp32,
+    ):
         names = {k.rsplit(".", 1)[0] for k in codes.keys()}
         assert len(names) == quantized == 30 * 7 + 1
         for name in names:
@@ -110,19 +115,48 @@ def test_the_cli_trains_the_same_steps_with_and_without_the_speed_wing_and_the_r
 
     source, tok = embedded
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Spell {n} backwards.", "completion": str(n)[::-1]}) + "\n" for n in range(100, 132)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Spell {n} backwards.", "completion": str(n)[::-1]}) + "\n" for n in range(100, 132)
+        )
+    )
     runs = {}
     for name, extra in (("fast", []), ("plain", ["--no-fast", "--no-merge"])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "smolora.cli", "train", "--data", str(data), "--output", str(out), "--max-steps", "3",
-               "--lora-dropout", "0", "--logging-steps", "1", "--optim", "sgd", "--learning-rate", "0.5", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "smolora.cli",
+            "train",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "3",
+            "--lora-dropout",
+            "0",
+            "--logging-steps",
+            "1",
+            "--optim",
+            "sgd",
+            "--learning-rate",
+            "0.5",
+            *extra,
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert ("speed levers: none (the plain path)" in proc.stdout) == (name == "plain"), proc.stdout[-2000:]
-        losses = [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+        losses = [
+            row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row
+        ]
         runs[name] = losses, load_file(out / "adapter_checkpoint" / "adapter_model.safetensors")
     (fast_losses, fast_adapter), (plain_losses, plain_adapter) = runs["fast"], runs["plain"]
-    assert len(fast_losses) == 3 and fast_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-4)  # logged to 4 decimals
+    assert len(fast_losses) == 3 and fast_losses == pytest.approx(
+        plain_losses, rel=1e-4, abs=1e-4
+    )  # logged to 4 decimals
     for key, value in plain_adapter.items():
         torch.testing.assert_close(fast_adapter[key], value, rtol=1e-4, atol=1e-4)
     assert max(v.abs().max() for k, v in plain_adapter.items() if "lora_B" in k) > 1e-3  # a real update

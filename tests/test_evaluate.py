@@ -18,12 +18,20 @@ from test_cli import smolora
 
 
 def test_last_reply_is_the_last_supervised_run_and_all_before_it(tokenizer):
-    chat = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "first"},
-                         {"role": "user", "content": "two"}, {"role": "assistant", "content": "second"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "second"},
+        ]
+    }
     ex = encode_record(chat, tokenizer, FormatOptions())
     prompt, reply = last_reply(ex)
     assert tokenizer.decode(reply) == "second<|im_end|>"
-    assert tokenizer.decode(prompt).endswith("first<|im_end|>\n<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(prompt).endswith(
+        "first<|im_end|>\n<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prompt + reply == ex.input_ids[: len(prompt) + len(reply)]
     assert last_reply(encode_record({"text": "plain text all supervised"}, tokenizer, FormatOptions())) is None
 
@@ -50,8 +58,21 @@ def test_loss_is_the_training_validation_loss_and_exact_match_compares_greedy_re
 
 def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tiny_model_dir):
     data = tmp_path / "val.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(6)))
-    r = smolora("eval", "--data", data, "--model", tiny_model_dir, "--exact-match", "--max-new-tokens", 3, "--json", tmp_path / "reports" / "r.json")
+    data.write_text(
+        "".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(6))
+    )
+    r = smolora(
+        "eval",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--exact-match",
+        "--max-new-tokens",
+        3,
+        "--json",
+        tmp_path / "reports" / "r.json",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.loads((tmp_path / "reports" / "r.json").read_text())  # the missing folder made
     assert saved["examples"] == 6 and saved["scored"] == 6 and saved["loss"] > 0
@@ -61,12 +82,14 @@ def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tin
     text.write_text("plain text\nmore plain text\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{oops}\n')
-    for args, message in (((text, "--exact-match"), "exact match needs examples with a prompt"),
-                          ((bad,), "bad.jsonl:2: malformed JSON"),
-                          ((data, "--max-new-tokens", 0), "max_new_tokens must be >= 1"),
-                          ((data, "--model", tmp_path / "nowhere"), "model path does not exist"),
-                          ((data, "--json", tmp_path), "is a folder; expected a file name"),
-                          ((data, "--json", text / "r.json"), "notes.txt is not a writable folder")):
+    for args, message in (
+        ((text, "--exact-match"), "exact match needs examples with a prompt"),
+        ((bad,), "bad.jsonl:2: malformed JSON"),
+        ((data, "--max-new-tokens", 0), "max_new_tokens must be >= 1"),
+        ((data, "--model", tmp_path / "nowhere"), "model path does not exist"),
+        ((data, "--json", tmp_path), "is a folder; expected a file name"),
+        ((data, "--json", text / "r.json"), "notes.txt is not a writable folder"),
+    ):
         r = smolora("eval", "--model", tiny_model_dir, "--data", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
@@ -74,12 +97,28 @@ def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tin
 
 def test_several_tasks_are_evaluated_record_by_record_with_their_prefix(tmp_path, tiny_model_dir):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(5)))
+    a.write_text(
+        "".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": str(2 * i)}) + "\n" for i in range(5))
+    )
     b.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("hello", "world")))
-    r = smolora("eval", "--data", f"x={a}", "--data", f"y={b}@3", "--model", tiny_model_dir, "--exact-match",
-                "--max-new-tokens", 2, "--json", tmp_path / "r.json")
+    r = smolora(
+        "eval",
+        "--data",
+        f"x={a}",
+        "--data",
+        f"y={b}@3",
+        "--model",
+        tiny_model_dir,
+        "--exact-match",
+        "--max-new-tokens",
+        2,
+        "--json",
+        tmp_path / "r.json",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "7 examples kept" in r.stdout + r.stderr and "per task: x=5, y=2" in r.stdout + r.stderr  # no resampling by weight
+    assert (
+        "7 examples kept" in r.stdout + r.stderr and "per task: x=5, y=2" in r.stdout + r.stderr
+    )  # no resampling by weight
     saved = json.loads((tmp_path / "r.json").read_text())
     x, y = saved["per_task"]["x"], saved["per_task"]["y"]
     assert (x["examples"], y["examples"]) == (5, 2) and x["scored"] + y["scored"] == saved["scored"] == 7

@@ -61,7 +61,9 @@ def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, toke
     assert len(fields["tokenizer.ggml.tokens"].data) == model.config.vocab_size
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2), ("q5_1", 5e-2), ("q4_0", 2e-1)])
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2), ("q5_1", 5e-2), ("q4_0", 2e-1)]
+)
 def test_smaller_types_stay_close_and_keep_norms_f32(tmp_path, tokenizer, dtype, atol):
     model = tiny("llama", len(tokenizer))
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype)
@@ -117,7 +119,9 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(tmp_path, tokenizer)
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    wordlevel = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    wordlevel = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    )
     with pytest.raises(SmoLoRAError, match="only byte-level BPE"):
         export_gguf(model, wordlevel, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []  # no partial file, no temporary left behind
@@ -172,8 +176,11 @@ def test_the_pre_tokenizer_is_named_for_llama_cpp_and_read_back_the_same(tmp_pat
 
     qwen_style = copy.deepcopy(tokenizer)
     qwen_style.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     assert qwen_style(TEXT).input_ids != tokenizer(TEXT).input_ids  # the split matters for this text
     for tok, pre in ((qwen_style, "qwen2"), (tokenizer, "gpt-2")):
         path = export_gguf(tiny("qwen2", len(tok)), tok, tmp_path / f"{pre}.gguf", "f32")
@@ -183,13 +190,15 @@ def test_the_pre_tokenizer_is_named_for_llama_cpp_and_read_back_the_same(tmp_pat
 
     digits = copy.deepcopy(tokenizer)  # SmolLM2's own tokenizer.json: digits one by one, then GPT-2's split
     digits.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     path = export_gguf(tiny("llama", len(digits)), digits, tmp_path / "smollm.gguf", "f32")
     assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
 
     unknown = copy.deepcopy(tokenizer)
     unknown.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     with pytest.warns(UserWarning, match="no llama.cpp name"):
         path = export_gguf(tiny("llama", len(unknown)), unknown, tmp_path / "unknown.gguf", "f32")
     assert "tokenizer.ggml.pre" not in GGUFReader(path).fields

@@ -153,7 +153,10 @@ def test_training_leaves_no_trace_on_a_model_used_after_it(tokenizer, tmp_path):
     bystander = build_tiny("llama", len(tokenizer), seed=5)
     with torch.no_grad():
         expected = bystander(input_ids=ids).logits
-    first, second = _train(tokenizer, tmp_path / "a", "llama", fast=True), _train(tokenizer, tmp_path / "b", "llama", fast=True)
+    first, second = (
+        _train(tokenizer, tmp_path / "a", "llama", fast=True),
+        _train(tokenizer, tmp_path / "b", "llama", fast=True),
+    )
     assert first[0] == second[0]  # the second run is not changed by what the first left behind
     with torch.no_grad():
         assert torch.equal(bystander(input_ids=ids).logits, expected)
@@ -181,7 +184,9 @@ def test_a_failure_undoing_the_speed_wing_loses_nothing(tokenizer, tmp_path, mon
     assert any("could not be undone (RuntimeError: transformers changed under us)" in w for w in warnings)
 
 
-def test_a_failing_merge_names_the_adapter_it_leaves_and_peft_loads_it(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_failing_merge_names_the_adapter_it_leaves_and_peft_loads_it(
+    tokenizer, tiny_model_dir, tmp_path, monkeypatch
+):
     from peft import PeftModel
 
     import smolora.run

@@ -29,9 +29,15 @@ def test_chat_mask_supervises_answer_and_end_of_turn_even_though_pad_is_eos(toke
 
 
 def test_multi_turn_supervises_every_assistant_turn(tokenizer):
-    rec = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
-                        {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"},
-                        {"role": "assistant", "content": "four"}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "four"},
+        ]
+    }
     ex = encode_record(rec, tokenizer, FormatOptions())
     assert decode_supervised(tokenizer, ex) == "two<|im_end|>four<|im_end|>"
 
@@ -42,12 +48,15 @@ def test_train_on_prompt_supervises_everything(tokenizer):
     assert ex.labels == ex.input_ids
 
 
-@pytest.mark.parametrize("record", [
-    {"prompt": "hello", "completion": "world"},
-    {"instruction": "hello", "input": "", "output": "world"},
-    {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]},
-    {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "hello", "completion": "world"},
+        {"instruction": "hello", "input": "", "output": "world"},
+        {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
+    ],
+)
 def test_every_conversational_shape_renders_the_same(tokenizer, record):
     ex = encode_record(record, tokenizer, FormatOptions())
     assert decode_supervised(tokenizer, ex) == "world<|im_end|>"
@@ -74,7 +83,9 @@ def test_whitespace_only_text_is_dropped_like_empty_text(tokenizer):
 def test_custom_text_field_and_field_map(tokenizer):
     ex = encode_record({"body": "hello"}, tokenizer, FormatOptions(text_field="body"))
     assert tokenizer.decode(ex.input_ids).startswith("hello")
-    ex = encode_record({"q": "hello", "a": "world"}, tokenizer, FormatOptions(field_map={"prompt": "q", "completion": "a"}))
+    ex = encode_record(
+        {"q": "hello", "a": "world"}, tokenizer, FormatOptions(field_map={"prompt": "q", "completion": "a"})
+    )
     assert decode_supervised(tokenizer, ex) == "world<|im_end|>"
 
 
@@ -100,16 +111,25 @@ def test_model_without_template_gets_chatml():
     assert tok.decode(examples[0].input_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'wizard'"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
-    ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has: body)"),
-    ({"messages": "hello"}, "messages must be a non-empty list"),
-    ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
-    ({"question": "x", "b": "y", "_map": {"prompt": "question"}},
-     "record has 'question' as its prompt but no 'completion' field for its completion; map it with --field-map completion=FIELD"),
-    ({"output": "y"}, "record has 'output' as its output but no 'instruction' field"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "unknown role 'wizard'",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has: body)"),
+        ({"messages": "hello"}, "messages must be a non-empty list"),
+        ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
+        (
+            {"question": "x", "b": "y", "_map": {"prompt": "question"}},
+            "record has 'question' as its prompt but no 'completion' field for its completion; "
+            "map it with --field-map completion=FIELD",
+        ),
+        ({"output": "y"}, "record has 'output' as its output but no 'instruction' field"),
+    ],
+)
 def test_bad_records_name_the_problem(tokenizer, record, message):
     fields = {k: v for k, v in record.items() if k != "_map"}
     with pytest.raises(SmoLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -119,13 +139,24 @@ def test_bad_records_name_the_problem(tokenizer, record, message):
 def test_a_conversation_the_chat_template_rejects_is_named_with_the_template_s_reason():
     from conftest import build_tokenizer
 
-    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-                 "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    no_system = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     tok = build_tokenizer(chat_template=no_system)
-    record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                           {"role": "assistant", "content": "hello"}], "_where": "chats.jsonl:4"}
-    with pytest.raises(SmoLoRAError, match="^chats.jsonl:4: the model's chat template rejects this conversation: System role not supported$"):
+    record = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ],
+        "_where": "chats.jsonl:4",
+    }
+    with pytest.raises(
+        SmoLoRAError,
+        match="^chats.jsonl:4: the model's chat template rejects this conversation: System role not supported$",
+    ):
         encode_record(record, tok, FormatOptions())
 
 
@@ -135,9 +166,13 @@ def test_multi_task_prefix_and_counts(tmp_path, tokenizer):
     from smolora.config import DataConfig, TrainConfig
     from smolora.data import load_source, prepare_data
 
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(6)))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(6))
+    )
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(6)))
-    records = load_source({"SENTIMENT": (str(tmp_path / "a.jsonl"), 2.0), "SUMMARY": str(tmp_path / "b.jsonl")}, DataConfig())
+    records = load_source(
+        {"SENTIMENT": (str(tmp_path / "a.jsonl"), 2.0), "SUMMARY": str(tmp_path / "b.jsonl")}, DataConfig()
+    )
     lines = []
     prepared = prepare_data(records, tokenizer, TrainConfig(), DataConfig(), log=lines.append)
     assert prepared.stats.per_task == {"SENTIMENT": 8, "SUMMARY": 4}

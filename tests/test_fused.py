@@ -16,7 +16,10 @@ def test_fused_functions_pass_gradcheck():
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
-    cos, sin = torch.randn(1, 1, 3, 8, dtype=torch.float64, generator=gen), torch.randn(1, 1, 3, 8, dtype=torch.float64, generator=gen)
+    cos, sin = (
+        torch.randn(1, 1, 3, 8, dtype=torch.float64, generator=gen),
+        torch.randn(1, 1, 3, 8, dtype=torch.float64, generator=gen),
+    )
     q = torch.randn(1, 2, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q: RotaryFunction.apply(q, cos, sin), (q,))
 
@@ -109,7 +112,9 @@ def test_lora_input_after_a_fused_norm_is_recomputed_not_saved_and_gives_the_sam
         if not from_norm:
             x = x.clone()  # the same values, with no record of the norm: saved as they are
         saved = set()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t
+        ):
             y = DropoutLinear.apply(x, keep, 1 / 0.9, a)
         return (y, *torch.autograd.grad(y, (h, a), grad)), x.untyped_storage().data_ptr() in saved
 
@@ -125,5 +130,7 @@ def test_lora_input_after_a_fused_norm_is_recomputed_not_saved_and_gives_the_sam
     torch.testing.assert_close(torch.autograd.grad(y, a, grad)[0], 2 * plain[2])  # A's gradient is linear in its input
 
     h64, a64 = h.detach().double().requires_grad_(), a.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, a: DropoutLinear.apply(RMSNormFunction.apply(h, norm_weight.double(), 1e-6), keep, 1 / 0.9, a),
-                                    (h64, a64))
+    assert torch.autograd.gradcheck(
+        lambda h, a: DropoutLinear.apply(RMSNormFunction.apply(h, norm_weight.double(), 1e-6), keep, 1 / 0.9, a),
+        (h64, a64),
+    )

@@ -39,7 +39,9 @@ def test_a_symlinked_metrics_file_is_refused_and_its_target_untouched(tmp_path, 
         target.write_text("keep me\n")
     out.mkdir()
     (out / "metrics.jsonl").symlink_to(target)
-    r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--overwrite")
+    r = smolora(
+        "train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--overwrite"
+    )
     assert "metrics.jsonl: is a symbolic link" in one_error_line(r)
     assert target.exists() != dangling and (dangling or target.read_text() == "keep me\n")
     assert listing(out) == ["metrics.jsonl"]
@@ -53,15 +55,21 @@ def test_a_symlinked_run_folder_is_refused_before_anything_is_deleted(tmp_path, 
     out.mkdir()
     (out / name).symlink_to(elsewhere, target_is_directory=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's
-    r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--overwrite")
+    r = smolora(
+        "train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1, "--overwrite"
+    )
     assert f"{name}: is a symbolic link" in one_error_line(r)
     assert (elsewhere / "precious").read_text() == "x" and (out / "metrics.jsonl").is_file()
 
 
 def test_merge_overwrite_replaces_only_a_merged_model(tmp_path, tiny_model_dir, data_file):
     run = tmp_path / "run"
-    assert smolora("train", "--data", data_file, "--output", run, "--model", tiny_model_dir, "--max-steps", 1,
-                   "--no-merge").returncode == 0
+    assert (
+        smolora(
+            "train", "--data", data_file, "--output", run, "--model", tiny_model_dir, "--max-steps", 1, "--no-merge"
+        ).returncode
+        == 0
+    )
     adapter = run / "adapter_checkpoint"
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -70,14 +78,18 @@ def test_merge_overwrite_replaces_only_a_merged_model(tmp_path, tiny_model_dir, 
     assert "'notes.txt'" in one_error_line(r) and (folder / "notes.txt").read_text() == "not a model"
     merged = tmp_path / "merged"
     assert smolora("merge", "--adapter", adapter, "--output", merged).returncode == 0
-    assert smolora("merge", "--adapter", adapter, "--output", merged, "--overwrite").returncode == 0  # its own: replaced
+    assert (
+        smolora("merge", "--adapter", adapter, "--output", merged, "--overwrite").returncode == 0
+    )  # its own: replaced
     assert (merged / "model.safetensors").is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused_while_the_first_writes(tmp_path, tiny_model_dir, data_file):
     out = tmp_path / "run"
-    hold = ("import sys, time; from pathlib import Path; from smolora.paths import output_lock\n"
-            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
+    hold = (
+        "import sys, time; from pathlib import Path; from smolora.paths import output_lock\n"
+        "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -87,17 +99,25 @@ def test_a_second_run_on_the_same_output_folder_is_refused_while_the_first_write
     finally:
         holder.kill()
         holder.wait()
-    assert smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1).returncode == 0
+    assert (
+        smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 1).returncode
+        == 0
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--learning-rate", "inf"], "learning_rate must be a finite number (got inf)"),
-    (["--max-steps", "-1", "--num-train-epochs", "inf"], "num_train_epochs must be a finite number (got inf)"),
-    (["--lora-dropout", "nan"], "lora_dropout must be a finite number (got nan)"),
-    (["--seed", str(2**64)], "seed must be a whole number in [0, 2**63)"),
-    (["--max-file-mb", "0"], "max_file_mb must be > 0"),
-])
-def test_non_finite_and_out_of_range_settings_exit_2_before_anything_runs(tmp_path, tiny_model_dir, data_file, flags, message):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "inf"], "learning_rate must be a finite number (got inf)"),
+        (["--max-steps", "-1", "--num-train-epochs", "inf"], "num_train_epochs must be a finite number (got inf)"),
+        (["--lora-dropout", "nan"], "lora_dropout must be a finite number (got nan)"),
+        (["--seed", str(2**64)], "seed must be a whole number in [0, 2**63)"),
+        (["--max-file-mb", "0"], "max_file_mb must be > 0"),
+    ],
+)
+def test_non_finite_and_out_of_range_settings_exit_2_before_anything_runs(
+    tmp_path, tiny_model_dir, data_file, flags, message
+):
     out = tmp_path / "run"
     r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, *flags)
     assert message in one_error_line(r) and not out.exists()

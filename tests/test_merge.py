@@ -51,7 +51,9 @@ def test_peft_loads_adapter_and_merged_equals_unmerged(tmp_path, tokenizer, tie)
         torch.testing.assert_close(peft_logits, ours_logits, atol=1e-5, rtol=0)
 
         out = merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(model_dir))
-        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+            p.name for p in out.iterdir()
+        }
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         merged_logits = merged(IDS).logits
         base_logits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(IDS).logits
@@ -127,8 +129,9 @@ def test_merging_an_adapter_on_a_tied_lm_head_unties_it_and_leaves_the_embedding
     with torch.no_grad():
         fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         unmerged = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()(IDS).logits
-        merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(model_dir)),
-                                                      dtype=torch.float32).eval()
+        merged = AutoModelForCausalLM.from_pretrained(
+            merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(model_dir)), dtype=torch.float32
+        ).eval()
         torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-4, rtol=0)
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert torch.equal(merged.get_input_embeddings().weight, original.get_input_embeddings().weight)
@@ -142,8 +145,11 @@ def test_folding_an_adapter_on_a_tied_lm_head_leaves_the_embedding_alone_and_res
     from conftest import build_tiny_llama
     from smolora.generate import folded_adapter
 
-    model = add_lora(build_tiny_llama(len(tokenizer), tie=True), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
-                     warn=lambda *_: None)
+    model = add_lora(
+        build_tiny_llama(len(tokenizer), tie=True),
+        LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+        warn=lambda *_: None,
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -190,7 +196,11 @@ def test_a_model_lives_in_its_folder_and_beside_the_gguf_it_came_from(tmp_path):
     from smolora.models import ModelSource
 
     converted = ModelSource(str(tmp_path / "cache" / "model-1234"), str(tmp_path / "gguf" / "model.gguf"), True)
-    assert converted.lives_in(tmp_path / "gguf") and converted.lives_in(tmp_path / "cache") and converted.lives_in(tmp_path)
+    assert (
+        converted.lives_in(tmp_path / "gguf")
+        and converted.lives_in(tmp_path / "cache")
+        and converted.lives_in(tmp_path)
+    )
     assert not converted.lives_in(tmp_path / "elsewhere")
     assert not ModelSource("someone/model", "someone/model", False).lives_in(".")
 
@@ -202,8 +212,10 @@ def test_an_adapter_on_tied_input_embeddings_merges_and_folds_without_touching_l
     from smolora.generate import folded_adapter
     from smolora.merge import merge_and_unload
 
-    model = get_peft_model(build_tiny_llama(len(tokenizer), tie=True),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)).eval()
+    model = get_peft_model(
+        build_tiny_llama(len(tokenizer), tie=True),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False),
+    ).eval()
     with torch.no_grad():
         unmerged = model(IDS).logits
         with folded_adapter(model):
@@ -218,8 +230,16 @@ def test_an_adapter_for_another_base_or_with_broken_info_is_a_one_line_error(tmp
 
     trained_looking_adapter(tiny_model_dir, tmp_path / "adapter")
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
     tokenizer.save_pretrained(other)
     with pytest.raises(SmoLoRAError, match="the adapter does not fit this base model \\(size mismatch for "):
         merge_adapter(tmp_path / "adapter", tmp_path / "merged", str(other))

@@ -20,6 +20,7 @@ needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C compi
 @pytest.fixture
 def without_library(monkeypatch):
     """Inside the fixture's test, ``native.library()`` is None: the torch and NumPy code runs."""
+
     def switch(off: bool):
         if off:
             monkeypatch.setenv(native.ENV, "0")
@@ -40,8 +41,10 @@ def stored_q4_1(out: int, blocks: int, generator: torch.Generator) -> Codes:
     return Codes(*(t.permute(2, 0, 1) for t in (codes, scale, low)))
 
 
-@pytest.mark.skipif(shutil.which("cc") is None or platform.system() != "Linux" or os.environ.get(native.ENV) == "0",
-                    reason="no C compiler, or the kernels switched off")
+@pytest.mark.skipif(
+    shutil.which("cc") is None or platform.system() != "Linux" or os.environ.get(native.ENV) == "0",
+    reason="no C compiler, or the kernels switched off",
+)
 def test_the_library_builds_here():
     assert native.library() is not None
 
@@ -69,9 +72,14 @@ def test_q4_1_weight_leaves_other_layouts_to_torch():
 @needs_compiler
 def test_q8_0_weight_is_the_torch_rebuild_bit_for_bit(without_library):
     generator = torch.Generator().manual_seed(1)
-    codes = Codes(torch.randint(-127, 128, (300, 5, 32), dtype=torch.int8, generator=generator),
-                  (torch.randn(300, 5, 1, generator=generator) * 0.01).half())
-    whole, part = native.q8_0_weight(codes.codes, codes.scale), native.q8_0_weight(codes.codes[100:250], codes.scale[100:250])
+    codes = Codes(
+        torch.randint(-127, 128, (300, 5, 32), dtype=torch.int8, generator=generator),
+        (torch.randn(300, 5, 1, generator=generator) * 0.01).half(),
+    )
+    whole, part = (
+        native.q8_0_weight(codes.codes, codes.scale),
+        native.q8_0_weight(codes.codes[100:250], codes.scale[100:250]),
+    )
     assert whole is not None and part is not None
     without_library(True)
     assert torch.equal(whole, codes.weight()) and torch.equal(part, codes.weight(slice(100, 250)))
@@ -83,7 +91,11 @@ def test_every_fp16_scale_converts_as_torch_converts_it(without_library):
     (through q = 1) and as Q4_1 lows (through q = 0 and scale 0, eight at a time where F16C is)."""
     halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     q8_0 = Codes(torch.ones(2048, 32, 32, dtype=torch.int8), halves.view(2048, 32, 1))
-    stored = (torch.zeros(32, 16, 2048, dtype=torch.uint8), torch.zeros(32, 1, 2048, dtype=torch.float16), halves.view(32, 1, 2048))
+    stored = (
+        torch.zeros(32, 16, 2048, dtype=torch.uint8),
+        torch.zeros(32, 1, 2048, dtype=torch.float16),
+        halves.view(32, 1, 2048),
+    )
     q4_1 = Codes(*(t.permute(2, 0, 1) for t in stored))
     rebuilt = native.q8_0_weight(q8_0.codes, q8_0.scale), native.q4_1_weight(*q4_1)
     without_library(True)
@@ -155,7 +167,9 @@ def test_rotary_is_the_torch_function_bit_for_bit(heads, tokens, d, without_libr
     from smolora.fast.fused import RotaryFunction
 
     generator = torch.Generator().manual_seed(d)
-    x = torch.randn(1, tokens, heads, d, generator=generator).transpose(1, 2).requires_grad_()  # as q_proj's output is viewed
+    x = (
+        torch.randn(1, tokens, heads, d, generator=generator).transpose(1, 2).requires_grad_()
+    )  # as q_proj's output is viewed
     cos, sin = (torch.randn(1, 1, tokens, d, generator=generator) for _ in range(2))
     grad = torch.randn(1, heads, tokens, d, generator=generator)
     got = RotaryFunction.apply(x, cos, sin)
@@ -171,8 +185,9 @@ def test_rotary_is_the_torch_function_bit_for_bit(heads, tokens, d, without_libr
 @needs_compiler
 @pytest.mark.parametrize("after_norm", [True, False])
 @pytest.mark.parametrize("rank, tokens, h", [(8, 300, 576), (3, 5, 40), (16, 1, 70)])
-def test_adapter_dropout_and_a_product_are_the_torch_functions_up_to_the_order_of_their_sums(after_norm, rank, tokens, h,
-                                                                                           without_library):
+def test_adapter_dropout_and_a_product_are_the_torch_functions_up_to_the_order_of_their_sums(
+    after_norm, rank, tokens, h, without_library
+):
     """``DropoutLinear`` forward and backward, its dropped input recomputed from a fused RMSNorm's
     input (``normed_from``) or from the saved input itself."""
     from smolora.fast.dropout import DropoutLinear
@@ -202,8 +217,15 @@ def test_swiglu_is_the_torch_function_up_to_its_exp(without_library):
     from smolora.fast.fused import SwiGLUFunction
 
     generator = torch.Generator().manual_seed(0)
-    gate = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(3 * 1536 + 3, generator=generator) * 3]).view(1, -1, 7).requires_grad_()
-    up, grad = torch.randn(gate.shape, generator=generator).requires_grad_(), torch.randn(gate.shape, generator=generator)
+    gate = (
+        torch.cat([torch.linspace(-100, 100, 20001), torch.randn(3 * 1536 + 3, generator=generator) * 3])
+        .view(1, -1, 7)
+        .requires_grad_()
+    )
+    up, grad = (
+        torch.randn(gate.shape, generator=generator).requires_grad_(),
+        torch.randn(gate.shape, generator=generator),
+    )
 
     def run():
         out = SwiGLUFunction.apply(gate, up)
@@ -224,13 +246,21 @@ def test_kernels_write_fp32_whatever_torchs_default_dtype(without_library):
     keep, a = torch.rand(1, 8, 16, generator=generator) > 0.5, torch.randn(4, 16, generator=generator)
     torch.set_default_dtype(torch.float64)
     try:
-        got = (native.rms_norm(x, weight, 1e-5)[1], native.rotary(x, cos, sin), native.dropout_linear(x[0, :1], keep, 2.0, a))
+        got = (
+            native.rms_norm(x, weight, 1e-5)[1],
+            native.rotary(x, cos, sin),
+            native.dropout_linear(x[0, :1], keep, 2.0, a),
+        )
     finally:
         torch.set_default_dtype(torch.float32)
     without_library(True)
     from smolora.fast.fused import RMSNormFunction, RotaryFunction
 
-    expected = (torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5), RotaryFunction.apply(x, cos, sin), (x[0, :1] * keep * 2.0) @ a.T)
+    expected = (
+        torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5),
+        RotaryFunction.apply(x, cos, sin),
+        (x[0, :1] * keep * 2.0) @ a.T,
+    )
     for value, reference in zip(got, expected):
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5)
@@ -243,6 +273,11 @@ def test_span_attention_leaves_spans_that_do_not_tile_the_row_to_torch():
     q, k = torch.randn(10, 4, 8), torch.randn(10, 2, 8)
     good = torch.tensor([[0, 4, 0], [4, 10, 1]])
     assert native.span_attention(q, k, k, 4, good, 0.5) is not None
-    for spans, context in [([[0, 4, 0], [5, 10, 1]], 4), ([[0, 4, 0], [4, 11, 1]], 4), ([[0, 4, 0], [4, 9, 1]], 4),
-                           ([[0, 0, 0], [0, 10, 0]], 0), ([[0, 10, 1]], 11)]:
+    for spans, context in [
+        ([[0, 4, 0], [5, 10, 1]], 4),
+        ([[0, 4, 0], [4, 11, 1]], 4),
+        ([[0, 4, 0], [4, 9, 1]], 4),
+        ([[0, 0, 0], [0, 10, 0]], 0),
+        ([[0, 10, 1]], 11),
+    ]:
         assert native.span_attention(q, k, k, context, torch.tensor(spans), 0.5) is None

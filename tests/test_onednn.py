@@ -100,21 +100,31 @@ def _losses_and_adapter(tokenizer, tmp_path, monkeypatch, **settings):
     monkeypatch.setattr(onednn.FrozenLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     model = build_tiny_llama(len(tokenizer))
     torch.manual_seed(0)
-    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["q_proj", "v_proj"]).to_peft(), warn=lambda *_: None)
+    model = add_lora(
+        model, LoraSettings(lora_dropout=0.1, target_modules=["q_proj", "v_proj"]).to_peft(), warn=lambda *_: None
+    )
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
-    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1, **settings)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1, **settings
+    )
     result = train(model, examples, cfg, log=lambda *_: None)
     return result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
 
 @needs_onednn
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_training_through_onednn_learns_what_torch_s_gemm_does(tokenizer, tmp_path, gemm, monkeypatch, gradient_checkpointing):
+def test_training_through_onednn_learns_what_torch_s_gemm_does(
+    tokenizer, tmp_path, gemm, monkeypatch, gradient_checkpointing
+):
     gemm("mkl")
-    losses, adapter, calls = _losses_and_adapter(tokenizer, tmp_path / "mkl", monkeypatch, gradient_checkpointing=gradient_checkpointing)
+    losses, adapter, calls = _losses_and_adapter(
+        tokenizer, tmp_path / "mkl", monkeypatch, gradient_checkpointing=gradient_checkpointing
+    )
     assert calls == 0
     gemm("onednn")
-    losses_dnn, adapter_dnn, calls = _losses_and_adapter(tokenizer, tmp_path / "dnn", monkeypatch, gradient_checkpointing=gradient_checkpointing)
+    losses_dnn, adapter_dnn, calls = _losses_and_adapter(
+        tokenizer, tmp_path / "dnn", monkeypatch, gradient_checkpointing=gradient_checkpointing
+    )
     assert calls > 0  # the frozen q/k/v/o and MLP layers went through oneDNN
     torch.testing.assert_close(losses_dnn, losses, rtol=1e-5, atol=0)
     for name, value in adapter.items():
@@ -139,12 +149,17 @@ def test_kernel_caches_stay_small_over_many_row_lengths():
         print(rss() - start)
     """)
     env = {k: v for k, v in os.environ.items() if k not in onednn.CACHES} | {onednn.ENV: "onednn"}
-    grown = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout)
+    grown = int(
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    )
     assert grown < 150, f"{grown} MiB"
 
 
 def test_importing_caps_the_kernel_caches_unless_the_user_set_them():
-    script = "import os, smolora.fast.onednn; print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    script = (
+        "import os, smolora.fast.onednn; "
+        "print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    )
     env = {k: v for k, v in os.environ.items() if k not in onednn.CACHES} | {"LRU_CACHE_CAPACITY": "7"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["7", "32"]

@@ -53,7 +53,9 @@ def test_packed_logits_equal_logits_alone(tokenizer, arch, mode, monkeypatch):
     packed = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
     # ... and ours (attention block by block) agree with each example run alone
     with varlen_attention(model):
-        ours = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, smolora_segments=mb.segments).logits[0]
+        ours = model(
+            input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, smolora_segments=mb.segments
+        ).logits[0]
     torch.testing.assert_close(ours, packed, atol=1e-5, rtol=0)
     start = 0
     for ex in examples:
@@ -84,12 +86,18 @@ def test_targets_never_cross_example_boundaries():
 
 
 example_st = st.lists(st.tuples(st.integers(3, 299), st.booleans()), min_size=1, max_size=30).map(
-    lambda toks: Example([t for t, _ in toks], [t if sup else IGNORE for t, sup in toks]))
+    lambda toks: Example([t for t, _ in toks], [t if sup else IGNORE for t, sup in toks])
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(examples=st.lists(example_st, min_size=1, max_size=20), batch=st.integers(1, 6), cap=st.integers(0, 60),
-       seed=st.integers(0, 5), by_len=st.booleans())
+@given(
+    examples=st.lists(example_st, min_size=1, max_size=20),
+    batch=st.integers(1, 6),
+    cap=st.integers(0, 60),
+    seed=st.integers(0, 5),
+    by_len=st.booleans(),
+)
 def test_packer_never_loses_or_duplicates_a_supervised_token(examples, batch, cap, seed, by_len):
     lengths = [len(e.input_ids) for e in examples]
     order = epoch_order(len(examples), 0, seed, lengths=lengths, group_by_length=by_len)
@@ -112,7 +120,9 @@ def test_curriculum_orders_easy_first_and_bucket_shuffle_keeps_buckets():
 
 
 def test_mix_tasks_follows_weights_and_tags_records():
-    mixed = mix_tasks([("A", [{"text": f"a{i}"} for i in range(10)], 3.0), ("B", [{"text": f"b{i}"} for i in range(10)], 1.0)], seed=0)
+    mixed = mix_tasks(
+        [("A", [{"text": f"a{i}"} for i in range(10)], 3.0), ("B", [{"text": f"b{i}"} for i in range(10)], 1.0)], seed=0
+    )
     counts = {t: sum(r["_task"] == t for r in mixed) for t in "AB"}
     assert counts == {"A": 15, "B": 5}
     assert len({r["text"] for r in mixed if r["_task"] == "A"}) == 10  # every A record used before any repeats
@@ -123,12 +133,18 @@ def test_validation_split_of_mixed_tasks_never_holds_a_record_that_is_trained_on
     from smolora.data import split_validation
 
     # A's 5 records are repeated 5 times each to reach its half of the mix; B's 45 are subsampled
-    mixed = mix_tasks([("A", [{"text": f"a{i}"} for i in range(5)], 1.0), ("B", [{"text": f"b{i}"} for i in range(45)], 1.0)], seed=0)
+    mixed = mix_tasks(
+        [("A", [{"text": f"a{i}"} for i in range(5)], 1.0), ("B", [{"text": f"b{i}"} for i in range(45)], 1.0)], seed=0
+    )
     train, val = split_validation(mixed, val_size, seed=42)
     held_out = [r["text"] for r in val]
-    assert len(held_out) == len(set(held_out)) == (6 if val_size == 0.2 else 4)  # 30 distinct records; each held out once
+    assert (
+        len(held_out) == len(set(held_out)) == (6 if val_size == 0.2 else 4)
+    )  # 30 distinct records; each held out once
     assert not set(held_out) & {r["text"] for r in train}
-    assert len(train) + sum(sum(m["text"] == t for m in mixed) for t in held_out) == len(mixed)  # every copy goes one way
+    assert len(train) + sum(sum(m["text"] == t for m in mixed) for t in held_out) == len(
+        mixed
+    )  # every copy goes one way
 
 
 @torch.no_grad()
@@ -153,11 +169,17 @@ def test_shared_prefix_packing_is_exact(tokenizer, arch, mode, monkeypatch):
     torch.testing.assert_close(loss_shared, loss_alone, atol=1e-4, rtol=1e-6)
     # Each example's supervised logits equal its logits run alone.
     with varlen_attention(model):
-        logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, use_cache=False,
-                       smolora_segments=shared.segments).logits[0]
+        logits = model(
+            input_ids=shared.input_ids,
+            position_ids=shared.position_ids,
+            use_cache=False,
+            smolora_segments=shared.segments,
+        ).logits[0]
     mask = shared.segments.dense_mask(shared.input_ids.shape[1])
     mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
-    dense = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=mask, use_cache=False).logits[0]
+    dense = model(
+        input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=mask, use_cache=False
+    ).logits[0]
     torch.testing.assert_close(dense, logits, atol=1e-5, rtol=0)
     start = prefix
     for ex in examples:
@@ -206,7 +228,9 @@ def test_linear_cross_entropy_over_vocabulary_blocks_equals_the_plain_one_and_re
     generator = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (50, 1, 32), generator=generator)
     q[:, :, 0] = 127
-    weight = (q * torch.rand(50, 1, 1, generator=generator).mul(0.05).half().float()).reshape(50, 32)  # as Q8_0 makes one
+    weight = (q * torch.rand(50, 1, 1, generator=generator).mul(0.05).half().float()).reshape(
+        50, 32
+    )  # as Q8_0 makes one
     hidden = torch.randn(300, 32, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (300,), generator=generator)
     plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
@@ -240,8 +264,13 @@ def test_rows_continuing_a_step_prefix_equal_examples_alone(tokenizer, arch, mod
             mb = collate(row, step_prefix=n)
             assert mb.input_ids.shape[1] == sum(len(e.input_ids) - n for e in row)
             assert mb.num_tokens == sum(len(e.input_ids) for e in row)
-            logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
-                           smolora_segments=mb.segments, smolora_step_prefix=step).logits[0]
+            logits = model(
+                input_ids=mb.input_ids,
+                position_ids=mb.position_ids,
+                use_cache=False,
+                smolora_segments=mb.segments,
+                smolora_step_prefix=step,
+            ).logits[0]
             for i, (start, end) in zip(range(*rows), mb.segments.spans):
                 torch.testing.assert_close(logits[start:end], alone[i][n:], atol=1e-5, rtol=0)
 
@@ -291,14 +320,17 @@ def test_gemm_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads,
 
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler with OpenMP")
-@pytest.mark.parametrize("heads, kv, d, context, lengths, in_row", [
-    (9, 3, 64, 23, (35, 33, 1, 36, 5), False),  # the embedded model's heads after a step prefix
-    (4, 2, 8, 7, (3, 9, 12), False),
-    (4, 4, 16, 5, (5, 9, 127), True),  # a row's own prefix; the longest span it takes
-    (2, 1, 128, 0, (17, 40), False),  # no context
-    (6, 2, 80, 11, (50, 70), True),  # a head size that is no multiple of 16
-    (4, 2, 16, 9, (300,), False),  # a long span, as it takes them where GemmAttention would
-])
+@pytest.mark.parametrize(
+    "heads, kv, d, context, lengths, in_row",
+    [
+        (9, 3, 64, 23, (35, 33, 1, 36, 5), False),  # the embedded model's heads after a step prefix
+        (4, 2, 8, 7, (3, 9, 12), False),
+        (4, 4, 16, 5, (5, 9, 127), True),  # a row's own prefix; the longest span it takes
+        (2, 1, 128, 0, (17, 40), False),  # no context
+        (6, 2, 80, 11, (50, 70), True),  # a head size that is no multiple of 16
+        (4, 2, 16, 9, (300,), False),  # a long span, as it takes them where GemmAttention would
+    ],
+)
 def test_span_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads, kv, d, context, lengths, in_row):
     """The compiled SpanAttention on a row's spans, each seeing a shared context (separate keys and
     values, or the row's own first rows) then itself causally: values and gradients against float64
@@ -322,8 +354,9 @@ def test_span_attention_equals_sdpa_and_its_backward_is_the_true_gradient(heads,
             keys, values = torch.cat([exact[3], keys]), torch.cat([exact[4], values])
         mask = torch.ones(end - start, keys.shape[0], dtype=torch.bool).tril(keys.shape[0] - (end - start))
         as_heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731
-        out = F.scaled_dot_product_attention(as_heads(exact[0][start:end]), as_heads(keys), as_heads(values), attn_mask=mask,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            as_heads(exact[0][start:end]), as_heads(keys), as_heads(values), attn_mask=mask, enable_gqa=True
+        )
         reference.append(out[0].transpose(0, 1))
     reference = torch.cat(reference)
     ours = [t.float().requires_grad_() for t in (q, k, v, ck, cv)]
@@ -352,7 +385,10 @@ def test_short_spans_take_span_attention_where_it_is_built(monkeypatch):
         assert attention._span_rows(short, 0.0, q, k) is None
         return
     assert attention._span_rows(short, 0.0, q, k).tolist() == [[0, 10, 0], [10, 50, 1], [50, 100, 1]]
-    assert attention._span_rows(attention.Segments(0, ((0, 30), (30, 100)), 5), 0.0, q, k).tolist() == [[0, 30, 1], [30, 100, 1]]
+    assert attention._span_rows(attention.Segments(0, ((0, 30), (30, 100)), 5), 0.0, q, k).tolist() == [
+        [0, 30, 1],
+        [30, 100, 1],
+    ]
     assert attention._span_rows(short, 0.1, q, k) is None
     assert attention._span_rows(short, 0.0, q, k.half()) is None
     monkeypatch.setattr(attention, "SPAN_MAX_QUERIES", 100)
@@ -404,11 +440,25 @@ def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokeni
     arch, extra, targets = OTHER_MODELS[name]
     torch.manual_seed(0)
     config = getattr(transformers, arch + "Config")(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2, **extra)
-    model = add_lora(getattr(transformers, arch + "ForCausalLM")(config), LoraConfig(r=4, lora_dropout=0.0, target_modules=targets),
-                     warn=lambda *_: None)
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **extra,
+    )
+    model = add_lora(
+        getattr(transformers, arch + "ForCausalLM")(config),
+        LoraConfig(r=4, lora_dropout=0.0, target_modules=targets),
+        warn=lambda *_: None,
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -419,13 +469,28 @@ def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokeni
     targets_total = sum(sum(x != IGNORE for x in e.labels[1:]) for e in examples)
     for e in examples:  # the reference: each example alone, full logits
         logits = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0, :-1]
-        F.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE, reduction="sum").div(targets_total).backward()
+        F.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE, reduction="sum").div(
+            targets_total
+        ).backward()
     expected = {n: -p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    train(model, examples, TrainConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                       optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0, logging_steps=1),
-          log=lambda *_: None)
+    train(
+        model,
+        examples,
+        TrainConfig(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0,
+            logging_steps=1,
+        ),
+        log=lambda *_: None,
+    )
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach() - before[n], expected[n], atol=1e-6, rtol=1e-4)

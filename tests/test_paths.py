@@ -25,6 +25,7 @@ def test_a_crash_mid_write_leaves_what_was_there_and_no_temporary(tmp_path):
         publish(final, crash, marker=True)
     assert (final / "weights").read_text() == "old" and complete(final)
     assert sorted(p.name for p in final.parent.iterdir()) == ["model"]
+
     def crash_file(tmp):
         tmp.write_text("half")
         raise OSError("disk full")
@@ -40,13 +41,18 @@ def test_a_folder_replaces_the_old_one_and_keep_existing_keeps_a_complete_one(tm
     publish(final, lambda tmp: (tmp / "b").write_text("2"))
     assert sorted(p.name for p in final.iterdir()) == ["b"] and not complete(final)
     publish(final, lambda tmp: (tmp / "c").write_text("3"), marker=True)
-    publish(final, lambda tmp: (tmp / "d").write_text("4"), marker=True, keep_existing=True)  # another process was first
+    publish(
+        final, lambda tmp: (tmp / "d").write_text("4"), marker=True, keep_existing=True
+    )  # another process was first
     assert sorted(p.name for p in final.iterdir()) == [MARKER, "c"]
 
 
 def test_what_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from smolora.paths import publish; "
-            "publish(Path(sys.argv[1]), lambda tmp: ((tmp / 'w').write_text('x'), print('writing', flush=True), time.sleep(60)))")
+    code = (
+        "import sys, time; from pathlib import Path; from smolora.paths import publish; "
+        "publish(Path(sys.argv[1]), "
+        "lambda tmp: ((tmp / 'w').write_text('x'), print('writing', flush=True), time.sleep(60)))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "model")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     os.kill(proc.pid, signal.SIGKILL)

@@ -27,8 +27,17 @@ def test_jsonl_json_csv_txt_parquet_saved_and_in_memory(tmp_path):
     ds = datasets.Dataset.from_list(RECS)
     ds.to_parquet(str(tmp_path / "a.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
-    sources = [tmp_path / "a.jsonl", tmp_path / "a.json", tmp_path / "a.csv", tmp_path / "txt",
-               tmp_path / "txt" / "one.txt", tmp_path / "a.parquet", tmp_path / "saved", ds, RECS]
+    sources = [
+        tmp_path / "a.jsonl",
+        tmp_path / "a.json",
+        tmp_path / "a.csv",
+        tmp_path / "txt",
+        tmp_path / "txt" / "one.txt",
+        tmp_path / "a.parquet",
+        tmp_path / "saved",
+        ds,
+        RECS,
+    ]
     for src in sources:
         got = [r["text"] for r in load_records(src)]
         assert got == ["alpha beta", "gamma delta"], src
@@ -55,7 +64,9 @@ def error_of(source, **kw) -> str:
 
 
 def test_lines_end_only_at_newlines_not_at_unicode_separators(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\r\n", encoding="utf-8"
+    )
     (tmp_path / "a.txt").write_text("one\x85still one\rtwo\n", encoding="utf-8")
     (tmp_path / "a.csv").write_text('text\n"x\u2028y"\n', encoding="utf-8")
     assert [r["text"] for r in load_records(str(tmp_path / "a.jsonl"))] == ["one\u2028two"]
@@ -93,7 +104,7 @@ def test_empty_missing_and_unknown(tmp_path):
 
 
 def test_csv_ragged_row(tmp_path):
-    f = _write(tmp_path / "d.csv", "text\nok\n\"a\",\"b\"\n")
+    f = _write(tmp_path / "d.csv", 'text\nok\n"a","b"\n')
     assert error_of(f) == f"{f}:3: more fields than the header's 1"
 
 
@@ -126,8 +137,11 @@ def test_validation_split_is_deterministic(tokenizer):
     assert [e.input_ids for e in a.val] == [e.input_ids for e in b.val]
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,7 +149,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 def test_fuzz_jsonl_reader_and_encoder_raise_only_our_errors(tmp_path_factory, tokenizer, lines):
     f = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
     f.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8", errors="surrogatepass") if all(
-        _encodable(x) for x in lines) else f.write_bytes(b"\xff")
+        _encodable(x) for x in lines
+    ) else f.write_bytes(b"\xff")
     try:
         prepare(load_records(f), tokenizer)
     except SmoLoRAError as e:
@@ -151,7 +166,9 @@ def _encodable(s: str) -> bool:
 
 
 def test_token_windows_with_stride(tmp_path, tokenizer):
-    f = _write(tmp_path / "book.txt", "the quick brown fox jumps over the lazy dog\nhello world, this is a tiny tokenizer\n")
+    f = _write(
+        tmp_path / "book.txt", "the quick brown fox jumps over the lazy dog\nhello world, this is a tiny tokenizer\n"
+    )
     data = DataConfig(txt_mode="chunk", chunk_unit="tokens", chunk_words=8, chunk_stride=4)
     from smolora.data import load_source
 
@@ -173,12 +190,28 @@ def test_empty_system_prompt_suppresses_the_default(tokenizer):
 
 
 def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_the_record(tokenizer):
-    records = [{"text": "three words here", "_where": "a.txt:1"}, {"text": "one", "_where": "a.txt:2"},
-               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "_where": "a.txt:3"}]
+    records = [
+        {"text": "three words here", "_where": "a.txt:1"},
+        {"text": "one", "_where": "a.txt:2"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "_where": "a.txt:3"},
+    ]
     seen = []
-    prepared = prepare_data([dict(r) for r in records], tokenizer, TrainConfig(), DataConfig(),
-                            difficulty=lambda x: seen.append(x) or (len(x.split()) if isinstance(x, str) else 0), log=lambda *_: None)
+    prepared = prepare_data(
+        [dict(r) for r in records],
+        tokenizer,
+        TrainConfig(),
+        DataConfig(),
+        difficulty=lambda x: seen.append(x) or (len(x.split()) if isinstance(x, str) else 0),
+        log=lambda *_: None,
+    )
     assert seen[:2] == ["three words here", "one"] and isinstance(seen[2], dict)
     assert [e.difficulty for e in prepared.train] == [3.0, 1.0, 0.0]
     with pytest.raises(SmoLoRAError, match="a.txt:1: difficulty_fn failed: AttributeError"):
-        prepare_data([dict(r) for r in records], tokenizer, TrainConfig(), DataConfig(), difficulty=lambda x: x.nope, log=lambda *_: None)
+        prepare_data(
+            [dict(r) for r in records],
+            tokenizer,
+            TrainConfig(),
+            DataConfig(),
+            difficulty=lambda x: x.nope,
+            log=lambda *_: None,
+        )

@@ -24,13 +24,22 @@ QUIET = dict(log=lambda *_: None)
 def setup(tokenizer, dropout=0.1, seed=0, tie=True):
     model = build_tiny_llama(len(tokenizer), tie=tie, seed=seed)
     torch.manual_seed(seed)
-    peft_model = add_lora(model, LoraSettings(lora_dropout=dropout, target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    peft_model = add_lora(
+        model, LoraSettings(lora_dropout=dropout, target_modules=["all"]).to_peft(), warn=lambda *_: None
+    )
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     return peft_model, examples
 
 
 def cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=2, seed=1)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=2,
+        seed=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -48,13 +57,33 @@ def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_pat
             assert not p.requires_grad and torch.equal(p, before[n]), n
 
 
-def adapter_update(tokenizer, tmp_path, batch, accum, max_tokens=0, share_prefix=False, gradient_checkpointing=False,
-                   dropout=0.0, **settings):
+def adapter_update(
+    tokenizer,
+    tmp_path,
+    batch,
+    accum,
+    max_tokens=0,
+    share_prefix=False,
+    gradient_checkpointing=False,
+    dropout=0.0,
+    **settings,
+):
     model, examples = setup(tokenizer, dropout=dropout)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    c = cfg(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, optim="sgd",
-            learning_rate=1.0, max_grad_norm=0, max_tokens_per_batch=max_tokens, lr_scheduler_type="constant",
-            share_prefix=share_prefix, gradient_checkpointing=gradient_checkpointing, **settings)
+    c = cfg(
+        tmp_path,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0,
+        max_tokens_per_batch=max_tokens,
+        lr_scheduler_type="constant",
+        share_prefix=share_prefix,
+        gradient_checkpointing=gradient_checkpointing,
+        **settings,
+    )
     train(model, examples[:8], c, **QUIET)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
@@ -84,8 +113,15 @@ def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, 
     original = StepPrefix.backward
     StepPrefix.backward = lambda self: calls.append(len(self)) or original(self)
     try:
-        shared = adapter_update(tokenizer, tmp_path / "a", batch=1, accum=8, max_tokens=40, share_prefix=True,
-                                gradient_checkpointing=gradient_checkpointing)
+        shared = adapter_update(
+            tokenizer,
+            tmp_path / "a",
+            batch=1,
+            accum=8,
+            max_tokens=40,
+            share_prefix=True,
+            gradient_checkpointing=gradient_checkpointing,
+        )
     finally:
         StepPrefix.backward = original
     alone = adapter_update(tokenizer, tmp_path / "b", batch=1, accum=8)
@@ -96,7 +132,9 @@ def test_a_prefix_shared_across_rows_gives_the_same_update(tokenizer, tmp_path, 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 @pytest.mark.parametrize("kernel", ["GemmAttention", "SpanAttention"])
-def test_gemm_and_span_attention_give_the_flash_kernels_update(tokenizer, tmp_path, monkeypatch, kernel, gradient_checkpointing):
+def test_gemm_and_span_attention_give_the_flash_kernels_update(
+    tokenizer, tmp_path, monkeypatch, kernel, gradient_checkpointing
+):
     # Every packed span (in-row and step prefixes, rows of at most 40 tokens) through GemmAttention,
     # as on a CPU where oneDNN's GEMM is the faster one, or through the compiled SpanAttention (the
     # default where it is built), against the flash kernel.
@@ -166,7 +204,9 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tokenizer, tmp_path
     state = json.loads((tmp_path / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
     assert state["loss_scale"]["scale"] == 2.0**124
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert logged and all(entry["grad_norm"] is None for entry in logged if "grad_norm" in entry)  # strict JSON, no Infinity
+    assert logged and all(
+        entry["grad_norm"] is None for entry in logged if "grad_norm" in entry
+    )  # strict JSON, no Infinity
 
 
 def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
@@ -176,7 +216,9 @@ def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
     full = train(model, examples, cfg(tmp_path, **settings), **QUIET)
     state = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["loss_scale"]["scale"] > 1
-    second = train(fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET)
+    second = train(
+        fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET
+    )
     assert second.losses == full.losses
 
 
@@ -184,13 +226,25 @@ def test_fp16_checkpoint_at_a_skipped_step_holds_the_lowered_loss_scale(tokenize
     model, examples = setup(tokenizer)
     fresh = copy.deepcopy(model)
     poison_after(model, calls=4, until=6)  # step 3 is NaN: skipped, and the scaler halves its scale
-    settings = dict(max_steps=5, save_steps=1, save_total_limit=0, fp16=True, lr_scheduler_type="constant", **NO_STEP_PREFIX)
+    settings = dict(
+        max_steps=5, save_steps=1, save_total_limit=0, fp16=True, lr_scheduler_type="constant", **NO_STEP_PREFIX
+    )
     full = train(model, examples, cfg(tmp_path, **settings), skip_nonfinite_steps=1, **QUIET)
-    scale = {s: json.loads((tmp_path / "checkpoints" / f"step-{s:06d}" / "trainer_state.json").read_text())["loss_scale"]["scale"]
-             for s in (2, 3)}
+    scale = {
+        s: json.loads((tmp_path / "checkpoints" / f"step-{s:06d}" / "trainer_state.json").read_text())["loss_scale"][
+            "scale"
+        ]
+        for s in (2, 3)
+    }
     assert scale[3] == scale[2] / 2
-    second = train(fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000003",
-                   skip_nonfinite_steps=1, **QUIET)
+    second = train(
+        fresh,
+        examples,
+        cfg(tmp_path, **settings),
+        resume_from=tmp_path / "checkpoints" / "step-000003",
+        skip_nonfinite_steps=1,
+        **QUIET,
+    )
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
@@ -213,8 +267,11 @@ def test_an_adapter_on_lm_head_is_in_the_loss_and_trains(tokenizer, tmp_path, ti
     from smolora.data.batching import collate
     from smolora.fast.head_loss import loss_sum as token_loss_sum
 
-    model = add_lora(build_tiny_llama(len(tokenizer), tie=tie), LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
-                     warn=lambda *_: None)
+    model = add_lora(
+        build_tiny_llama(len(tokenizer), tie=tie),
+        LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
+        warn=lambda *_: None,
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lm_head.lora_B" in n:
@@ -239,17 +296,29 @@ def test_lr_schedules():
     assert lr_at(9, 10, 2.0, "constant", 0) == 2.0
 
 
-@pytest.mark.parametrize("n, batch, accum, epochs, steps", [(16, 2, 2, 2, 8), (10, 1, 4, 2, 5), (7, 1, 8, 3, 3), (9, 2, 2, 1, 3)])
-def test_epochs_instead_of_max_steps_train_every_example_that_many_times(tokenizer, tmp_path, monkeypatch, n, batch, accum,
-                                                                          epochs, steps):
+@pytest.mark.parametrize(
+    "n, batch, accum, epochs, steps", [(16, 2, 2, 2, 8), (10, 1, 4, 2, 5), (7, 1, 8, 3, 3), (9, 2, 2, 1, 3)]
+)
+def test_epochs_instead_of_max_steps_train_every_example_that_many_times(
+    tokenizer, tmp_path, monkeypatch, n, batch, accum, epochs, steps
+):
     import smolora.step
     import smolora.train
 
     model, examples = setup(tokenizer)
     seen = []
-    monkeypatch.setattr(smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
-    c = cfg(tmp_path, max_steps=-1, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-            max_tokens_per_batch=0, share_prefix=False)
+    monkeypatch.setattr(
+        smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k)
+    )
+    c = cfg(
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_tokens_per_batch=0,
+        share_prefix=False,
+    )
     result = train(model, examples[:n], c, **QUIET)
     assert result.steps == steps
     assert sorted(seen) == sorted(id(e) for e in examples[:n] for _ in range(epochs))
@@ -261,13 +330,29 @@ def test_epochs_are_exact_when_each_epoch_groups_its_own_way(tokenizer, tmp_path
     import smolora.train
 
     model, _ = setup(tokenizer)
-    records = [{"messages": [{"role": "user", "content": "what is " + " plus".join(str(j) for j in range(i % 7 + 1)) + "?"},
-                             {"role": "assistant", "content": "x " * (1 + 5 * (i % 5))}]} for i in range(24)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "what is " + " plus".join(str(j) for j in range(i % 7 + 1)) + "?"},
+                {"role": "assistant", "content": "x " * (1 + 5 * (i % 5))},
+            ]
+        }
+        for i in range(24)
+    ]
     examples = encode_records(records, tokenizer, FormatOptions())[0]
     seen = []
-    monkeypatch.setattr(smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k))
-    c = cfg(tmp_path, max_steps=-1, num_train_epochs=2, packing=False, max_tokens_per_batch=150, per_device_train_batch_size=4,
-            gradient_accumulation_steps=1)
+    monkeypatch.setattr(
+        smolora.step, "collate", lambda exs, *a, **k: seen.extend(id(e) for e in exs) or collate(exs, *a, **k)
+    )
+    c = cfg(
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=2,
+        packing=False,
+        max_tokens_per_batch=150,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+    )
     train(model, examples, c, **QUIET)
     assert sorted(seen) == sorted(id(e) for e in examples for _ in range(2))
 
@@ -302,10 +387,18 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
 def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     poison_after(model, calls=4, until=6)  # only step 3 is poisoned
-    result = train(model, examples, cfg(tmp_path / "a", max_steps=5, save_steps=3, save_total_limit=0, **NO_STEP_PREFIX),
-                   skip_nonfinite_steps=1, **QUIET)
+    result = train(
+        model,
+        examples,
+        cfg(tmp_path / "a", max_steps=5, save_steps=3, save_total_limit=0, **NO_STEP_PREFIX),
+        skip_nonfinite_steps=1,
+        **QUIET,
+    )
     assert len(result.losses) == 4 and result.steps == 5
-    assert [c.name for c in list_checkpoints(tmp_path / "a")] == ["step-000003", "step-000005"]  # a skipped step still saves
+    assert [c.name for c in list_checkpoints(tmp_path / "a")] == [
+        "step-000003",
+        "step-000005",
+    ]  # a skipped step still saves
     model, examples = setup(tokenizer)
     poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
     with pytest.raises(NonFiniteLossError, match="step 6"):
@@ -316,9 +409,17 @@ def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
 def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
     model, examples = setup(tokenizer, dropout=0.1)
     fresh = copy.deepcopy(model)
-    settings = dict(max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2, max_tokens_per_batch=max_tokens)
+    settings = dict(
+        max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2, max_tokens_per_batch=max_tokens
+    )
     full = train(model, examples, cfg(tmp_path / "full", **settings), **QUIET)
-    second = train(fresh, examples, cfg(tmp_path / "full", **settings), resume_from=tmp_path / "full" / "checkpoints" / "step-000003", **QUIET)
+    second = train(
+        fresh,
+        examples,
+        cfg(tmp_path / "full", **settings),
+        resume_from=tmp_path / "full" / "checkpoints" / "step-000003",
+        **QUIET,
+    )
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
@@ -328,9 +429,18 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tokenizer, tmp
     model, examples = setup(tokenizer)
     settings = dict(max_steps=6, save_steps=2, save_total_limit=0, lr_scheduler_type="constant")
     train(copy.deepcopy(model), examples, cfg(tmp_path, **settings), **QUIET)
-    train(model, examples, cfg(tmp_path, **{**settings, "max_steps": 3}), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET)
+    train(
+        model,
+        examples,
+        cfg(tmp_path, **{**settings, "max_steps": 3}),
+        resume_from=tmp_path / "checkpoints" / "step-000002",
+        **QUIET,
+    )
     assert [c.name for c in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]  # what a plain --resume sees
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("abandoned-*")) == ["abandoned-step-000004", "abandoned-step-000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("abandoned-*")) == [
+        "abandoned-step-000004",
+        "abandoned-step-000006",
+    ]
 
 
 def test_output_names_cannot_escape_or_follow_symlinks(tmp_path):
@@ -390,7 +500,10 @@ def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
     assert all(math.isfinite(loss) and loss > 0 for _, loss in result.eval_losses)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in logged if "eval_loss" in e]
-    assert len(evals) == 3 and abs(evals[0]["eval_perplexity"] - math.exp(evals[0]["eval_loss"])) / evals[0]["eval_perplexity"] < 1e-3
+    assert (
+        len(evals) == 3
+        and abs(evals[0]["eval_perplexity"] - math.exp(evals[0]["eval_loss"])) / evals[0]["eval_perplexity"] < 1e-3
+    )
 
 
 def scripted_eval(monkeypatch, losses, start=0):
@@ -402,7 +515,9 @@ def scripted_eval(monkeypatch, losses, start=0):
     monkeypatch.setattr(smolora.train, "evaluate_loss", lambda *a, **k: next(calls))
 
 
-EARLY = dict(eval_steps=1, early_stopping_patience=2, lr_scheduler_type="constant", max_steps=8, save_steps=1, save_total_limit=0)
+EARLY = dict(
+    eval_steps=1, early_stopping_patience=2, lr_scheduler_type="constant", max_steps=8, save_steps=1, save_total_limit=0
+)
 
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best_adapter(tokenizer, tmp_path, monkeypatch):
@@ -426,8 +541,14 @@ def test_early_stopping_resumes_exactly(tokenizer, tmp_path, monkeypatch):
     fresh = copy.deepcopy(model)
     full = train(model, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:], **QUIET)
     scripted_eval(monkeypatch, losses, start=3)  # resumed after step 3: the best (step 2) comes from the checkpoint
-    resumed = train(fresh, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:], **QUIET,
-                    resume_from=tmp_path / "checkpoints" / "step-000003")
+    resumed = train(
+        fresh,
+        examples[:12],
+        cfg(tmp_path, **EARLY),
+        val_examples=examples[12:],
+        **QUIET,
+        resume_from=tmp_path / "checkpoints" / "step-000003",
+    )
     assert resumed.steps == full.steps == 4 and resumed.best_step == full.best_step == 2
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
@@ -436,7 +557,13 @@ def test_early_stopping_resumes_exactly(tokenizer, tmp_path, monkeypatch):
 def test_the_end_of_run_evaluation_may_be_best_but_does_not_count_toward_patience(tokenizer, tmp_path, monkeypatch):
     scripted_eval(monkeypatch, [2.0, 2.5, 2.6])  # steps 2 and 4 on schedule; step 5 only because the run ends there
     model, examples = setup(tokenizer)
-    result = train(model, examples[:12], cfg(tmp_path, **{**EARLY, "eval_steps": 2, "max_steps": 5}), val_examples=examples[12:], **QUIET)
+    result = train(
+        model,
+        examples[:12],
+        cfg(tmp_path, **{**EARLY, "eval_steps": 2, "max_steps": 5}),
+        val_examples=examples[12:],
+        **QUIET,
+    )
     assert result.steps == 5 and result.best_step == 2
     state = json.loads((tmp_path / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
     assert state["evals_since_best"] == 1 and not state["stopped"]  # resumable for more steps
@@ -446,15 +573,24 @@ def test_resume_with_early_stopping_refuses_other_evaluations():
     from smolora.checkpoint import check_compatible
     from smolora.errors import SmoLoRAError
 
-    saved = {"data_fingerprint": "a", "model_fingerprint": "m", "val_fingerprint": "v",
-             "train_config": {"lr_scheduler_type": "constant", "eval_steps": 10, "early_stopping_patience": 3}}
+    saved = {
+        "data_fingerprint": "a",
+        "model_fingerprint": "m",
+        "val_fingerprint": "v",
+        "train_config": {"lr_scheduler_type": "constant", "eval_steps": 10, "early_stopping_patience": 3},
+    }
     with pytest.raises(SmoLoRAError, match="eval_steps: 10 -> 20 \\(decides which adapter early stopping keeps\\)"):
-        check_compatible(saved, {**saved, "train_config": {**saved["train_config"], "eval_steps": 20}}, allow_config_change=False)
+        check_compatible(
+            saved, {**saved, "train_config": {**saved["train_config"], "eval_steps": 20}}, allow_config_change=False
+        )
     with pytest.raises(SmoLoRAError, match="validation data"):
         check_compatible(saved, {**saved, "val_fingerprint": "w"}, allow_config_change=False)
     plain = {**saved, "train_config": {"lr_scheduler_type": "constant", "eval_steps": 10}}
-    check_compatible(plain, {**plain, "val_fingerprint": "w", "train_config": {"lr_scheduler_type": "constant", "eval_steps": 20}},
-                     allow_config_change=False)
+    check_compatible(
+        plain,
+        {**plain, "val_fingerprint": "w", "train_config": {"lr_scheduler_type": "constant", "eval_steps": 20}},
+        allow_config_change=False,
+    )
 
 
 def test_early_stopping_needs_evaluations_and_validation_data():
@@ -477,7 +613,9 @@ def test_resume_refuses_other_data_or_base_model():
         check_compatible(saved, {**saved, "data_fingerprint": "b"}, allow_config_change=True)
     with pytest.raises(SmoLoRAError, match="base model differs"):
         check_compatible(saved, {**saved, "model_fingerprint": "x"}, allow_config_change=True)
-    check_compatible(saved, {**saved, "train_config": {"learning_rate": 1e-3, "save_steps": 5}}, allow_config_change=False)
+    check_compatible(
+        saved, {**saved, "train_config": {"learning_rate": 1e-3, "save_steps": 5}}, allow_config_change=False
+    )
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
@@ -485,12 +623,18 @@ def test_resume_for_more_steps_only_where_the_schedule_does_not_depend_on_the_le
     from smolora.checkpoint import check_compatible
     from smolora.errors import SmoLoRAError
 
-    saved = {"data_fingerprint": "a", "model_fingerprint": "m", "train_config": {"lr_scheduler_type": schedule, "max_steps": 100}}
+    saved = {
+        "data_fingerprint": "a",
+        "model_fingerprint": "m",
+        "train_config": {"lr_scheduler_type": schedule, "max_steps": 100},
+    }
     longer = {**saved, "train_config": {"lr_scheduler_type": schedule, "max_steps": 200}}
     if schedule == "constant":
         check_compatible(saved, longer, allow_config_change=False)
     else:
-        with pytest.raises(SmoLoRAError, match=f"max_steps: 100 -> 200 \\(sets the {schedule} schedule's learning rates\\)"):
+        with pytest.raises(
+            SmoLoRAError, match=f"max_steps: 100 -> 200 \\(sets the {schedule} schedule's learning rates\\)"
+        ):
             check_compatible(saved, longer, allow_config_change=False)
     check_compatible(saved, longer, allow_config_change=True)
 
@@ -578,9 +722,13 @@ def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokeniz
     saved, losses, weights = run(True, tmp_path / "fused")
     saved_plain, losses_plain, weights_plain = run(False, tmp_path / "plain")
     torch.testing.assert_close(losses, losses_plain, rtol=1e-6, atol=1e-6)
-    for n, w in weights.items():  # smolora.fast.native's A product sums in another order: after 4 Adam steps at lr 1e-2, ~3e-6
+    for (
+        n,
+        w,
+    ) in weights.items():  # smolora.fast.native's A product sums in another order: after 4 Adam steps at lr 1e-2, ~3e-6
         torch.testing.assert_close(w, weights_plain[n], rtol=1e-5, atol=1e-5, msg=n)
-    # a layer's q/k/v adapters read one normed input, its gate/up adapters another: each saved once, not as dropped copies
+    # a layer's q/k/v adapters read one normed input, its gate/up adapters another: each saved once,
+    # not as dropped copies
     assert saved < saved_plain
 
 
@@ -605,7 +753,9 @@ def test_every_lora_config_field_set_through_the_api_reaches_the_adapter(tmp_pat
     lora.train()
     saved = json.loads((tmp_path / "adapter_checkpoint" / "adapter_config.json").read_text())
     assert saved["use_rslora"] and saved["layers_to_transform"] == [0]
-    assert sorted(saved["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sorted(saved["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert all(".layers.0." in n for n, p in lora.model.named_parameters() if p.requires_grad)
 
 
@@ -641,7 +791,9 @@ def test_growing_the_rank_keeps_the_output_and_peft_loads_the_grown_adapter(toke
     from smolora.lora import grow_rank
 
     base = build_tiny_llama(len(tokenizer), tie=False)
-    config = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "down_proj", "lm_head", "embed_tokens"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "down_proj", "lm_head", "embed_tokens"]
+    )
     model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -652,13 +804,17 @@ def test_growing_the_rank_keeps_the_output_and_peft_loads_the_grown_adapter(toke
     generator = torch.Generator().manual_seed(0)
     alpha = grow_rank(model, 6, generator=generator)
     assert alpha == pytest.approx(8 * (6 / 4) ** (0.5 if rslora else 1.0))
-    assert (config.r, config.lora_alpha) == (4, 8) and model.peft_config["default"].r == 6  # the caller's config is left alone
+    assert (config.r, config.lora_alpha) == (4, 8) and model.peft_config[
+        "default"
+    ].r == 6  # the caller's config is left alone
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_A["default"].weight.shape == (6, 32)
     assert layer.mlp.down_proj.lora_B["default"].weight.shape == (32, 6)
     assert model.base_model.model.model.embed_tokens.lora_embedding_A["default"].shape == (6, len(tokenizer))
     assert torch.allclose(logits(model, ids), before, atol=1e-5)
-    assert not torch.equal(layer.self_attn.q_proj.lora_A["default"].weight[4:], torch.zeros(2, 32))  # new directions to learn
+    assert not torch.equal(
+        layer.self_attn.q_proj.lora_A["default"].weight[4:], torch.zeros(2, 32)
+    )  # new directions to learn
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["r"] == 6 and saved["lora_alpha"] == pytest.approx(alpha)
@@ -703,8 +859,11 @@ def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tok
 
     def fresh():
         torch.manual_seed(0)
-        return add_lora(build_tiny_llama(len(tokenizer)), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
-                        warn=lambda *_: None)
+        return add_lora(
+            build_tiny_llama(len(tokenizer)),
+            LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+            warn=lambda *_: None,
+        )
 
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     model = fresh()
@@ -716,7 +875,13 @@ def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tok
     assert model.peft_config["default"].r == 8 and len(full.losses) == 6
     for step in (2, 3):  # resumed just before a growth, and after one
         resumed = fresh()
-        again = train(resumed, examples, cfg(tmp_path / "run", **GROW), resume_from=tmp_path / "run" / "checkpoints" / f"step-00000{step}", **QUIET)
+        again = train(
+            resumed,
+            examples,
+            cfg(tmp_path / "run", **GROW),
+            resume_from=tmp_path / "run" / "checkpoints" / f"step-00000{step}",
+            **QUIET,
+        )
         assert again.losses == full.losses
         for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
             assert torch.equal(a, b), n
@@ -725,7 +890,13 @@ def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tok
 def test_early_stopping_keeps_the_best_adapter_of_a_lower_rank(tokenizer, tmp_path, monkeypatch):
     scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6])  # best at step 2; 8 steps at ranks 8, 16, 32: 16 from step 3
     model, examples = setup(tokenizer)
-    result = train(model, examples[:12], cfg(tmp_path / "run", **{**EARLY, "grow_rank": [16, 32]}), val_examples=examples[12:], **QUIET)
+    result = train(
+        model,
+        examples[:12],
+        cfg(tmp_path / "run", **{**EARLY, "grow_rank": [16, 32]}),
+        val_examples=examples[12:],
+        **QUIET,
+    )
     assert result.best_step == 2 and model.peft_config["default"].r == 16
     reference, _ = setup(tokenizer)
     train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"), **QUIET)
@@ -743,24 +914,48 @@ def test_rank_growth_settings_are_checked():
             validate(LoraSettings(r=8), TrainConfig(grow_rank=bad))
     validate(LoraSettings(r=4), TrainConfig(grow_rank=[8, 16]))
     validate(LoraSettings(r=4), TrainConfig(grow_rank=(8, 16)))
-    saved = {"data_fingerprint": "a", "model_fingerprint": "m",
-             "train_config": {"lr_scheduler_type": "constant", "max_steps": 100, "grow_rank": [16]}}
+    saved = {
+        "data_fingerprint": "a",
+        "model_fingerprint": "m",
+        "train_config": {"lr_scheduler_type": "constant", "max_steps": 100, "grow_rank": [16]},
+    }
     with pytest.raises(SmoLoRAError, match="max_steps: 100 -> 200 \\(sets the steps where the rank grows\\)"):
-        check_compatible(saved, {**saved, "train_config": {**saved["train_config"], "max_steps": 200}}, allow_config_change=False)
+        check_compatible(
+            saved, {**saved, "train_config": {**saved["train_config"], "max_steps": 200}}, allow_config_change=False
+        )
 
 
-def test_a_grown_checkpoint_resumes_into_a_fresh_model_even_without_growth_and_a_misfit_is_one_line(tokenizer, tmp_path):
+def test_a_grown_checkpoint_resumes_into_a_fresh_model_even_without_growth_and_a_misfit_is_one_line(
+    tokenizer, tmp_path
+):
     from smolora.errors import SmoLoRAError
 
     model, examples = setup(tokenizer)
-    train(model, examples, cfg(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, grow_rank=[16], seed=2**62), **QUIET)  # any seed
+    train(
+        model,
+        examples,
+        cfg(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, grow_rank=[16], seed=2**62),
+        **QUIET,
+    )  # any seed
     assert model.peft_config["default"].r == 16
     fresh, _ = setup(tokenizer)  # rank 8, asked for no growth (--allow-config-change): the checkpoint's rank 16 stays
-    train(fresh, examples, cfg(tmp_path, max_steps=4, lr_scheduler_type="constant"), resume_from=tmp_path / "checkpoints" / "step-000003", **QUIET)
+    train(
+        fresh,
+        examples,
+        cfg(tmp_path, max_steps=4, lr_scheduler_type="constant"),
+        resume_from=tmp_path / "checkpoints" / "step-000003",
+        **QUIET,
+    )
     assert fresh.peft_config["default"].r == 16
-    bigger = add_lora(build_tiny_llama(len(tokenizer)), LoraSettings(r=32, target_modules=["all"]).to_peft(), warn=lambda *_: None)
-    with pytest.raises(SmoLoRAError, match=r"step-000004: the checkpoint's adapter does not fit this run's \(size mismatch for"):
-        train(bigger, examples, cfg(tmp_path, max_steps=4), resume_from=tmp_path / "checkpoints" / "step-000004", **QUIET)
+    bigger = add_lora(
+        build_tiny_llama(len(tokenizer)), LoraSettings(r=32, target_modules=["all"]).to_peft(), warn=lambda *_: None
+    )
+    with pytest.raises(
+        SmoLoRAError, match=r"step-000004: the checkpoint's adapter does not fit this run's \(size mismatch for"
+    ):
+        train(
+            bigger, examples, cfg(tmp_path, max_steps=4), resume_from=tmp_path / "checkpoints" / "step-000004", **QUIET
+        )
 
 
 def test_rank_growth_through_the_api_resumes_with_a_tuple_setting(tmp_path, tiny_model_dir):
@@ -800,13 +995,17 @@ def test_an_output_folder_with_a_runs_outputs_is_never_trained_over_silently(tmp
     (tmp_path / "final_merged" / "keep.txt").write_text("mine")
     with pytest.raises(SmoLoRAError, match=r"holds an earlier run \(final_merged\); pass --resume"):
         lora().train()
-    with pytest.raises(SmoLoRAError, match=r"holds an earlier run \(final_merged\) but no complete checkpoint to resume"):
+    with pytest.raises(
+        SmoLoRAError, match=r"holds an earlier run \(final_merged\) but no complete checkpoint to resume"
+    ):
         lora().train(resume=True)
     assert (tmp_path / "final_merged" / "keep.txt").read_text() == "mine"
     lora().train(overwrite=True)
     changed = lora()
     changed.sft_config.learning_rate = 1e-3
-    monkeypatch.setattr(smolora.run, "load_model", lambda *a, **k: pytest.fail("the model loaded before the settings were checked"))
+    monkeypatch.setattr(
+        smolora.run, "load_model", lambda *a, **k: pytest.fail("the model loaded before the settings were checked")
+    )
     with pytest.raises(SmoLoRAError, match="cannot resume: settings differ.*learning_rate"):
         changed.train(resume=True)
 
@@ -816,10 +1015,14 @@ def test_settings_that_would_be_silently_ignored_or_misread_are_refused():
     from smolora.errors import SmoLoRAError
 
     lora = LoraSettings(r=4)
-    with pytest.raises(SmoLoRAError, match=r"val_size must be a fraction below 1 or a whole count of examples \(got 1.5\)"):
+    with pytest.raises(
+        SmoLoRAError, match=r"val_size must be a fraction below 1 or a whole count of examples \(got 1.5\)"
+    ):
         validate(lora, TrainConfig(val_size=1.5), DataConfig())
     with pytest.raises(SmoLoRAError, match=r"eval_steps needs validation data"):
         validate(lora, TrainConfig(eval_steps=10), DataConfig())
-    with pytest.raises(SmoLoRAError, match=r"grow_rank \[8, 16\] needs max_steps >= 3: a step or more at each rank \(got 2\)"):
+    with pytest.raises(
+        SmoLoRAError, match=r"grow_rank \[8, 16\] needs max_steps >= 3: a step or more at each rank \(got 2\)"
+    ):
         validate(lora, TrainConfig(grow_rank=[8, 16], max_steps=2), DataConfig())
     validate(lora, TrainConfig(val_size=5, eval_steps=10, grow_rank=[8, 16], max_steps=3), DataConfig())

@@ -1,9 +1,9 @@
 """SmoLoRA: LoRA fine-tuning of small causal language models on your own machine.
 
-    from smolora import SmoLoRA
-    lora = SmoLoRA(dataset_name="train.jsonl")   # embedded SmolLM2-135M-Instruct by default
-    lora.train(); lora.save()
-    print(lora.inference("Hello!"))
+from smolora import SmoLoRA
+lora = SmoLoRA(dataset_name="train.jsonl")   # embedded SmolLM2-135M-Instruct by default
+lora.train(); lora.save()
+print(lora.inference("Hello!"))
 """
 
 __version__ = "0.1.0"

@@ -86,15 +86,26 @@ class SmoLoRA:
     def device(self) -> torch.device:
         return device_for(self.sft_config)
 
-    def train(self, resume: str | bool | None = None, overwrite: bool = False, allow_config_change: bool = False,
-              skip_nonfinite_steps: int = 0) -> TrainResult:
+    def train(
+        self,
+        resume: str | bool | None = None,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
+        skip_nonfinite_steps: int = 0,
+    ) -> TrainResult:
         """Train the adapter and save it to ``output_dir/adapter_checkpoint`` (``smolora.run.train_adapter``).
 
         Every setting and the data are checked before the model is loaded.
         """
         run = self._run()
-        done = train_adapter(run, self.device, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
-                             skip_nonfinite_steps=skip_nonfinite_steps)
+        done = train_adapter(
+            run,
+            self.device,
+            resume=resume,
+            overwrite=overwrite,
+            allow_config_change=allow_config_change,
+            skip_nonfinite_steps=skip_nonfinite_steps,
+        )
         self._source, self._tokenizer = run.source, run.tokenizer
         self.model, self.result, self.adapter_checkpoint = done.model, done.train, str(done.adapter)
         return self.result
@@ -108,8 +119,18 @@ class SmoLoRA:
         return self.merged_model_path
 
     def _run(self) -> Run:
-        return Run(self.base_model_name, self.dataset_name, self.peft_config, self.sft_config, self.data_config,
-                   self.difficulty_fn, self.trust_remote_code, self.allow_pickle, self._source, self._tokenizer)
+        return Run(
+            self.base_model_name,
+            self.dataset_name,
+            self.peft_config,
+            self.sft_config,
+            self.data_config,
+            self.difficulty_fn,
+            self.trust_remote_code,
+            self.allow_pickle,
+            self._source,
+            self._tokenizer,
+        )
 
     def load_model(self, path: str):
         """Load a merged model folder (or an adapter folder, attached to its base): (model, tokenizer)."""
@@ -118,19 +139,29 @@ class SmoLoRA:
             from smolora.merge import adapter_base_reference, adapter_tokenizer
 
             source = resolve_model(adapter_base_reference(folder))
-            base = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+            base = load_model(
+                source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle
+            )
             model = load_adapter(base, folder)
             self.tokenizer = adapter_tokenizer(source, folder, self.trust_remote_code)
         else:
             source = resolve_model(str(folder))
-            model = load_model(source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+            model = load_model(
+                source, self.device, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle
+            )
             self.tokenizer = load_tokenizer(source, self.trust_remote_code)
         model.eval()
         self.model = model
         return self.model, self.tokenizer
 
-    def inference(self, prompt: str, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,
-                  echo: bool = False) -> str:
+    def inference(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        echo: bool = False,
+    ) -> str:
         """Generate a reply to ``prompt`` (chat template applied for chat models)."""
         if self.model is None:
             self.load_model(self.merged_model_path or self.adapter_checkpoint or self.source.folder)

@@ -38,8 +38,16 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # LENGTH_FIELDS, only under a constant learning rate: see check_compatible).
 LENGTH_FIELDS = {"max_steps", "num_train_epochs"}
 # the same training either way, to fp32 rounding (weight_codes: exactly; fast: the plain path's sums)
-RESUME_SAFE_FIELDS = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "device", "eval_steps",
-                      "weight_codes", "fast"} | LENGTH_FIELDS
+RESUME_SAFE_FIELDS = {
+    "output_dir",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "device",
+    "eval_steps",
+    "weight_codes",
+    "fast",
+} | LENGTH_FIELDS
 
 
 @dataclass
@@ -130,7 +138,9 @@ def rng_snapshot() -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def rng_restore(meta: dict, tensors: dict[str, torch.Tensor], rank: int = 0, device: torch.device | None = None) -> None:
+def rng_restore(
+    meta: dict, tensors: dict[str, torch.Tensor], rank: int = 0, device: torch.device | None = None
+) -> None:
     """Restore the RNG states; a data-parallel run's process ``rank`` takes its own torch states."""
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -149,8 +159,14 @@ def rng_restore(meta: dict, tensors: dict[str, torch.Tensor], rank: int = 0, dev
         raise SmoLoRAError("checkpoint: torch RNG state did not restore")
 
 
-def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info: dict,
-                    process_rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    folder: Path,
+    model,
+    optimizer,
+    state: TrainState,
+    run_info: dict,
+    process_rng: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a complete checkpoint atomically. ``run_info`` holds config and fingerprints;
     ``process_rng`` a data-parallel run's per-process RNG states."""
 
@@ -160,9 +176,20 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, run_info:
         rng_meta, rng_tensors = rng_snapshot()
         best = {f"best.{name}": w.detach().cpu().contiguous() for name, w in (state.best_weights or {}).items()}
         save_file({**opt_tensors, **rng_tensors, **(process_rng or {}), **best}, str(tmp / TENSOR_FILE))
-        doc = {"step": state.step, "epoch": state.epoch, "cursor": state.cursor, "losses": state.losses, "loss_scale": state.loss_scale,
-               "best_eval": state.best_eval, "best_step": state.best_step, "evals_since_best": state.evals_since_best,
-               "stopped": state.stopped, "optimizer": opt_meta, "rng": rng_meta, **run_info}
+        doc = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "cursor": state.cursor,
+            "losses": state.losses,
+            "loss_scale": state.loss_scale,
+            "best_eval": state.best_eval,
+            "best_step": state.best_step,
+            "evals_since_best": state.evals_since_best,
+            "stopped": state.stopped,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+            **run_info,
+        }
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
 
     return publish(folder, write, marker=True)
@@ -225,7 +252,9 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
     """Refuse to resume into a different run: other data, another base model, other settings."""
     if saved.get("data_fingerprint") != run_info.get("data_fingerprint"):
         raise SmoLoRAError("cannot resume: the training data differs from the checkpoint's (fingerprint mismatch)")
-    if "model_fingerprint" in run_info and saved.get("model_fingerprint") != run_info["model_fingerprint"]:  # once the model is loaded
+    if (
+        "model_fingerprint" in run_info and saved.get("model_fingerprint") != run_info["model_fingerprint"]
+    ):  # once the model is loaded
         raise SmoLoRAError("cannot resume: the base model differs from the checkpoint's")
     if allow_config_change:
         return
@@ -245,14 +274,20 @@ def check_compatible(saved: dict, run_info: dict, allow_config_change: bool) -> 
         if saved.get("val_fingerprint") != run_info.get("val_fingerprint"):
             changed.append("validation data (decides which adapter early stopping keeps)")
     if saved.get("processes", 1) != run_info.get("processes", 1):  # torchrun's process count
-        changed.append(f"processes: {saved.get('processes', 1)} -> {run_info.get('processes', 1)} (sets each step's examples)")
+        changed.append(
+            f"processes: {saved.get('processes', 1)} -> {run_info.get('processes', 1)} (sets each step's examples)"
+        )
     for section in ("train_config", "lora_config"):
         old, new = saved.get(section, {}), run_info.get(section, {})
         for k in sorted(set(old) | set(new)):
             if (k not in RESUME_SAFE_FIELDS or k in unsafe) and old.get(k) != new.get(k):
                 changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" + (f" ({unsafe[k]})" if k in unsafe else ""))
     if changed:
-        raise SmoLoRAError("cannot resume: settings differ from the checkpoint's (" + "; ".join(changed) + "); pass --allow-config-change to resume anyway")
+        raise SmoLoRAError(
+            "cannot resume: settings differ from the checkpoint's ("
+            + "; ".join(changed)
+            + "); pass --allow-config-change to resume anyway"
+        )
 
 
 def load_checkpoint(folder: Path, model, optimizer, rank: int = 0) -> TrainState:
@@ -274,7 +309,15 @@ def load_checkpoint(folder: Path, model, optimizer, rank: int = 0) -> TrainState
     device = next(model.parameters()).device
     rng_restore(doc["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")}, rank, device)
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
-    return TrainState(step=doc["step"], epoch=doc["epoch"], cursor=doc["cursor"], losses=list(doc.get("losses", [])),
-                      loss_scale=doc.get("loss_scale"), best_eval=doc.get("best_eval"), best_step=doc.get("best_step", 0),
-                      best_weights={k: v.to(device) for k, v in best.items()} or None,
-                      evals_since_best=doc.get("evals_since_best", 0), stopped=doc.get("stopped", False))
+    return TrainState(
+        step=doc["step"],
+        epoch=doc["epoch"],
+        cursor=doc["cursor"],
+        losses=list(doc.get("losses", [])),
+        loss_scale=doc.get("loss_scale"),
+        best_eval=doc.get("best_eval"),
+        best_step=doc.get("best_step", 0),
+        best_weights={k: v.to(device) for k, v in best.items()} or None,
+        evals_since_best=doc.get("evals_since_best", 0),
+        stopped=doc.get("stopped", False),
+    )

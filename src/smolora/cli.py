@@ -64,12 +64,20 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
             ints = typing.get_args(typing.get_type_hints(cls)[f.name]) == (int,)
-            group.add_argument(flag, dest=f.name, type=_parse_ints if ints else _parse_list, default=None,
-                               metavar="N,M" if ints else "A,B", help=help_text)
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=_parse_ints if ints else _parse_list,
+                default=None,
+                metavar="N,M" if ints else "A,B",
+                help=help_text,
+            )
         elif kind is dict:
             group.add_argument(flag, dest=f.name, type=_parse_map, default=None, metavar="K=V,..", help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+            group.add_argument(
+                flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text
+            )
 
 
 def build_from(cls, args: argparse.Namespace, base=None):
@@ -109,36 +117,75 @@ def parse_data_arg(items: list[str]):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", allow_abbrev=False, help="train a LoRA adapter, then merge it", description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.")
-    t.add_argument("--data", action="append", required=True, metavar="PATH",
-                   help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
-                        "repeat as TASK=PATH[@WEIGHT] to mix tasks")
+    t = sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="train a LoRA adapter, then merge it",
+        description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.",
+    )
+    t.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
+        "repeat as TASK=PATH[@WEIGHT] to mix tasks",
+    )
     t.add_argument("--output", default=None, help="output folder (default: ./fine_tuned_model); same as --output-dir")
-    t.add_argument("--model", default=None, help="base model: a HF folder, a .gguf file or a hub id (default: embedded SmolLM2-135M-Instruct)")
-    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the newest complete checkpoint in the output folder, or the one given")
+    t.add_argument(
+        "--model",
+        default=None,
+        help="base model: a HF folder, a .gguf file or a hub id (default: embedded SmolLM2-135M-Instruct)",
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the newest complete checkpoint in the output folder, or the one given",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     t.add_argument("--allow-config-change", action="store_true", help="resume even though settings changed")
     t.add_argument("--no-merge", action="store_true", help="save the adapter only; skip final_merged/")
-    t.add_argument("--skip-nonfinite-steps", type=int, default=0, metavar="N", help="tolerate N steps with NaN/inf loss (skipped) before stopping")
+    t.add_argument(
+        "--skip-nonfinite-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tolerate N steps with NaN/inf loss (skipped) before stopping",
+    )
     _add_safety_flags(t)
     add_dataclass_flags(t, TrainConfig)
     add_dataclass_flags(t, LoraSettings)
     add_dataclass_flags(t, DataConfig)
 
-    m = sub.add_parser("merge", allow_abbrev=False, help="merge an adapter into its base model", description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.")
+    m = sub.add_parser(
+        "merge",
+        allow_abbrev=False,
+        help="merge an adapter into its base model",
+        description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.",
+    )
     m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--output", required=True, help="folder for the merged model")
     m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     m.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
     _add_safety_flags(m)
 
-    g = sub.add_parser("generate", allow_abbrev=False, help="generate from a prompt, or chat interactively", description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.")
-    g.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    g = sub.add_parser(
+        "generate",
+        allow_abbrev=False,
+        help="generate from a prompt, or chat interactively",
+        description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.",
+    )
+    g.add_argument(
+        "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
+    )
     g.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
     g.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
@@ -149,49 +196,101 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(g)
 
-    e = sub.add_parser("eval", allow_abbrev=False, help="loss, perplexity and exact match of a model on a data file",
-                       description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
-                                   "reply tokens, and with --exact-match greedy exact match of each last reply.")
-    e.add_argument("--data", action="append", required=True, metavar="PATH", help="evaluation data, in any format train reads; repeat as TASK=PATH for several tasks (each record once, with its task prefix)")
-    e.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    e = sub.add_parser(
+        "eval",
+        allow_abbrev=False,
+        help="loss, perplexity and exact match of a model on a data file",
+        description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
+        "reply tokens, and with --exact-match greedy exact match of each last reply.",
+    )
+    e.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="evaluation data, in any format train reads; repeat as TASK=PATH for several tasks "
+        "(each record once, with its task prefix)",
+    )
+    e.add_argument(
+        "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
+    )
     e.add_argument("--adapter", default=None, help="evaluate with this adapter (merged in memory)")
-    e.add_argument("--exact-match", action="store_true", help="also generate each example's last reply greedily and compare")
-    e.add_argument("--max-new-tokens", type=int, default=64, help="with --exact-match: tokens to generate at most (default: 64)")
+    e.add_argument(
+        "--exact-match", action="store_true", help="also generate each example's last reply greedily and compare"
+    )
+    e.add_argument(
+        "--max-new-tokens", type=int, default=64, help="with --exact-match: tokens to generate at most (default: 64)"
+    )
     e.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
     e.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    e.add_argument("--no-weight-codes", dest="weight_codes", action="store_false",
-                   help="compute the loss from the fp32 weights, not the codes a converted model keeps beside them")
-    e.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="the libraries' own layers, attention and loss instead of the speed wing (also SMOLORA_FAST=0)")
+    e.add_argument(
+        "--no-weight-codes",
+        dest="weight_codes",
+        action="store_false",
+        help="compute the loss from the fp32 weights, not the codes a converted model keeps beside them",
+    )
+    e.add_argument(
+        "--no-fast",
+        dest="fast",
+        action="store_false",
+        help="the libraries' own layers, attention and loss instead of the speed wing (also SMOLORA_FAST=0)",
+    )
     _add_safety_flags(e)
     add_dataclass_flags(e, DataConfig, skip=("validation_data",))
 
-    x = sub.add_parser("export", allow_abbrev=False, help="write a model as one GGUF file (llama.cpp, Ollama)",
-                       description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.")
+    x = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write a model as one GGUF file (llama.cpp, Ollama)",
+        description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.",
+    )
     x.add_argument("--output", required=True, help="the .gguf file to write")
-    x.add_argument("--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default")
+    x.add_argument(
+        "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
+    )
     x.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
-    x.add_argument("--type", default="f16", help="how the matrices are stored: f16 (default), f32, bf16, q8_0, or q5_1, q5_0, "
-                   "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32")
+    x.add_argument(
+        "--type",
+        default="f16",
+        help="how the matrices are stored: f16 (default), f32, bf16, q8_0, or q5_1, q5_0, "
+        "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32",
+    )
     x.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_safety_flags(x)
 
-    d = sub.add_parser("demo", allow_abbrev=False, help="fine-tune the embedded model on a built-in task; show before/after", description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; report held-out exact match before and after.")
+    d = sub.add_parser(
+        "demo",
+        allow_abbrev=False,
+        help="fine-tune the embedded model on a built-in task; show before/after",
+        description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; "
+        "report held-out exact match before and after.",
+    )
     d.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
     d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     d.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
     d.add_argument("--eval-size", type=int, default=50, help="held-out examples (default: 50)")
-    d.add_argument("--preset", default="qv", choices=["qv", "qkv", "attention", "all"], help="LoRA target preset (default: qv, the spec's)")
+    d.add_argument(
+        "--preset",
+        default="qv",
+        choices=["qv", "qkv", "attention", "all"],
+        help="LoRA target preset (default: qv, the spec's)",
+    )
     d.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
     return parser
 
 
 def _add_safety_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run (off by default)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (read with weights_only=True)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder's own Python code to run (off by default)",
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickled .bin weights (read with weights_only=True)"
+    )
 
 
 def cmd_train(args) -> int:
@@ -199,10 +298,23 @@ def cmd_train(args) -> int:
 
     args.output_dir = args.output or args.output_dir or "./fine_tuned_model"
     cfg = build_from(TrainConfig, args, TrainConfig(output_dir=args.output_dir))
-    run = Run(args.model, parse_data_arg(args.data), build_from(LoraSettings, args).to_peft(), cfg,
-              build_from(DataConfig, args), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    done = train_adapter(run, device_for(cfg), resume=args.resume, overwrite=args.overwrite,
-                         allow_config_change=args.allow_config_change, skip_nonfinite_steps=args.skip_nonfinite_steps)
+    run = Run(
+        args.model,
+        parse_data_arg(args.data),
+        build_from(LoraSettings, args).to_peft(),
+        cfg,
+        build_from(DataConfig, args),
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
+    done = train_adapter(
+        run,
+        device_for(cfg),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change,
+        skip_nonfinite_steps=args.skip_nonfinite_steps,
+    )
     if not args.no_merge:
         done.model = None  # freed before the merge loads a fresh base
         merge_run(run, done.adapter)
@@ -212,8 +324,14 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     from smolora.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                        overwrite=args.overwrite)
+    out = merge_adapter(
+        args.adapter,
+        args.output,
+        args.model,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
     print(f"[smolora] merged model saved to {out}")
     return 0
 
@@ -279,7 +397,9 @@ def cmd_eval(args) -> int:
     data = build_from(DataConfig, args)
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
-    records = load_source(parse_data_arg(args.data), data, mix=False)  # several tasks: every record once, with its task's prefix
+    records = load_source(
+        parse_data_arg(args.data), data, mix=False
+    )  # several tasks: every record once, with its task's prefix
     if args.json:
         check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)
@@ -287,9 +407,18 @@ def cmd_eval(args) -> int:
     if args.exact_match:
         replies_to_score(examples)
     device = pick_device(args.device)
-    model = _load_model(args, codes_source(source, device, args.weight_codes and not args.adapter), device)  # merged: no codes
-    result = evaluate(model, tokenizer, examples, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
-                      weight_codes=args.weight_codes, fast=args.fast)
+    model = _load_model(
+        args, codes_source(source, device, args.weight_codes and not args.adapter), device
+    )  # merged: no codes
+    result = evaluate(
+        model,
+        tokenizer,
+        examples,
+        exact_match=args.exact_match,
+        max_new_tokens=args.max_new_tokens,
+        weight_codes=args.weight_codes,
+        fast=args.fast,
+    )
     print(result.summary())
     if args.json:
         try:
@@ -307,7 +436,10 @@ def cmd_export(args) -> int:
 
     check_output(args.output, args.type, args.overwrite)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
-    check_exportable(AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code, **source.hub_options()), tokenizer)
+    check_exportable(
+        AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code, **source.hub_options()),
+        tokenizer,
+    )
     model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
     print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
@@ -317,7 +449,14 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from smolora.demo import run_demo
 
-    run_demo(args.output, train_size=args.train_size, eval_size=args.eval_size, max_steps=args.max_steps, preset=args.preset, r=args.r)
+    run_demo(
+        args.output,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        max_steps=args.max_steps,
+        preset=args.preset,
+        r=args.r,
+    )
     return 0
 
 
@@ -334,7 +473,14 @@ def main(argv: list[str] | None = None) -> int:
             transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "merge": cmd_merge, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
+    handlers = {
+        "train": cmd_train,
+        "merge": cmd_merge,
+        "generate": cmd_generate,
+        "eval": cmd_eval,
+        "export": cmd_export,
+        "demo": cmd_demo,
+    }
     try:
         return handlers[args.command](args)
     except SmoLoRAError as e:

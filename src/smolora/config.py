@@ -46,10 +46,14 @@ class _Settings:
         names = [f.name for f in dataclasses.fields(self)]
         if name not in names:
             if name in self.IGNORED:
-                warnings.warn(f"{type(self).__name__}.{name} has no effect in SmoLoRA: {self.IGNORED[name]}", stacklevel=2)
+                warnings.warn(
+                    f"{type(self).__name__}.{name} has no effect in SmoLoRA: {self.IGNORED[name]}", stacklevel=2
+                )
                 return
             close = difflib.get_close_matches(name, names, n=1)
-            raise AttributeError(f"{type(self).__name__} has no setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise AttributeError(
+                f"{type(self).__name__} has no setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
         super().__setattr__(name, value)
 
 
@@ -96,7 +100,8 @@ class TrainConfig(_Settings):
 
     IGNORED: ClassVar[dict[str, str]] = dict.fromkeys(
         ("dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns"),
-        "examples are tokenized once and packed in the training loop; there is no DataLoader")
+        "examples are tokenized once and packed in the training loop; there is no DataLoader",
+    )
 
     output_dir: str = _help("where checkpoints, the adapter and the merged model go", "./fine_tuned_model")
     per_device_train_batch_size: int = _help("examples per micro-batch (packed into one row)", 1)
@@ -110,27 +115,46 @@ class TrainConfig(_Settings):
     lr_scheduler_type: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", "linear")
     warmup_steps: int = _help("linear warmup steps from 0 to learning_rate", 0)
     max_grad_norm: float = _help("clip the gradient norm to this; 0 turns clipping off", 1.0)
-    fp16: bool = _help("matmuls in float16 autocast with loss scaling (GPUs without bf16); adapter weights stay fp32", False)
-    bf16: bool = _help("matmuls in bfloat16 autocast (GPUs, Apple silicon, CPUs with AMX or AVX512-BF16); adapter weights stay fp32", False)
+    fp16: bool = _help(
+        "matmuls in float16 autocast with loss scaling (GPUs without bf16); adapter weights stay fp32", False
+    )
+    bf16: bool = _help(
+        "matmuls in bfloat16 autocast (GPUs, Apple silicon, CPUs with AMX or AVX512-BF16); adapter weights stay fp32",
+        False,
+    )
     max_length: int = _help("tokens per example; longer examples are truncated", 1024)
     dataset_text_field: str = _help("record field that holds plain text", "text")
     seed: int = _help("seed for shuffling, dropout and initialisation", 42)
     packing: bool = _help("pack examples padding-free into one row per micro-batch", True)
     max_tokens_per_batch: int = _help(
         "with packing: an optimizer step's examples (batch x accumulation) are packed into rows of at most this "
-        "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)", 512)
-    share_prefix: bool = _help("with packing: compute a prefix shared by a row's examples (e.g. the system prompt) once", True)
+        "many tokens, the same update with fewer, larger matmuls (0 = one row per micro-batch)",
+        512,
+    )
+    share_prefix: bool = _help(
+        "with packing: compute a prefix shared by a row's examples (e.g. the system prompt) once", True
+    )
     grow_rank: list[int] = _help(
-        "grow the adapters' rank during training through these ranks (e.g. r 4 with 8,16: a third of the steps at each of "
-        "4, 8, 16); lora_alpha grows with the rank, so the scaling and the model's output stay the same", default_factory=list)
-    gradient_checkpointing: bool = _help("recompute each layer's activations in backward: less memory, ~1/3 more compute", False)
+        "grow the adapters' rank during training through these ranks "
+        "(e.g. r 4 with 8,16: a third of the steps at each of "
+        "4, 8, 16); lora_alpha grows with the rank, so the scaling and the model's output stay the same",
+        default_factory=list,
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute each layer's activations in backward: less memory, ~1/3 more compute", False
+    )
     weight_codes: bool = _help(
-        "on a CPU (fp32, or --bf16 autocast), hold the frozen weights as the exact codes they came from: a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 "
-        "blocks (the embedded model: ~1/5 of the fp32 weights' memory), or the 16 bits a Hugging Face checkpoint stores (1/2; written "
-        "once as fp32 + codes under $SMOLORA_HOME). The same training", True)
+        "on a CPU (fp32, or --bf16 autocast), hold the frozen weights as the exact codes they came from: "
+        "a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks (the embedded model: ~1/5 of the fp32 weights' memory), "
+        "or the 16 bits a Hugging Face checkpoint stores (1/2; written "
+        "once as fp32 + codes under $SMOLORA_HOME). The same training",
+        True,
+    )
     fast: bool = _help(
         "the speed wing (smolora.fast): span attention, weight codes, fused kernels, oneDNN; off (--no-fast, or "
-        "SMOLORA_FAST=0): the libraries' own layers, attention and loss, the reference the wing is tested against", True)
+        "SMOLORA_FAST=0): the libraries' own layers, attention and loss, the reference the wing is tested against",
+        True,
+    )
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)
@@ -138,7 +162,8 @@ class TrainConfig(_Settings):
     val_size: float = _help("validation split: a fraction (<1) or a count of examples (0 = none)", 0.0)
     eval_steps: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 0)
     early_stopping_patience: int = _help(
-        "stop after N evaluations without a lower validation loss; the adapter kept is the best one (0 = off)", 0)
+        "stop after N evaluations without a lower validation loss; the adapter kept is the best one (0 = off)", 0
+    )
     save_steps: int = _help("write a resumable checkpoint every N steps (0 = only at the end)", 0)
     save_total_limit: int = _help("keep only the newest N checkpoints (0 = keep all)", 2)
     device: str = _help("auto, cpu, cuda, cuda:N or mps", "auto")
@@ -167,7 +192,9 @@ class DataConfig(_Settings):
     """How records are read and rendered."""
 
     shape: str = _help("record shape: auto, chat, sharegpt, prompt_completion, alpaca or text", "auto")
-    system_prompt: str | None = _help("system prompt for chat rendering ('' for an empty one; default: the template's)", None)
+    system_prompt: str | None = _help(
+        "system prompt for chat rendering ('' for an empty one; default: the template's)", None
+    )
     field_map: dict[str, str] = _help("rename fields, e.g. prompt=question,completion=answer", default_factory=dict)
     txt_mode: str = _help("text files: line (one example per line), file, or chunk", "line")
     chunk_unit: str = _help("with txt_mode chunk: windows of words or of tokens", "words")
@@ -190,51 +217,93 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
     for settings in (lora, train, data):  # inf or nan passes every comparison below that it should fail
         for f in dataclasses.fields(settings) if settings is not None else ():
             value = getattr(settings, f.name)
-            need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number (got {value})")
-    need(isinstance(train.seed, int) and 0 <= train.seed < 2**63, f"seed must be a whole number in [0, 2**63) (got {train.seed})")
+            need(
+                not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number (got {value})"
+            )
+    need(
+        isinstance(train.seed, int) and 0 <= train.seed < 2**63,
+        f"seed must be a whole number in [0, 2**63) (got {train.seed})",
+    )
     need(lora.r > 0, f"r must be > 0 (got {lora.r})")
     need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})")
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
     need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
     grow = train.grow_rank if isinstance(train.grow_rank, (list, tuple)) else None
-    need(grow is not None and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
-         and list(grow) == sorted(set(grow)) and (not grow or grow[0] > lora.r),
-         f"grow_rank must be a list of increasing ranks above r={lora.r} (got {train.grow_rank!r})")
+    need(
+        grow is not None
+        and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
+        and list(grow) == sorted(set(grow))
+        and (not grow or grow[0] > lora.r),
+        f"grow_rank must be a list of increasing ranks above r={lora.r} (got {train.grow_rank!r})",
+    )
     if grow and train.max_steps > 0:
-        need(train.max_steps > len(grow), f"grow_rank {list(grow)} needs max_steps >= {len(grow) + 1}: a step or more at each rank (got {train.max_steps})")
+        need(
+            train.max_steps > len(grow),
+            f"grow_rank {list(grow)} needs max_steps >= {len(grow) + 1}: a step or more at each rank "
+            f"(got {train.max_steps})",
+        )
     need(train.learning_rate > 0, f"learning_rate must be > 0 (got {train.learning_rate})")
-    need(train.max_steps > 0 or train.max_steps == -1, f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})")
+    need(
+        train.max_steps > 0 or train.max_steps == -1,
+        f"max_steps must be > 0, or -1 to use epochs (got {train.max_steps})",
+    )
     need(train.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {train.num_train_epochs})")
-    need(train.per_device_train_batch_size >= 1, f"per_device_train_batch_size must be >= 1 (got {train.per_device_train_batch_size})")
-    need(train.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1 (got {train.gradient_accumulation_steps})")
+    need(
+        train.per_device_train_batch_size >= 1,
+        f"per_device_train_batch_size must be >= 1 (got {train.per_device_train_batch_size})",
+    )
+    need(
+        train.gradient_accumulation_steps >= 1,
+        f"gradient_accumulation_steps must be >= 1 (got {train.gradient_accumulation_steps})",
+    )
     need(train.logging_steps >= 1, f"logging_steps must be >= 1 (got {train.logging_steps})")
-    need(train.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)} (got {train.lr_scheduler_type!r})")
+    need(
+        train.lr_scheduler_type in SCHEDULERS,
+        f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)} (got {train.lr_scheduler_type!r})",
+    )
     need(train.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)} (got {train.optim!r})")
     need(train.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {train.warmup_steps})")
     need(train.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {train.max_grad_norm})")
     need(train.max_length >= 8, f"max_length must be >= 8 (got {train.max_length})")
     need(train.weight_decay >= 0, f"weight_decay must be >= 0 (got {train.weight_decay})")
     need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
-    need(train.val_size >= 0 and (train.val_size < 1 or float(train.val_size).is_integer()),
-         f"val_size must be a fraction below 1 or a whole count of examples (got {train.val_size})")
+    need(
+        train.val_size >= 0 and (train.val_size < 1 or float(train.val_size).is_integer()),
+        f"val_size must be a fraction below 1 or a whole count of examples (got {train.val_size})",
+    )
     need(train.eval_steps >= 0, f"eval_steps must be >= 0 (got {train.eval_steps})")
     if train.eval_steps and not train.early_stopping_patience and data is not None:
-        need(train.val_size > 0 or bool(data.validation_data), "eval_steps needs validation data (val_size or validation_data)")
-    need(train.early_stopping_patience >= 0, f"early_stopping_patience must be >= 0 (got {train.early_stopping_patience})")
+        need(
+            train.val_size > 0 or bool(data.validation_data),
+            "eval_steps needs validation data (val_size or validation_data)",
+        )
+    need(
+        train.early_stopping_patience >= 0,
+        f"early_stopping_patience must be >= 0 (got {train.early_stopping_patience})",
+    )
     if train.early_stopping_patience:
         need(train.eval_steps > 0, "early_stopping_patience needs eval_steps > 0 (evaluations to compare)")
-        need(train.val_size > 0 or bool(data and data.validation_data),
-             "early_stopping_patience needs validation data (val_size or validation_data)")
+        need(
+            train.val_size > 0 or bool(data and data.validation_data),
+            "early_stopping_patience needs validation data (val_size or validation_data)",
+        )
     need(train.save_steps >= 0, f"save_steps must be >= 0 (got {train.save_steps})")
     need(train.save_total_limit >= 0, f"save_total_limit must be >= 0 (got {train.save_total_limit})")
     need(train.curriculum in ("", "length"), f"curriculum must be '' or length (got {train.curriculum!r})")
     need(not (train.fp16 and train.bf16), "fp16 and bf16 cannot both be on")
-    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", train.device) is not None,
-         f"device must be auto, cpu, cuda, cuda:N or mps (got {train.device!r})")
+    need(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", train.device) is not None,
+        f"device must be auto, cpu, cuda, cuda:N or mps (got {train.device!r})",
+    )
     if data is not None:
-        need(data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"), f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})")
-        need(data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})")
+        need(
+            data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"),
+            f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})",
+        )
+        need(
+            data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})"
+        )
         need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
         need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
         need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")

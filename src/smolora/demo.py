@@ -16,7 +16,20 @@ from pathlib import Path
 
 from smolora.errors import SmoLoRAError
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 INSTRUCTION = "Rewrite the date in ISO format (YYYY-MM-DD). Reply with the date only."
 
 
@@ -52,14 +65,24 @@ def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") ->
     from smolora.generate import generate
     from smolora.monitor import progress
 
-    outputs = [generate(model, tokenizer, r["prompt"], max_new_tokens=16, do_sample=False)
-               for r in progress(records, f"[demo] {desc}", "date")]
+    outputs = [
+        generate(model, tokenizer, r["prompt"], max_new_tokens=16, do_sample=False)
+        for r in progress(records, f"[demo] {desc}", "date")
+    ]
     hits = sum(o.strip() == r["completion"] for o, r in zip(outputs, records))
     return 100.0 * hits / len(records), outputs
 
 
-def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_size: int = 50, max_steps: int = 60,
-             model: str | None = None, seed: int = 0, preset: str = "qv", r: int = 8) -> dict:
+def run_demo(
+    output_dir: str = "./smolora_demo",
+    train_size: int = 600,
+    eval_size: int = 50,
+    max_steps: int = 60,
+    model: str | None = None,
+    seed: int = 0,
+    preset: str = "qv",
+    r: int = 8,
+) -> dict:
     """Fine-tune on the date task, measure exact match before and after, save everything."""
     from smolora.api import SmoLoRA
     from smolora.config import expand_targets
@@ -75,7 +98,9 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     # The demo replaces its own earlier run (and continues it where Ctrl-C stopped it), never anyone else's.
     earlier = earlier_run(out)
     if earlier and not (out / "dates_train.jsonl").is_file():
-        raise SmoLoRAError(f"{out}: holds a training run the demo did not make ({', '.join(earlier)}); choose another --output")
+        raise SmoLoRAError(
+            f"{out}: holds a training run the demo did not make ({', '.join(earlier)}); choose another --output"
+        )
     interrupted = bool(earlier) and not (out / "demo_results.json").is_file()
     # A date drawn twice would be dropped as a duplicate in training: count the examples it trains on.
     distinct = lambda records: list({json.dumps(r): r for r in records}.values())  # noqa: E731
@@ -87,7 +112,10 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
     (out / "dates_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
 
     lora = SmoLoRA(base_model_name=model, dataset_name=str(data_path), output_dir=str(out))
-    print(f"[demo] task: {INSTRUCTION}\n[demo] {len(train_records)} training examples, {len(held_out)} held out", flush=True)
+    print(
+        f"[demo] task: {INSTRUCTION}\n[demo] {len(train_records)} training examples, {len(held_out)} held out",
+        flush=True,
+    )
     base = load_model(lora.source, lora.device)
     before, before_out = exact_match(base, lora.tokenizer, held_out, "scoring the base model")
     del base
@@ -109,18 +137,33 @@ def run_demo(output_dir: str = "./smolora_demo", train_size: int = 600, eval_siz
             print(f"[demo] the interrupted demo in {out} had other options ({e}); starting over", flush=True)
             lora.train(overwrite=True)
     except TrainingInterrupted as e:
-        raise TrainingInterrupted(e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it") from None
+        raise TrainingInterrupted(
+            e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it"
+        ) from None
     after, after_out = exact_match(lora.model, lora.tokenizer, held_out, "scoring the fine-tuned model")
     print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
     merged = lora.save()
 
     print("\n[demo] held-out examples (base -> fine-tuned | expected):")
     for rec, b, a in list(zip(held_out, before_out, after_out))[:5]:
-        print(f"  {rec['prompt'].split('Date: ')[1]!r}\n     base: {b[:60]!r}\n    tuned: {a!r}   expected: {rec['completion']!r}")
+        print(
+            f"  {rec['prompt'].split('Date: ')[1]!r}\n     base: {b[:60]!r}\n"
+            f"    tuned: {a!r}   expected: {rec['completion']!r}"
+        )
     seconds = time.perf_counter() - t0
-    summary = {"exact_match_before": before, "exact_match_after": after, "gain_points": after - before,
-               "train_steps": max_steps, "preset": preset, "r": r, "wall_seconds": round(seconds, 1), "adapter": lora.adapter_checkpoint,
-               "merged_model": merged, "train_data": str(data_path), "eval_data": str(out / "dates_eval.jsonl")}
+    summary = {
+        "exact_match_before": before,
+        "exact_match_after": after,
+        "gain_points": after - before,
+        "train_steps": max_steps,
+        "preset": preset,
+        "r": r,
+        "wall_seconds": round(seconds, 1),
+        "adapter": lora.adapter_checkpoint,
+        "merged_model": merged,
+        "train_data": str(data_path),
+        "eval_data": str(out / "dates_eval.jsonl"),
+    }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n[demo] exact match {before:.0f}% -> {after:.0f}% (+{after - before:.0f} points) in {seconds:.0f} s")
     print(f"[demo] adapter (PEFT):        {lora.adapter_checkpoint}")

@@ -25,8 +25,10 @@ class EvalResult:
     per_task: dict[str, EvalResult] | None = None  # multi-task data: the same, task by task
 
     def summary(self) -> str:
-        lines = [f"{self.examples} examples, {self.supervised_tokens} supervised tokens: "
-                 f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}"]
+        lines = [
+            f"{self.examples} examples, {self.supervised_tokens} supervised tokens: "
+            f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}"
+        ]
         if self.exact_match is not None:
             lines.append(f"exact match {self.exact_match:.1f}% ({self.matched} of {self.scored} last replies, greedy)")
         for task, part in (self.per_task or {}).items():
@@ -57,13 +59,25 @@ def replies_to_score(examples: list[Example]) -> list[tuple[list[int], list[int]
     """The (prompt, reply) pairs exact match scores; an error if there are none."""
     pairs = [p for p in map(last_reply, examples) if p is not None]
     if not pairs:
-        raise SmoLoRAError("exact match needs examples with a prompt before the reply (chat, prompt/completion, alpaca); "
-                           "these are plain text")
+        raise SmoLoRAError(
+            "exact match needs examples with a prompt before the reply (chat, prompt/completion, alpaca); "
+            "these are plain text"
+        )
     return pairs
 
 
-def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = False, max_new_tokens: int = 64,
-             batch_size: int = 8, progress: bool = True, weight_codes: bool = True, fast: bool = True) -> EvalResult:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    exact_match: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool = True,
+    weight_codes: bool = True,
+    fast: bool = True,
+) -> EvalResult:
     """Loss over ``examples``' supervised tokens; with ``exact_match``, also generate each last reply
     greedily and compare it with the reference (whitespace at either end ignored). ``weight_codes``:
     the loss from the frozen weights' GGUF codes where the model has them (``smolora.fast.codes``);
@@ -76,7 +90,9 @@ def evaluate(model, tokenizer, examples: list[Example], *, exact_match: bool = F
     def measure(indices: list[int]) -> EvalResult:
         part = [examples[i] for i in indices]
         with accelerated(model, fast=fast, training=False, weight_codes=weight_codes) as speed:
-            loss = evaluate_loss(model, part, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0, loss_sum=speed.loss_sum)
+            loss = evaluate_loss(
+                model, part, batch_size, packed=True, pad_id=tokenizer.pad_token_id or 0, loss_sum=speed.loss_sum
+            )
         tokens = sum(1 for e in part for x in e.labels[1:] if x != IGNORE)
         result = EvalResult(len(part), tokens, loss, math.exp(min(loss, 50)))
         scored = [hits[i] for i in indices if hits[i] is not None] if hits is not None else []
@@ -106,6 +122,8 @@ def _exact_matches(model, tokenizer, examples: list[Example], max_new_tokens: in
             hits.append(None)
             continue
         prompt, reply = pair
-        out = generate(model, tokenizer, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False)
+        out = generate(
+            model, tokenizer, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False
+        )
         hits.append(out.strip() == tokenizer.decode(reply, skip_special_tokens=True).strip())
     return hits

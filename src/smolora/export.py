@@ -31,8 +31,8 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
 GPT2_PRE = "gpt-2"
 SPLIT_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # noqa: E501
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # noqa: E501
 }
 
 
@@ -53,8 +53,9 @@ def check_exportable(config, tokenizer) -> None:
     """Refuse what cannot be written, from the model's config and tokenizer (before its weights load)."""
     arch = config.model_type
     if arch not in ARCHITECTURES:
-        raise SmoLoRAError(f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, "
-                           f"not {arch!r}")
+        raise SmoLoRAError(
+            f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {arch!r}"
+        )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise SmoLoRAError(f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings")
@@ -69,15 +70,18 @@ def _byte_level_bpe(tokenizer, vocab_size: int) -> dict:
     spec = json.loads(backend.to_str()) if backend is not None else {}
     bpe = spec.get("model") or {}
     if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise SmoLoRAError("export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF")
+        raise SmoLoRAError(
+            "export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF"
+        )
     top = max([*bpe["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))])
     if top >= vocab_size:
         raise SmoLoRAError(f"export: the tokenizer has token ids up to {top}, the model only {vocab_size} embeddings")
     return spec
 
 
-def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name: str | None = None,
-                overwrite: bool = False) -> Path:
+def export_gguf(
+    model, tokenizer, path: str | Path, dtype: str = "f16", *, name: str | None = None, overwrite: bool = False
+) -> Path:
     """Write ``model`` (a transformers causal LM, merged: no adapters) and its tokenizer to ``path``.
 
     The file appears only once complete; an existing file is replaced only with ``overwrite``.
@@ -91,6 +95,7 @@ def export_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", *, name:
         raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
     arch = config.model_type
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
         _write_hyperparameters(writer, config, name or path.stem, dtype)
@@ -115,7 +120,9 @@ def _write_hyperparameters(writer, config, name: str, dtype: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"))
+    writer.add_file_type(
+        gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
+    )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -151,15 +158,26 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if pre:
         writer.add_tokenizer_pre(pre)
     else:
-        warnings.warn("export: this tokenizer's pre-tokenizer has no llama.cpp name; llama.cpp will split text "
-                      "its default way, which may tokenize some text differently", stacklevel=3)
-    byte_level = [p for p in [spec["pre_tokenizer"], *spec["pre_tokenizer"].get("pretokenizers", [])] if p.get("type") == "ByteLevel"]
+        warnings.warn(
+            "export: this tokenizer's pre-tokenizer has no llama.cpp name; llama.cpp will split text "
+            "its default way, which may tokenize some text differently",
+            stacklevel=3,
+        )
+    byte_level = [
+        p
+        for p in [spec["pre_tokenizer"], *spec["pre_tokenizer"].get("pretokenizers", [])]
+        if p.get("type") == "ByteLevel"
+    ]
     writer.add_add_space_prefix(bool(byte_level[0].get("add_prefix_space")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+    for token, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         token_id = getattr(tokenizer, f"{token}_token_id", None)
         if token_id is not None:
             add(token_id)
@@ -204,7 +222,9 @@ def _embedded_tokenizer() -> tuple[list[str], list[str], str | None]:
 def _permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     """HF's rotate-half layout of a q/k projection's rows (or bias) -> llama.cpp's interleaved pairs
     (what llama.cpp's converter does for Llama; transformers' GGUF reader undoes it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:

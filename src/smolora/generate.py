@@ -48,13 +48,19 @@ def folded_adapter(model):
 
     from smolora.lora import tied_adapted_embeddings
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged] if hasattr(model, "merge_adapter") else []
+    layers = (
+        [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged]
+        if hasattr(model, "merge_adapter")
+        else []
+    )
     if not layers:
         yield
         return
-    plain = all(isinstance(m.get_base_layer(), torch.nn.Linear)
-                and not any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in m.active_adapters)
-                for m in layers)
+    plain = all(
+        isinstance(m.get_base_layer(), torch.nn.Linear)
+        and not any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in m.active_adapters)
+        for m in layers
+    )
     if not plain and tied_adapted_embeddings(model):  # merging in place would change both embeddings
         yield
         return
@@ -115,7 +121,11 @@ def generate(
         streamer = TextStreamer(tokenizer, skip_prompt=not echo, skip_special_tokens=True)
     was_training = model.training
     model.eval()
-    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": temperature}
+        if do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     with folded_adapter(model), accelerated(model, training=False, only=("oneDNN linears",)):
         out = model.generate(
             input_ids=ids,
@@ -139,8 +149,15 @@ def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float) -> 
         raise SmoLoRAError(f"temperature must be > 0 when sampling (got {temperature})")
 
 
-def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = True, temperature: float = 1.0,
-              system: str | None = None, raw: bool = False) -> None:
+def chat_loop(
+    model,
+    tokenizer,
+    max_new_tokens: int = 200,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    system: str | None = None,
+    raw: bool = False,
+) -> None:
     """Interactive chat on stdin/stdout; history is kept; empty line or Ctrl-D ends it. A model
     without a chat template (or ``raw``) continues each line as plain text instead, without history."""
     chat = not raw and bool(getattr(tokenizer, "chat_template", None))
@@ -148,8 +165,11 @@ def chat_loop(model, tokenizer, max_new_tokens: int = 200, do_sample: bool = Tru
     if chat:
         print("chat: type a message; an empty line or Ctrl-D quits.", flush=True)
     else:
-        print("completion: each line you type is continued as plain text (no chat template); an empty line or Ctrl-D quits.",
-              flush=True)
+        print(
+            "completion: each line you type is continued as plain text (no chat template); "
+            "an empty line or Ctrl-D quits.",
+            flush=True,
+        )
     while True:
         try:
             line = input("you> ")

@@ -42,7 +42,11 @@ def add_lora(model: nn.Module, peft_config, warn=print):
     """Wrap ``model`` with fresh LoRA adapters; the base is frozen, only A and B train."""
     from peft import get_peft_model
 
-    targets = sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str) else [peft_config.target_modules]
+    targets = (
+        sorted(peft_config.target_modules)
+        if not isinstance(peft_config.target_modules, str)
+        else [peft_config.target_modules]
+    )
     check_targets(model, targets, warn)
     model.config.use_cache = False
     # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
@@ -113,14 +117,23 @@ def check_growable(model: nn.Module) -> None:
 
     for name, config in model.peft_config.items():
         if config.rank_pattern or config.alpha_pattern:
-            raise SmoLoRAError(f"rank growth needs one rank and alpha for every layer; adapter {name!r} sets rank_pattern/alpha_pattern")
+            raise SmoLoRAError(
+                f"rank growth needs one rank and alpha for every layer; "
+                f"adapter {name!r} sets rank_pattern/alpha_pattern"
+            )
         if config.init_lora_weights not in (True, False, "gaussian"):
-            raise SmoLoRAError(f"rank growth supports PEFT's default or gaussian init only (adapter {name!r}: "
-                               f"init_lora_weights={config.init_lora_weights!r})")
+            raise SmoLoRAError(
+                f"rank growth supports PEFT's default or gaussian init only (adapter {name!r}: "
+                f"init_lora_weights={config.init_lora_weights!r})"
+            )
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not all((a in module.lora_A and isinstance(module.lora_A[a], nn.Linear))
-                                                     or a in module.lora_embedding_A for a in module.r):
-            raise SmoLoRAError(f"rank growth supports adapters on linear and embedding layers, not {type(module).__name__}")
+        if isinstance(module, LoraLayer) and not all(
+            (a in module.lora_A and isinstance(module.lora_A[a], nn.Linear)) or a in module.lora_embedding_A
+            for a in module.r
+        ):
+            raise SmoLoRAError(
+                f"rank growth supports adapters on linear and embedding layers, not {type(module).__name__}"
+            )
     adapter_rank(model)
 
 
@@ -131,8 +144,12 @@ def pad_to(t: torch.Tensor, shape: Sequence[int], fill: float = 0.0) -> torch.Te
     return out
 
 
-def grow_rank(model: nn.Module, new_r: int, optimizer: torch.optim.Optimizer | None = None,
-              generator: torch.Generator | None = None) -> float:
+def grow_rank(
+    model: nn.Module,
+    new_r: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> float:
     """Grow every LoRA adapter of ``model`` to rank ``new_r``; return the new lora_alpha.
 
     A gains rows drawn as PEFT draws A's, B gains zero columns, so B·A, and the model's output, stay
@@ -192,6 +209,8 @@ def _grown(old: nn.Parameter, value: torch.Tensor, optimizer: torch.optim.Optimi
         if state:
             optimizer.state[new] = {
                 k: pad_to(v, value.shape, v.mean().item() if k in ("exp_avg_sq", "max_exp_avg_sq") else 0.0)
-                if torch.is_tensor(v) and v.shape == old.shape else v
-                for k, v in state.items()}
+                if torch.is_tensor(v) and v.shape == old.shape
+                else v
+                for k, v in state.items()
+            }
     return new

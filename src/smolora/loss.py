@@ -34,7 +34,9 @@ def token_loss_sum(model, mb: MicroBatch, step_prefix=None) -> torch.Tensor:
     if step_prefix is not None:
         raise ValueError("a step prefix needs the speed wing's loss (smolora.fast)")
     lm = base_lm(model)
-    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False)
+    inputs = dict(
+        input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False
+    )
     if mb.segments is not None and mb.segments.prefix:  # a row's shared prefix: attention needs the block mask
         dtype = lm.get_input_embeddings().weight.dtype
         allowed = mb.segments.dense_mask(mb.input_ids.shape[1]).to(mb.input_ids.device)
@@ -50,13 +52,26 @@ def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     if device.type == "cpu":
         return mb
     mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
-    return MicroBatch(mb.input_ids.to(device), mb.position_ids.to(device), mb.targets.to(device), mask, mb.num_examples,
-                      mb.num_tokens, mb.segments)
+    return MicroBatch(
+        mb.input_ids.to(device),
+        mb.position_ids.to(device),
+        mb.targets.to(device),
+        mask,
+        mb.num_examples,
+        mb.num_tokens,
+        mb.segments,
+    )
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], batch_size: int = 8, packed: bool = True, pad_id: int = 0,
-                  loss_sum: LossSum = token_loss_sum) -> float:
+def evaluate_loss(
+    model,
+    examples: list[Example],
+    batch_size: int = 8,
+    packed: bool = True,
+    pad_id: int = 0,
+    loss_sum: LossSum = token_loss_sum,
+) -> float:
     """Mean per-token loss over supervised tokens (exp of it is perplexity)."""
     was_training = model.training
     model.eval()

@@ -65,7 +65,9 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not (path / "adapter_config.json").is_file():
         raise SmoLoRAError(f"{path}: not an adapter folder (no adapter_config.json)")
     if not (path / "adapter_model.safetensors").is_file():
-        raise SmoLoRAError(f"{path}: adapter weights must be adapter_model.safetensors (pickled .bin adapters are refused)")
+        raise SmoLoRAError(
+            f"{path}: adapter weights must be adapter_model.safetensors (pickled .bin adapters are refused)"
+        )
     return path
 
 
@@ -98,8 +100,13 @@ def merge_and_unload(peft_model):
     return peft_model.merge_and_unload()
 
 
-def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False,
-                 device: torch.device | str = "cpu"):
+def merged_model(
+    source: ModelSource,
+    adapter_dir: str | Path,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+):
     """Fresh fp32 base + adapter, merged and unloaded; raises if any weight is not finite."""
     base = load_model(source, device, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model = merge_and_unload(load_adapter(base, adapter_dir))
@@ -110,9 +117,11 @@ def merged_model(source: ModelSource, adapter_dir: str | Path, allow_pickle: boo
 
 
 # What a merged model folder holds: the model, its config and tokenizer files (as transformers saves them).
-MODEL_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab"
-                         r"|merges|chat_template)\.(json|txt|jinja)|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"
-                         r"|tokenizer\.model|COMPLETE")
+MODEL_FILES = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab"
+    r"|merges|chat_template)\.(json|txt|jinja)|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"
+    r"|tokenizer\.model|COMPLETE"
+)
 
 
 def merge_adapter(
@@ -139,10 +148,14 @@ def merge_adapter(
         adapter = Path(adapter_dir).resolve()
         if source.lives_in(out) or out.resolve() in (adapter, *adapter.parents):
             raise SmoLoRAError(f"{out}: holds the adapter or the base model being merged; choose another output folder")
-        foreign = sorted(p.name for p in out.iterdir() if not MODEL_FILES.fullmatch(p.name)) if out.is_dir() else [out.name]
+        foreign = (
+            sorted(p.name for p in out.iterdir() if not MODEL_FILES.fullmatch(p.name)) if out.is_dir() else [out.name]
+        )
         if foreign:  # --overwrite replaces a merged model, never a folder of other things
-            raise SmoLoRAError(f"{out}: holds {foreign[0]!r}{' and more' if len(foreign) > 1 else ''}, which a merge does "
-                               "not write; --overwrite replaces only a merged model: choose another output folder")
+            raise SmoLoRAError(
+                f"{out}: holds {foreign[0]!r}{' and more' if len(foreign) > 1 else ''}, which a merge does "
+                "not write; --overwrite replaces only a merged model: choose another output folder"
+            )
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
     tokenizer = adapter_tokenizer(source, adapter_dir, trust_remote_code)
     model.config.use_cache = True

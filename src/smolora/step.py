@@ -40,9 +40,15 @@ class StepBatches:
         """Epoch ``epoch``'s micro-batches of example indices."""
         if self._epoch is None or self._epoch[0] != epoch:
             cfg = self.cfg
-            order = epoch_order(len(self.examples), epoch, cfg.seed, difficulty=self.difficulty,
-                                bucket_shuffle=cfg.curriculum_shuffle, lengths=self.lengths,
-                                group_by_length=cfg.group_by_length)
+            order = epoch_order(
+                len(self.examples),
+                epoch,
+                cfg.seed,
+                difficulty=self.difficulty,
+                bucket_shuffle=cfg.curriculum_shuffle,
+                lengths=self.lengths,
+                group_by_length=cfg.group_by_length,
+            )
             self._epoch = epoch, self._group(order)
         return self._epoch[1]
 
@@ -83,8 +89,9 @@ class Step:
     num_targets: int  # supervised tokens in the whole step, every process's
 
 
-def make_step(batches: StepBatches, rows: list[list[int]], speed, share_rows: bool, pad_id: int,
-              device: torch.device) -> Step:
+def make_step(
+    batches: StepBatches, rows: list[list[int]], speed, share_rows: bool, pad_id: int, device: torch.device
+) -> Step:
     """Collate ``rows`` into micro-batches. A prefix every example of the step shares (the system
     prompt) is computed once: within a row by the row itself (``share_rows``), across rows by a
     step prefix the rows attend to, where the speed wing offers one."""
@@ -103,8 +110,17 @@ def make_step(batches: StepBatches, rows: list[list[int]], speed, share_rows: bo
     return Step(micro, prefix, num_targets)
 
 
-def run_step(model, step: Step, params: list[torch.nn.Parameter], speed, autocast, scaler, stop_requested,
-             world: distributed.World, device: torch.device) -> tuple[float, int, bool]:
+def run_step(
+    model,
+    step: Step,
+    params: list[torch.nn.Parameter],
+    speed,
+    autocast,
+    scaler,
+    stop_requested,
+    world: distributed.World,
+    device: torch.device,
+) -> tuple[float, int, bool]:
     """Forward and backward of the step's micro-batches; each loss is divided by the step's target
     count, so the gradients add up to the step's mean. Across processes the gradients, the loss and
     the token count are summed, and a stop asked by any process stops all.
@@ -143,8 +159,9 @@ class Update:
     overflow: bool  # fp16: the gradients overflowed at this loss scale; the scaler skipped the update
 
 
-def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], scaler, max_grad_norm: float,
-                 loss: float) -> Update:
+def apply_update(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], scaler, max_grad_norm: float, loss: float
+) -> Update:
     """Clip the gradients, then step the optimizer unless the loss or the gradients are non-finite.
     The gradients are cleared either way."""
     if scaler is not None:

@@ -97,8 +97,10 @@ def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
     if device.type == "cpu":
         flags = _cpu_flags()
         if flags is not None and not flags & set(_NATIVE_CPU_FLAGS[dtype]):
-            log(f"[smolora] warning: {name}: this CPU has no native {name} matrix instructions "
-                f"({' or '.join(_NATIVE_CPU_FLAGS[dtype])}); expect it to train slower than fp32")
+            log(
+                f"[smolora] warning: {name}: this CPU has no native {name} matrix instructions "
+                f"({' or '.join(_NATIVE_CPU_FLAGS[dtype])}); expect it to train slower than fp32"
+            )
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return functools.partial(torch.autocast, device.type, dtype=dtype), scaler
 
@@ -126,26 +128,37 @@ def train(
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
     # mask cannot hold a sliding window that only some layers use: such models share none.
     share_rows = cfg.share_prefix and not has_sliding_window(base_lm(model))
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=None if run.world.main else True)  # None: on a terminal (or a notebook) only
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if run.world.main else True,
+    )  # None: on a terminal (or a notebook) only
     run.write = bar.write if run.world.main else _silent
     model.train()
     with _StopRequests() as stop, bar, contextlib.ExitStack() as wing:
-        run.speed = wing.enter_context(accelerated(model, fast=cfg.fast, training=True, packed=cfg.packing,
-                                                   weight_codes=cfg.weight_codes, warn=run.warn))
+        run.speed = wing.enter_context(
+            accelerated(
+                model, fast=cfg.fast, training=True, packed=cfg.packing, weight_codes=cfg.weight_codes, warn=run.warn
+            )
+        )
         run.log(f"[smolora] {run.speed.describe()}")
         while state.step < total and not state.stopped:
             started, position = time.perf_counter(), _position(state, run.device)
             _grow_rank_if_due(run, state, total)
-            lr = _set_learning_rate(run.optimizer, lr_at(state.step, total, cfg.learning_rate, cfg.lr_scheduler_type,
-                                                         cfg.warmup_steps))
+            lr = _set_learning_rate(
+                run.optimizer, lr_at(state.step, total, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps)
+            )
             step = make_step(batches, batches.take(state), run.speed, share_rows, pad_id, run.device)
             if step.num_targets == 0:
                 run.log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
                 state.step += 1
             else:
-                loss, tokens, stopping = run_step(model, step, run.params, run.speed, run.autocast, run.scaler, stop,
-                                                  run.world, run.device)
+                loss, tokens, stopping = run_step(
+                    model, step, run.params, run.speed, run.autocast, run.scaler, stop, run.world, run.device
+                )
                 if stopping:  # asked to stop (any process): checkpoint the last finished step, as it was, at once
                     _interrupt(run, state, result, position)
                 result.tokens, run.window_tokens = result.tokens + tokens, run.window_tokens + tokens
@@ -222,11 +235,27 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, log) -> _Run:
     if ranks:
         check_growable(model)
         if batches.total_steps < len(ranks):
-            raise SmoLoRAError(f"grow_rank: {batches.total_steps} steps cannot hold a step at each of the ranks {ranks}")
+            raise SmoLoRAError(
+                f"grow_rank: {batches.total_steps} steps cannot hold a step at each of the ranks {ranks}"
+            )
     out = Path(cfg.output_dir)
-    return _Run(model, cfg, world, device, make_optimizer(params, cfg), params, batches, autocast, scaler,
-                MetricsFile(out / "metrics.jsonl" if world.main else None), {**(run_info or {}), **distributed.run_info()},
-                val_examples, pad_id, ranks, log)
+    return _Run(
+        model,
+        cfg,
+        world,
+        device,
+        make_optimizer(params, cfg),
+        params,
+        batches,
+        autocast,
+        scaler,
+        MetricsFile(out / "metrics.jsonl" if world.main else None),
+        {**(run_info or {}), **distributed.run_info()},
+        val_examples,
+        pad_id,
+        ranks,
+        log,
+    )
 
 
 def _resume(run: _Run, resume_from: Path | None) -> tuple[ckpt.TrainState, TrainResult]:
@@ -261,8 +290,10 @@ def _grow_rank_if_due(run: _Run, state: ckpt.TrainState, total: int) -> None:
     alpha = _grow(run, new_rank, torch.Generator().manual_seed((run.cfg.seed * 1_000_003 + state.step) % 2**63))
     if state.best_weights is not None:  # zero-padded: the same function at the new rank
         state.best_weights = {n: pad_to(state.best_weights[n], p.shape) for n, p in run.trainable()}
-    run.write(f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
-              f"same scaling; {parameter_report(run.model)[0]:,} trainable parameters)")
+    run.write(
+        f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
+        f"same scaling; {parameter_report(run.model)[0]:,} trainable parameters)"
+    )
     run.metrics.write({"step": state.step, "rank": new_rank, "lora_alpha": alpha})
 
 
@@ -300,28 +331,37 @@ def _skip_nonfinite(run: _Run, state: ckpt.TrainState, loss: float, update, allo
     run.log(f"[smolora] warning: step {state.step + 1} skipped: {what}")
 
 
-def _record_step(run: _Run, state: ckpt.TrainState, result: TrainResult, loss: float, tokens: int, lr: float, update,
-                 seconds: float) -> None:
+def _record_step(
+    run: _Run, state: ckpt.TrainState, result: TrainResult, loss: float, tokens: int, lr: float, update, seconds: float
+) -> None:
     """Keep the step's loss and time; every ``logging_steps`` steps, a log line and a metrics entry."""
     state.losses.append(loss)
     result.step_seconds.append(seconds)
     if update.overflow:
-        run.write(f"[smolora] fp16: step {state.step} overflowed; update skipped, loss scale now {run.scaler.get_scale():g}")
+        run.write(
+            f"[smolora] fp16: step {state.step} overflowed; update skipped, loss scale now {run.scaler.get_scale():g}"
+        )
     cfg = run.cfg
     if state.step % cfg.logging_steps and state.step != run.batches.total_steps:
         return
     elapsed = time.perf_counter() - run.window_start
     recent = state.losses[-cfg.logging_steps :]
-    entry = {"step": state.step, "loss": round(sum(recent) / len(recent), 4), "learning_rate": lr,
-             "epoch": round(run.batches.progress(state), 3),
-             "grad_norm": round(update.grad_norm, 4) if math.isfinite(update.grad_norm) else None,
-             "tokens_per_s": round(run.window_tokens / max(elapsed, 1e-9), 1)}
+    entry = {
+        "step": state.step,
+        "loss": round(sum(recent) / len(recent), 4),
+        "learning_rate": lr,
+        "epoch": round(run.batches.progress(state), 3),
+        "grad_norm": round(update.grad_norm, 4) if math.isfinite(update.grad_norm) else None,
+        "tokens_per_s": round(run.window_tokens / max(elapsed, 1e-9), 1),
+    }
     run.logged_losses.append(entry["loss"])
     steps = min(len(recent), cfg.logging_steps)
     norm = f"{update.grad_norm:.3g}" if math.isfinite(update.grad_norm) else "inf"
-    run.write(f"[smolora] step {state.step}/{run.batches.total_steps}  loss {entry['loss']:.4f}  lr {lr:.2e}  "
-              f"grad norm {norm}  {elapsed / steps:.2f} s/step  {entry['tokens_per_s']:.0f} tokens/s  "
-              f"epoch {entry['epoch']:.2f}  {memory_line(run.device)}")
+    run.write(
+        f"[smolora] step {state.step}/{run.batches.total_steps}  loss {entry['loss']:.4f}  lr {lr:.2e}  "
+        f"grad norm {norm}  {elapsed / steps:.2f} s/step  {entry['tokens_per_s']:.0f} tokens/s  "
+        f"epoch {entry['epoch']:.2f}  {memory_line(run.device)}"
+    )
     for warning in diagnose(run.logged_losses, cfg.learning_rate):
         run.write(warning)
     run.metrics.write(entry)
@@ -355,12 +395,19 @@ def _validate(run: _Run, state: ckpt.TrainState, result: TrainResult, scheduled:
     The end-of-run evaluation off the eval_steps schedule may be the best, but counts for nothing."""
     cfg = run.cfg
     with run.autocast():
-        loss = evaluate_loss(run.model, run.val_examples, max(1, cfg.per_device_train_batch_size), cfg.packing, run.pad_id,
-                             run.speed.loss_sum)
+        loss = evaluate_loss(
+            run.model,
+            run.val_examples,
+            max(1, cfg.per_device_train_batch_size),
+            cfg.packing,
+            run.pad_id,
+            run.speed.loss_sum,
+        )
     result.eval_losses.append((state.step, loss))
     entry = {"step": state.step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
-    (run.write if scheduled else run.log)(f"[smolora] step {state.step}: validation loss {loss:.4f}  "
-                                          f"perplexity {entry['eval_perplexity']:.3f}")
+    (run.write if scheduled else run.log)(
+        f"[smolora] step {state.step}: validation loss {loss:.4f}  perplexity {entry['eval_perplexity']:.3f}"
+    )
     run.metrics.write(entry)
     if not cfg.early_stopping_patience:
         return
@@ -381,10 +428,15 @@ def _keep_best(run: _Run, state: ckpt.TrainState, result: TrainResult) -> None:
         for n, p in run.trainable():
             p.copy_(state.best_weights[n])
     result.best_step = state.best_step
-    why = (f"stopped at step {state.step}, no lower validation loss in {run.cfg.early_stopping_patience} evaluations"
-           if state.stopped else f"ran all {state.step} steps")
-    run.log(f"[smolora] early stopping: {why}; keeping the adapter of step {state.best_step}, "
-            f"the lowest validation loss ({state.best_eval:.4f})")
+    why = (
+        f"stopped at step {state.step}, no lower validation loss in {run.cfg.early_stopping_patience} evaluations"
+        if state.stopped
+        else f"ran all {state.step} steps"
+    )
+    run.log(
+        f"[smolora] early stopping: {why}; keeping the adapter of step {state.best_step}, "
+        f"the lowest validation loss ({state.best_eval:.4f})"
+    )
     run.metrics.write({"step": state.step, "best_step": state.best_step, "best_eval_loss": round(state.best_eval, 4)})
 
 
@@ -394,8 +446,10 @@ class _StopRequests:
 
     def __enter__(self) -> _StopRequests:
         self.signals: list[int] = []
-        self.previous = {s: signal.signal(s, lambda signum, _frame: self.signals.append(signum))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {
+            s: signal.signal(s, lambda signum, _frame: self.signals.append(signum))
+            for s in (signal.SIGINT, signal.SIGTERM)
+        }
         return self
 
     def __exit__(self, *_exc) -> None:

@@ -27,8 +27,14 @@ def load_source(source: Any, data: DataConfig, seed: int = 42, mix: bool = True)
     mixed by their weights, or with ``mix=False`` every task's records once (each with its task)."""
     # Token windows need the tokenizer: read whole files here, cut them when encoding.
     mode = "file" if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else data.txt_mode
-    read = lambda s: load_records(s, txt_mode=mode, chunk_words=data.chunk_words, chunk_stride=data.chunk_stride, dedupe=data.dedupe,
-                                   max_file_mb=data.max_file_mb)  # noqa: E731
+    read = lambda s: load_records(
+        s,
+        txt_mode=mode,
+        chunk_words=data.chunk_words,
+        chunk_stride=data.chunk_stride,
+        dedupe=data.dedupe,
+        max_file_mb=data.max_file_mb,
+    )  # noqa: E731
     if isinstance(source, dict):
         tasks = []
         for name, spec in source.items():
@@ -52,15 +58,23 @@ def prepare_data(
     if val_records is None and cfg.val_size > 0:
         records, val_records = split_validation(records, cfg.val_size, cfg.seed)
     opts = FormatOptions(
-        text_field=cfg.dataset_text_field, shape=data.shape, field_map=data.field_map, system_prompt=data.system_prompt,
-        train_on_prompt=cfg.train_on_prompt, max_length=cfg.max_length, task_prefix=data.task_prefix,
+        text_field=cfg.dataset_text_field,
+        shape=data.shape,
+        field_map=data.field_map,
+        system_prompt=data.system_prompt,
+        train_on_prompt=cfg.train_on_prompt,
+        max_length=cfg.max_length,
+        task_prefix=data.task_prefix,
         chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
         chunk_stride=data.chunk_stride,
     )
     score, what = (DIFFICULTY[cfg.curriculum], f"curriculum {cfg.curriculum!r}") if cfg.curriculum else (None, "")
     if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record
         field = data.field_map.get(cfg.dataset_text_field, cfg.dataset_text_field)
-        score, what = lambda public: difficulty(public[field] if isinstance(public.get(field), str) else public), "difficulty_fn"
+        score, what = (
+            lambda public: difficulty(public[field] if isinstance(public.get(field), str) else public),
+            "difficulty_fn",
+        )
     if score is not None:
         for rec in records:
             try:
@@ -69,7 +83,9 @@ def prepare_data(
                 raise SmoLoRAError(f"{rec.get('_where', 'record')}: {what} failed: {type(e).__name__}: {e}") from None
     train, stats = encode_records(records, tokenizer, opts)
     if not train:
-        raise SmoLoRAError(f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})")
+        raise SmoLoRAError(
+            f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})"
+        )
     log(f"[smolora] data: {stats.summary()}")
     val: list[Example] = []
     if val_records:

@@ -3,7 +3,8 @@
 Packing is padding-free: a micro-batch is one row holding its examples back to back, with
 position ids restarting at 0 for each example (or continuing after a prefix they all share, which
 is then computed once). The row's ``Segments`` say where each example lies; attention runs block
-by block over them (``smolora.fast.attention``; a dense mask on the plain path), so no token attends across an example boundary.
+by block over them (``smolora.fast.attention``; a dense mask on the plain path), so no token attends
+across an example boundary.
 Targets are shifted per example, so the last token of one example never learns to predict the
 first token of the next.
 """
@@ -107,12 +108,20 @@ def collate_packed(examples: Sequence[Example], prefix: int = 0, step_prefix: in
         tgt += shifted_targets(e)[skip:]
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     num_tokens = sum(len(e.input_ids) for e in examples)
-    return MicroBatch(as_row(ids), as_row(pos), as_row(tgt), None, len(examples), num_tokens,
-                      Segments(prefix, tuple(spans), step_prefix))
+    return MicroBatch(
+        as_row(ids),
+        as_row(pos),
+        as_row(tgt),
+        None,
+        len(examples),
+        num_tokens,
+        Segments(prefix, tuple(spans), step_prefix),
+    )
 
 
-def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False,
-            step_prefix: int = 0) -> MicroBatch:
+def collate(
+    examples: Sequence[Example], packed: bool = True, pad_id: int = 0, share_prefix: bool = False, step_prefix: int = 0
+) -> MicroBatch:
     """Build one micro-batch: a single packed row, or right-padded rows with an attention mask.
 
     ``step_prefix``: the examples' first tokens are computed by the step's ``StepPrefix`` (packed only).
@@ -135,7 +144,9 @@ def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, s
     return MicroBatch(ids, pos, tgt, mask, len(examples), sum(len(e.input_ids) for e in examples))
 
 
-def group_micro_batches(lengths: Sequence[int], order: Sequence[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+def group_micro_batches(
+    lengths: Sequence[int], order: Sequence[int], batch_size: int, max_tokens: int = 0
+) -> list[list[int]]:
     """Split an ordering of example indices into micro-batches of at most ``batch_size`` examples
     and, when ``max_tokens`` > 0, at most ``max_tokens`` tokens (an example longer than the cap
     gets a micro-batch of its own)."""

@@ -25,7 +25,14 @@ from smolora.errors import SmoLoRAError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -69,7 +76,10 @@ class EncodeStats:
     per_task: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        s = f"{self.kept} examples kept, {self.truncated} truncated to max_length, {self.dropped} dropped (no supervised tokens left)"
+        s = (
+            f"{self.kept} examples kept, {self.truncated} truncated to max_length, "
+            f"{self.dropped} dropped (no supervised tokens left)"
+        )
         if len(self.per_task) > 1:
             s += "; per task: " + ", ".join(f"{k}={v}" for k, v in self.per_task.items())
         return s
@@ -137,8 +147,10 @@ def _need_str(record: dict, name: str, where: str) -> str:
         # names only where they look like names: a file that is not data (a CSV read from /etc) is never echoed
         have = ", ".join(fields) if all(_NAME.fullmatch(k) for k in fields) else f"{len(fields)} fields"
         have = have or "none"
-        raise SmoLoRAError(f"{where}: record has no {name!r} field (it has: {have}); "
-                           "name the text field with --dataset-text-field or rename fields with --field-map")
+        raise SmoLoRAError(
+            f"{where}: record has no {name!r} field (it has: {have}); "
+            "name the text field with --dataset-text-field or rename fields with --field-map"
+        )
     value = record[name]
     if not isinstance(value, str):
         raise SmoLoRAError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
@@ -154,7 +166,10 @@ def _check_messages(raw, where: str, role_key: str, content_key: str, roles: dic
             raise SmoLoRAError(f"{where}: message {i} must be an object with {role_key!r} and {content_key!r}")
         role = roles.get(str(m[role_key]).lower()) if isinstance(m[role_key], str) else None
         if role is None:
-            raise SmoLoRAError(f"{where}: message {i} has unknown role {m[role_key]!r} (expected one of {', '.join(sorted(set(roles)))})")
+            raise SmoLoRAError(
+                f"{where}: message {i} has unknown role {m[role_key]!r} "
+                f"(expected one of {', '.join(sorted(set(roles)))})"
+            )
         if not isinstance(m[content_key], str):
             raise SmoLoRAError(f"{where}: message {i} content must be a string, got {type(m[content_key]).__name__}")
         out.append({"role": role, "content": m[content_key]})
@@ -202,8 +217,10 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
             for a, b in (("prompt", "completion"), ("instruction", "output")):
                 if (f(a) in record) != (f(b) in record):
                     have, missing = (a, b) if f(a) in record else (b, a)
-                    raise SmoLoRAError(f"{where}: record has {f(have)!r} as its {have} but no {f(missing)!r} field for its {missing}; "
-                                       f"map it with --field-map {missing}=FIELD")
+                    raise SmoLoRAError(
+                        f"{where}: record has {f(have)!r} as its {have} but no {f(missing)!r} field for its {missing}; "
+                        f"map it with --field-map {missing}=FIELD"
+                    )
         text = _need_str(record, name, where)
         if not text.strip():  # nothing to learn but an end of text: dropped with the examples that have no targets
             return Example([], [], task, where)

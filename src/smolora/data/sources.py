@@ -68,7 +68,11 @@ def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int, m
         raise SmoLoRAError(f"data: expected a path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "state.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+        ):
             return _read_saved_dataset(path)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
@@ -91,7 +95,9 @@ def _read_any(source: Any, txt_mode: str, chunk_words: int, chunk_stride: int, m
             return _read_parquet(path)
         if suffix in TEXT_SUFFIXES:
             return read_text_file(path, txt_mode, chunk_words, chunk_stride)
-        raise SmoLoRAError(f"{path}: unknown file type {suffix or '(none)'}; expected one of {', '.join(KNOWN_SUFFIXES)} or a folder")
+        raise SmoLoRAError(
+            f"{path}: unknown file type {suffix or '(none)'}; expected one of {', '.join(KNOWN_SUFFIXES)} or a folder"
+        )
     text = str(source)
     if text.startswith((".", "/", "~")) or Path(text).suffix.lower() in KNOWN_SUFFIXES or text.count("/") > 1:
         raise SmoLoRAError(f"{text}: data path does not exist")
@@ -104,8 +110,9 @@ def _check_file(path: Path, max_file_mb: int) -> None:
         raise SmoLoRAError(f"{path}: not a regular file (a pipe, a device or a socket); data is read from files only")
     size = path.stat().st_size
     if size > max_file_mb * 2**20:
-        raise SmoLoRAError(f"{path}: {size / 2**20:.0f} MiB, larger than max_file_mb ({max_file_mb}); "
-                           "raise --max-file-mb to read it")
+        raise SmoLoRAError(
+            f"{path}: {size / 2**20:.0f} MiB, larger than max_file_mb ({max_file_mb}); raise --max-file-mb to read it"
+        )
 
 
 def _decode_lines(path: Path) -> list[str]:
@@ -117,7 +124,9 @@ def _decode_lines(path: Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise SmoLoRAError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        raise SmoLoRAError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
     # Lines end at \n, \r\n or \r only: str.splitlines would also split inside a record at U+2028,
     # U+0085 and other characters JSON strings and CSV cells may hold as they are.
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -131,7 +140,9 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SmoLoRAError(f"{path}:{number}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+            raise SmoLoRAError(
+                f"{path}:{number}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+            ) from None
         if not isinstance(rec, dict):
             raise SmoLoRAError(f"{path}:{number}: expected a JSON object per line, got {type(rec).__name__}")
         rec["_where"] = f"{path}:{number}"
@@ -146,7 +157,9 @@ def read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SmoLoRAError(f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+        raise SmoLoRAError(
+            f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        ) from None
     if isinstance(data, dict):
         # Accept {"data": [...]} / {"train": [...]} wrappers holding one list of records.
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -194,7 +207,9 @@ def read_text_file(path: Path, mode: str, chunk_words: int = 0, chunk_stride: in
     if mode == "chunk":
         if chunk_words <= 0:
             raise SmoLoRAError("txt chunking needs chunk_words > 0")
-        return [{"text": t, "_where": f"{path}#chunk{i}"} for i, t in enumerate(chunk_text(text, chunk_words, chunk_stride))]
+        return [
+            {"text": t, "_where": f"{path}#chunk{i}"} for i, t in enumerate(chunk_text(text, chunk_words, chunk_stride))
+        ]
     raise SmoLoRAError(f"txt_mode must be line, file or chunk (got {mode!r})")
 
 
@@ -240,7 +255,9 @@ def _read_hub(name: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:
-        raise SmoLoRAError(f"{name}: not a local path, and loading it as a hub dataset failed ({str(e).splitlines()[0][:200]})") from None
+        raise SmoLoRAError(
+            f"{name}: not a local path, and loading it as a hub dataset failed ({str(e).splitlines()[0][:200]})"
+        ) from None
     return list(ds.to_list())
 
 

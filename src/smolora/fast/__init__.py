@@ -36,8 +36,19 @@ from smolora.fast.onednn import gemm_choice, patch_onednn, use_gemm
 from smolora.fast.patch import Patches
 from smolora.loss import LossSum, base_lm, token_loss_sum
 
-__all__ = ["CODES_FILE", "Speed", "accelerated", "allocator_name", "enabled", "forget_codes", "gemm_choice",
-           "reexec_with_tcmalloc", "release_free_memory", "save_codes", "use_gemm"]
+__all__ = [
+    "CODES_FILE",
+    "Speed",
+    "accelerated",
+    "allocator_name",
+    "enabled",
+    "forget_codes",
+    "gemm_choice",
+    "reexec_with_tcmalloc",
+    "release_free_memory",
+    "save_codes",
+    "use_gemm",
+]
 
 ENV = "SMOLORA_FAST"  # "0": the plain path, whatever the settings say
 LEVERS = ("span attention", "weight codes", "fast dropout", "fused layers", "oneDNN linears")
@@ -69,8 +80,16 @@ def _warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def accelerated(model, *, fast: bool = True, training: bool = True, packed: bool = True, weight_codes: bool = True,
-                only: Sequence[str] | None = None, warn=_warn) -> Iterator[Speed]:
+def accelerated(
+    model,
+    *,
+    fast: bool = True,
+    training: bool = True,
+    packed: bool = True,
+    weight_codes: bool = True,
+    only: Sequence[str] | None = None,
+    warn=_warn,
+) -> Iterator[Speed]:
     """Switch the speed levers on for ``model`` inside the block; yield the ``Speed`` to train with.
 
     ``training``: the block runs forward and backward (dropout, and attention routed for the

@@ -38,7 +38,11 @@ def preload_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment to run a new SmoLoRA process with tcmalloc, or None where nothing changes."""
     env = dict(os.environ if environ is None else environ)
     preload = env.get("LD_PRELOAD", "")
-    if not sys.platform.startswith("linux") or env.get(ENV) in ("system", "tcmalloc") or any(k in preload for k in _KNOWN):
+    if (
+        not sys.platform.startswith("linux")
+        or env.get(ENV) in ("system", "tcmalloc")
+        or any(k in preload for k in _KNOWN)
+    ):
         return None
     library = find_tcmalloc()
     if library is None:

@@ -145,12 +145,20 @@ def _span_rows(seg: Segments, dropout: float, query: torch.Tensor, *others: torc
     ``others``: the keys, values and any context's."""
     sizes = [end - start for start, end in seg.spans] + [seg.prefix]
     tensors = [query, *(t for t in others if t is not None)]
-    if (dropout or native.library() is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-            or query.shape[1] % others[0].shape[1]):
+    if (
+        dropout
+        or native.library() is None
+        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+        or query.shape[1] % others[0].shape[1]
+    ):
         return None
-    if max(sizes) >= (SPAN_MAX_QUERIES_OVER_GEMM if gemm_attention_pays(query, others[0], dropout) else SPAN_MAX_QUERIES):
+    if max(sizes) >= (
+        SPAN_MAX_QUERIES_OVER_GEMM if gemm_attention_pays(query, others[0], dropout) else SPAN_MAX_QUERIES
+    ):
         return None
-    rows = ([[0, seg.prefix, 0]] if seg.prefix else []) + [[start, end, int(bool(seg.prefix or seg.step_prefix))] for start, end in seg.spans]
+    rows = ([[0, seg.prefix, 0]] if seg.prefix else []) + [
+        [start, end, int(bool(seg.prefix or seg.step_prefix))] for start, end in seg.spans
+    ]
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -208,14 +216,21 @@ class StepPrefix:
         self.recording = True
         try:
             ids = torch.tensor([self.input_ids], device=device)
-            lm.base_model(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=False,
-                          smolora_segments=Segments(0, ((0, n),)), smolora_step_prefix=self)
+            lm.base_model(
+                input_ids=ids,
+                position_ids=torch.arange(n, device=device)[None],
+                use_cache=False,
+                smolora_segments=Segments(0, ((0, n),)),
+                smolora_step_prefix=self,
+            )
         finally:
             self.recording = False
             for m in layers:
                 m.gradient_checkpointing = True
-        self.leaves = {key: (k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
-                       for key, (k, v) in self.computed.items()}
+        self.leaves = {
+            key: (k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
+            for key, (k, v) in self.computed.items()
+        }
 
     def backward(self) -> None:
         """Backpropagate the rows' gradients on the prefix's keys and values through its forward."""
@@ -230,9 +245,18 @@ class StepPrefix:
         self.computed, self.leaves = {}, {}
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                             smolora_segments: Segments | None = None, smolora_step_prefix: StepPrefix | None = None,
-                             **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    dropout=0.0,
+    scaling=None,
+    smolora_segments: Segments | None = None,
+    smolora_step_prefix: StepPrefix | None = None,
+    **kwargs,
+):
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None)."""
     seg = smolora_segments
     if seg is None:
@@ -252,8 +276,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
         ck, cv = (rows(kp), rows(vp)) if kp is not None else (None, None)
         out = SpanAttention.apply(rows(query), rows(key), rows(value), ck, cv, spans, seg.prefix, scale)
         return out[None], None
-    attend = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
-                               enable_gqa=query.shape[1] != key.shape[1])
+    attend = functools.partial(
+        F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     gemm_scale = scale if gemm_attention_pays(query, key, dropout) else None
     span = functools.partial(_span_attention, attend, scale=gemm_scale)  # (q, k, v) -> its outputs
     # The spans tile the row in order after the prefix: split once (its backward is one cat,

@@ -66,7 +66,11 @@ class Codes(NamedTuple):
         if self.scale is None:
             return self.codes[rows].float()
         codes, scale, low = self.codes[rows], self.scale[rows], None if self.low is None else self.low[rows]
-        if (rebuilt := native.q8_0_weight(codes, scale) if low is None else native.q4_1_weight(codes, scale, low, row_major)) is not None:
+        if (
+            rebuilt := native.q8_0_weight(codes, scale)
+            if low is None
+            else native.q4_1_weight(codes, scale, low, row_major)
+        ) is not None:
             return rebuilt  # one pass, where the compiled kernels are built and the codes laid out as stored
         scale = scale.float()
         out, blocks, width = codes.shape
@@ -115,18 +119,22 @@ def _fit(blocks: torch.Tensor, estimate: torch.Tensor, low: torch.Tensor | None,
 
 def _with_min(levels: int):
     """Q4_1 / Q5_1: a block's minimum is ``low`` (coded 0), (max - min) / levels the scale."""
+
     def fit(part: torch.Tensor) -> Codes | None:
         low = part.amin(-1, keepdim=True)
         return _fit(part, ((part.amax(-1, keepdim=True) - low) / levels).half(), low, levels)
+
     return fit
 
 
 def _centred(half: int):
     """Q4_0 / Q5_0, ``scale * (q - half)``: the block's largest magnitude is coded 0, so it is
     ``low = -half * scale``, whichever the scale's sign."""
+
     def fit(part: torch.Tensor) -> Codes | None:
         low = part.gather(-1, part.abs().argmax(-1, keepdim=True))
         return _fit(part, (-low / half).half(), low, 2 * half - 1)
+
     return fit
 
 
@@ -135,7 +143,13 @@ def _q8_0(part: torch.Tensor) -> Codes | None:
     return _fit(part, (part.abs().amax(-1, keepdim=True) / 127).half(), None, 127)
 
 
-FITS = (_with_min(15), _centred(8), _q8_0, _with_min(31), _centred(16))  # Q4_1, Q4_0, Q8_0, Q5_1, Q5_0: smallest codes first
+FITS = (
+    _with_min(15),
+    _centred(8),
+    _q8_0,
+    _with_min(31),
+    _centred(16),
+)  # Q4_1, Q4_0, Q8_0, Q5_1, Q5_0: smallest codes first
 
 
 def fit_codes(weight: torch.Tensor, rows: int = 4096) -> Codes | None:
@@ -179,8 +193,12 @@ def save_codes(model: nn.Module, folder: str | Path) -> int:
             continue
         seen.add(id(module.weight))
         if (fit := fit_codes(module.weight)) is not None:
-            stored = fit if fit.low is None else Codes(*(t.permute(1, 2, 0) for t in fit))  # those with a low: input-major
-            tensors.update({f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, stored) if t is not None})
+            stored = (
+                fit if fit.low is None else Codes(*(t.permute(1, 2, 0) for t in fit))
+            )  # those with a low: input-major
+            tensors.update(
+                {f"{name}.weight.{part}": t.contiguous() for part, t in zip(Codes._fields, stored) if t is not None}
+            )
     if tensors:
         save_file(tensors, str(Path(folder) / CODES_FILE))
     return sum(key.endswith(".codes") for key in tensors)
@@ -289,9 +307,13 @@ def patch_codes(model: nn.Module, patches: Patches) -> int:
         names = set(file.keys())
         for name, module in lm.named_modules():
             bias = getattr(module, "bias", None)  # CodedLinear's backward gives none to a bias
-            if (type(module) not in (nn.Linear, nn.Embedding) or module.weight.requires_grad
-                    or (bias is not None and bias.requires_grad)
-                    or "forward" in vars(module) or getattr(module, "max_norm", None) is not None):
+            if (
+                type(module) not in (nn.Linear, nn.Embedding)
+                or module.weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or "forward" in vars(module)
+                or getattr(module, "max_norm", None) is not None
+            ):
                 continue
             # PEFT wraps an adapted layer's own module as its base_layer
             key = ".".join(part for part in name.split(".") if part != "base_layer") + ".weight"

@@ -39,8 +39,12 @@ def _sfc64(seed: int) -> np.random.SFC64:
     generator = getattr(_generators, "sfc64", None)
     if generator is None:
         generator = _generators.sfc64 = np.random.SFC64(0)
-    generator.state = {"bit_generator": "SFC64", "state": {"state": np.array([seed, seed, seed, 1], dtype=np.uint64)},
-                       "has_uint32": 0, "uinteger": 0}
+    generator.state = {
+        "bit_generator": "SFC64",
+        "state": {"state": np.array([seed, seed, seed, 1], dtype=np.uint64)},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
     generator.random_raw(12)
     return generator
 
@@ -120,13 +124,26 @@ def _dropout_lora_forward(layer, original):
 
     def forward(x, *args, **kwargs):
         names = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] in getattr(layer, "lora_variant", {})
-                or getattr(layer, "use_dora", {}).get(names[0]) or torch.is_autocast_enabled(x.device.type)):
+        if (
+            args
+            or kwargs
+            or layer.disable_adapters
+            or layer.merged
+            or len(names) != 1
+            or names[0] in getattr(layer, "lora_variant", {})
+            or getattr(layer, "use_dora", {}).get(names[0])
+            or torch.is_autocast_enabled(x.device.type)
+        ):
             return original(x, *args, **kwargs)
         name = names[0]
         lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-        if (not isinstance(drop, FastDropout) or not drop.active(x) or type(lora_a) is not nn.Linear or lora_a.bias is not None
-                or x.dtype != lora_a.weight.dtype):
+        if (
+            not isinstance(drop, FastDropout)
+            or not drop.active(x)
+            or type(lora_a) is not nn.Linear
+            or lora_a.bias is not None
+            or x.dtype != lora_a.weight.dtype
+        ):
             return original(x, *args, **kwargs)
         result = layer.base_layer(x)
         dropped_a = DropoutLinear.apply(x, drop.mask(x), 1.0 / (1.0 - drop.p), lora_a.weight)

@@ -191,21 +191,34 @@ def patch_fused(lm, patches: Patches) -> int:
     """
     count = 0
     for module in lm.modules():
-        if (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and "forward" not in vars(module)
-                and _mlp_matches(module)):
+        if (
+            all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and "forward" not in vars(module)
+            and _mlp_matches(module)
+        ):
             patches.attribute(module, "forward", _fused_mlp_forward(module), "fused SwiGLU")
             count += 1
             continue
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         weight = getattr(module, "weight", None)
-        if (type(module).__name__.endswith("RMSNorm") and isinstance(eps, float) and weight is not None
-                and weight.dim() == 1 and "forward" not in vars(module) and _norm_matches(module, eps)):
+        if (
+            type(module).__name__.endswith("RMSNorm")
+            and isinstance(eps, float)
+            and weight is not None
+            and weight.dim() == 1
+            and "forward" not in vars(module)
+            and _norm_matches(module, eps)
+        ):
             patches.attribute(module, "forward", _fused_norm_forward(module, module.forward, eps), "fused RMSNorm")
             count += 1
     for name in {type(m).__module__ for m in lm.modules() if type(m).__name__.endswith("Attention")}:
         modeling = sys.modules.get(name)
         original = getattr(modeling, "apply_rotary_pos_emb", None)
-        if callable(original) and original is not apply_rotary_pos_emb and _rotary_matches(original, next(lm.parameters())):
+        if (
+            callable(original)
+            and original is not apply_rotary_pos_emb
+            and _rotary_matches(original, next(lm.parameters()))
+        ):
             patches.attribute(modeling, "apply_rotary_pos_emb", apply_rotary_pos_emb, "fused rotary")
             count += 1
     return count

@@ -33,7 +33,9 @@ def loss_sum(model, mb: MicroBatch, step_prefix: StepPrefix | None = None) -> to
         if not _logits_are_head_output(lm) or mb.segments is not None:
             return token_loss_sum(model, mb, step_prefix)
     keep = mb.targets != IGNORE  # (B, T)
-    inputs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False)
+    inputs = dict(
+        input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask, use_cache=False
+    )
     varlen = contextlib.nullcontext()
     if mb.segments is not None:
         varlen = varlen_attention(lm)
@@ -79,10 +81,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 loss, grad_h, grad_w = _ce_by_positions(hidden, weight.to(dtype), targets, want_h)
             else:
                 grad_w, step = None, LinearCrossEntropy.POSITIONS
-                parts = [_ce_by_vocabulary(hidden[s : s + step].to(dtype), weight, targets[s : s + step], codes, want_h)
-                         for s in range(0, hidden.shape[0], step)]
+                parts = [
+                    _ce_by_vocabulary(hidden[s : s + step].to(dtype), weight, targets[s : s + step], codes, want_h)
+                    for s in range(0, hidden.shape[0], step)
+                ]
                 loss = sum((part[0] for part in parts), torch.zeros((), device=hidden.device))
-                grad_h = torch.cat([part[1] for part in parts] or [hidden.new_zeros(hidden.shape)]).to(hidden.dtype) if want_h else None
+                grad_h = (
+                    torch.cat([part[1] for part in parts] or [hidden.new_zeros(hidden.shape)]).to(hidden.dtype)
+                    if want_h
+                    else None
+                )
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.want = (want_h, want_w)
         return loss
@@ -134,7 +142,9 @@ def _ce_by_positions(hidden, w, targets, want_h: bool):
     # torch's mm writes into one (chunk, V) buffer kept for all chunks: with glibc's malloc each fresh
     # 25 MB block was a fresh mapping, whose page faults cost more than its GEMM
     block = None if fast else hidden.new_empty(min(chunk, hidden.shape[0]), w.shape[0], dtype=dtype)
-    block32 = block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)  # (oneDNN: fp32 only)
+    block32 = (
+        block if dtype == torch.float32 else block.new_empty(block.shape, dtype=torch.float32)
+    )  # (oneDNN: fp32 only)
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
         logits = linear(h, w) if fast else torch.mm(h, w.T, out=block[: len(t)])  # (c, V)
@@ -174,7 +184,7 @@ def _logits_are_head_output(lm) -> bool:
         finally:
             handle.remove()
             lm.train(was_training)
-        _HEAD_IS_LOGITS[lm] = len(captured) == 1 and captured[0].shape == logits.shape and torch.equal(captured[0], logits)
+        _HEAD_IS_LOGITS[lm] = (
+            len(captured) == 1 and captured[0].shape == logits.shape and torch.equal(captured[0], logits)
+        )
     return _HEAD_IS_LOGITS[lm]
-
-

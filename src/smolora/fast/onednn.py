@@ -9,7 +9,8 @@ instead, and a resumed run takes the choice its checkpoint recorded (``use_gemm`
 Either way the products are fp32 GEMMs: only the summation order differs (~1e-7 relative, as
 between any two BLAS libraries).
 
-``patch_onednn(model, patches)`` routes every frozen ``nn.Linear`` through ``FrozenLinear``: its forward and its backward to the input (``g @ W``, the weight read transposed in place)
+``patch_onednn(model, patches)`` routes every frozen ``nn.Linear`` through ``FrozenLinear``: its
+forward and its backward to the input (``g @ W``, the weight read transposed in place)
 are both oneDNN calls. ``linear`` is the same call with no autograd, for the LM-head loss.
 
 oneDNN JIT-compiles a kernel per GEMM shape, and two caches keep them, 1024 entries each by
@@ -43,8 +44,11 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _available() -> bool:
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +97,13 @@ def use_gemm(choice: str) -> None:
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` can go through oneDNN here: fp32 on the CPU, no autocast, and
     oneDNN measured faster."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and onednn_is_faster())
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and onednn_is_faster()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

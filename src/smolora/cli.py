@@ -59,7 +59,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         kind = _field_type(f, cls)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = _with_default(f.metadata.get("help", ""), default)
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
@@ -78,6 +78,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             group.add_argument(
                 flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text
             )
+
+
+def _with_default(text: str, default) -> str:
+    """A flag's help with its default said once, plainly (a list as ``a,b``; none where the help says it)."""
+    if default is None or "default" in text:
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    shown = ",".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else shown
+    return f"{text} (default: {shown if shown not in ('', []) else 'none'})"
 
 
 def build_from(cls, args: argparse.Namespace, base=None):

@@ -40,8 +40,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # train() / eval(): code downloaded at run time, and on a machine without the hub nothing but waiting.
 HUB_KERNELS_OFF = {"use_kernels": False}
 # What a cache folder holds, part of its name: 3, the exact codes of a GGUF's 4- and 8-bit weights beside the fp32
-# ones (smolora.fast.codes); 4, those with a low stored input-major, Q4_0 and Q5_0/1 too; 5, 16-bit weights as such.
-CONVERSION = 5
+# ones (smolora.fast.codes); 4, those with a low stored input-major, Q4_0 and Q5_0/1 too; 5, 16-bit weights as such;
+# 6, marked complete by smolora.paths' marker.
+CONVERSION = 6
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import smolora.fast
+import smolora.fast.door
 from conftest import ARCHITECTURES, build_tiny, chat_records
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.formats import FormatOptions, encode_records
@@ -98,7 +98,7 @@ def test_a_lever_that_fails_is_skipped_with_one_warning_and_the_others_stay(toke
         patches.attribute(lm.model.norm, "forward", lambda x: x, "fused layers")
         raise AttributeError("'LlamaRMSNorm' object has no attribute 'variance_epsilon'")
 
-    monkeypatch.setattr(smolora.fast, "patch_fused", half_then_fail)
+    monkeypatch.setattr(smolora.fast.door, "patch_fused", half_then_fail)
     warnings: list[str] = []
     with accelerated(model, warn=warnings.append) as speed:
         assert "fused layers" not in speed.levers and "fast dropout" in speed.levers
@@ -175,7 +175,7 @@ def test_a_failure_undoing_the_speed_wing_loses_nothing(tokenizer, tmp_path, mon
         patches.attribute(_Stubborn(), "forward", lambda x: x, "fused layers")
         return 1
 
-    monkeypatch.setattr(smolora.fast, "patch_fused", stubborn_lever)
+    monkeypatch.setattr(smolora.fast.door, "patch_fused", stubborn_lever)
     model = _peft("llama", len(tokenizer))
     warnings: list[str] = []
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, seed=1)

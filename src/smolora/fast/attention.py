@@ -13,7 +13,6 @@ generation path and everything saved from it keep the model's own attention impl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from smolora.data.batching import Segments
 from smolora.fast import native
 from smolora.fast.onednn import linear, usable
-from smolora.fast.patch import Patches
+from smolora.fast.patch import Patches, patched
 from smolora.loss import has_sliding_window
 
 NAME = "smolora_varlen"
@@ -322,12 +321,6 @@ def route_attention(lm, patches: Patches) -> None:
     patches.attribute(lm.config, "_attn_implementation", NAME, "span attention")  # one config, shared by every layer
 
 
-@contextlib.contextmanager
 def varlen_attention(lm):
-    """Route the model's attention through ``smolora_varlen`` inside the block."""
-    patches = Patches()
-    route_attention(lm, patches)
-    try:
-        yield
-    finally:
-        patches.restore()
+    """Route the model's attention through ``smolora_varlen`` inside a ``with`` block."""
+    return patched(route_attention, lm)

@@ -4,11 +4,13 @@ nothing written or deleted outside the output folder, nothing of an earlier run 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from conftest import chat_records, write_jsonl
 from test_cli import smolora
@@ -150,3 +152,87 @@ def test_an_unknown_file_is_never_echoed_in_an_error(tmp_path, tiny_model_dir):
     line = one_error_line(r)
     assert "root:" not in line and "daemon" not in line and "19000" not in line
     assert "record has no 'text' field (it has: 1 fields)" in line
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated adapter": ("adapter_model.safetensors", _truncate),
+    "flipped optimizer byte": ("optimizer.safetensors", _flip_a_byte),
+    "nonsense trainer state": ("trainer_state.json", lambda p: p.write_text("{not json")),
+    "missing adapter config": ("adapter_config.json", lambda p: p.unlink()),
+    "empty trainer state": ("trainer_state.json", lambda p: p.write_text("{}")),
+}
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, tiny_model_dir_session):
+    """A run of three steps, a checkpoint at each, and the adapter it ends with."""
+    root = tmp_path_factory.mktemp("three_steps")
+    data = write_jsonl(root / "train.jsonl", chat_records(12))
+    args = ["--data", data, "--model", tiny_model_dir_session, "--max-steps", 3, "--save-steps", 1, "--no-merge"]
+    r = smolora("train", *args, "--output", root / "run", "--save-total-limit", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "run", args
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_passed_over_naming_the_file_and_resume_is_exact(
+    tmp_path, three_steps, damage
+):
+    from safetensors.torch import load_file
+
+    done, args = three_steps
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "adapter_checkpoint")
+    name, harm = DAMAGE[damage]
+    harm(out / "checkpoints" / "step-000003" / name)
+    r = smolora("train", *args, "--output", out, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = r.stdout + r.stderr
+    assert f"damaged checkpoint: {out / 'checkpoints' / 'step-000003'}" in said and name in said, said[-2000:]
+    assert "resumed from" in said and "step-000002" in said
+    assert (out / "checkpoints" / "abandoned-step-000003").is_dir()  # set aside, not deleted
+    ours, clean = (load_file(str(d / "adapter_checkpoint" / "adapter_model.safetensors")) for d in (out, done))
+    assert ours.keys() == clean.keys() and all(torch.equal(ours[k], clean[k]) for k in ours)
+
+
+def test_when_no_checkpoint_verifies_resume_names_the_newest_bad_file(tmp_path, three_steps):
+    done, args = three_steps
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    for step in (1, 2, 3):
+        _truncate(out / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors")
+    before = listing(out)
+    line = one_error_line(smolora("train", *args, "--output", out, "--resume"))
+    assert f"{out / 'checkpoints' / 'step-000003' / 'optimizer.safetensors'} does not match its checksum" in line
+    assert listing(out) == before
+    named = out / "checkpoints" / "step-000002"
+    line = one_error_line(smolora("train", *args, "--output", out, "--resume", named))
+    assert f"cannot resume: {named / 'optimizer.safetensors'}" in line
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, tokenizer):
+    from conftest import build_tiny_llama
+    from smolora import checkpoint as ckpt
+    from smolora.config import LoraSettings
+    from smolora.lora import add_lora
+
+    model = add_lora(build_tiny_llama(len(tokenizer)), LoraSettings().to_peft(), warn=lambda *_: None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            trainable[-1].view(-1)[0] = bad
+        with pytest.raises(ckpt.NonFiniteWeights, match="non-finite values .*no checkpoint written"):
+            ckpt.save_checkpoint(ckpt.checkpoint_dir(tmp_path, 1), model, optimizer, ckpt.TrainState(step=1), {})
+        assert listing(tmp_path) == []  # nothing written

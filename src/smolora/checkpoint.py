@@ -6,11 +6,15 @@ Layout of ``OUTPUT/checkpoints/step-NNNNNN/``::
     optimizer.safetensors                            optimizer tensors + torch RNG states
     trainer_state.json                               step, epoch, data position, config, fingerprints,
                                                      Python/NumPy RNG states, optimizer hyperparameters
+    checksums.json                                   SHA-256 of each file above
     COMPLETE                                         written last: only such folders are resumed
 
 A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into
 place, so a crash at any moment leaves earlier checkpoints intact and never a partial one that
-resume would pick.
+resume would pick. What happens to a checkpoint after that (a disk error, a careless edit) is
+caught by its checksums: resume verifies a checkpoint before using it, and passes over a newest one
+that does not verify, saying which file is bad, to the newest one that does. A checkpoint is never
+written with non-finite adapter weights.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from smolora.errors import SmoLoRAError, load_mismatch
@@ -33,6 +38,8 @@ from smolora.paths import MARKER, publish
 
 STATE_FILE = "trainer_state.json"
 TENSOR_FILE = "optimizer.safetensors"
+CHECKSUM_FILE = "checksums.json"
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", TENSOR_FILE, STATE_FILE)
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Settings that may change between a run and its resume without changing the result (its length,
 # LENGTH_FIELDS, only under a constant learning rate: see check_compatible).
@@ -168,7 +175,14 @@ def save_checkpoint(
     process_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically. ``run_info`` holds config and fingerprints;
-    ``process_rng`` a data-parallel run's per-process RNG states."""
+    ``process_rng`` a data-parallel run's per-process RNG states. Refuses (``NonFiniteWeights``)
+    an adapter holding NaN or inf: a checkpoint is always one worth resuming from."""
+    bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise NonFiniteWeights(
+            f"step {state.step}: the adapter holds non-finite values ({bad}); no checkpoint written. "
+            "Lower the learning rate or clip gradients (max_grad_norm)"
+        )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -191,8 +205,60 @@ def save_checkpoint(
             **run_info,
         }
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
+        sums = {name: _sha256(tmp / name) for name in CHECKPOINT_FILES}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
 
     return publish(folder, write, marker=True)
+
+
+class NonFiniteWeights(SmoLoRAError):
+    """The adapter holds NaN or inf: nothing worth checkpointing."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint, in a few words naming the file; None when it can be
+    resumed from. Files are checked against the checksums written with them (checkpoints written
+    before there were checksums: each file is read as its format)."""
+    folder = Path(folder)
+    missing = next((name for name in CHECKPOINT_FILES if not (folder / name).is_file()), None)
+    if missing is not None:
+        return f"{folder / missing} is missing"
+    sums_file = folder / CHECKSUM_FILE
+    if sums_file.is_file():
+        try:
+            sums = json.loads(sums_file.read_text())
+        except (ValueError, OSError):
+            return f"{sums_file} is not readable JSON"
+        if not isinstance(sums, dict):
+            return f"{sums_file} is not a checksum list"
+        for name in CHECKPOINT_FILES:
+            if sums.get(name) != _sha256(folder / name):
+                return f"{folder / name} does not match its checksum (changed or damaged since it was written)"
+    try:
+        doc = read_run_info(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (ValueError, OSError) as e:
+        return f"{folder}: a JSON file is not readable ({type(e).__name__})"
+    if not isinstance(config, dict) or not isinstance(doc, dict):
+        return f"{folder}: adapter_config.json or {STATE_FILE} does not hold a JSON object"
+    missing = [k for k in ("step", "epoch", "cursor", "optimizer", "rng") if k not in doc]
+    if missing or not all(isinstance(doc.get(k), int) for k in ("step", "epoch", "cursor")):
+        return f"{folder / STATE_FILE} lacks {', '.join(missing) or 'integer step, epoch and cursor'}"
+    for name in ("adapter_model.safetensors", TENSOR_FILE):
+        try:
+            with safe_open(str(folder / name), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            return f"{folder / name} is not a readable safetensors file ({str(e).splitlines()[0][:80]})"
+    return None
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -231,16 +297,30 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None) -> Path | None:
-    """``True``/"auto": the newest complete checkpoint in output_dir (None if there is none)."""
+def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None, warn=print) -> Path | None:
+    """``True``/"auto": the newest complete checkpoint in output_dir that verifies (None if there is
+    none; a newer one that does not verify is passed over with a warning); a path: that checkpoint,
+    which must verify."""
     if not resume:
         return None
     if resume is True or resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        problems = []
+        for folder in reversed(found):
+            problem = verify_checkpoint(folder)
+            if problem is None:
+                for bad in problems:
+                    warn(f"[smolora] warning: passing over a damaged checkpoint: {bad}; resuming from {folder.name}")
+                return folder
+            problems.append(problem)
+        if problems:
+            raise SmoLoRAError(f"no checkpoint in {output_dir} can be resumed from: {problems[0]}")
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise SmoLoRAError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    if (problem := verify_checkpoint(path)) is not None:
+        raise SmoLoRAError(f"cannot resume: {problem}")
     return path
 
 

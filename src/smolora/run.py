@@ -100,9 +100,9 @@ def train_adapter(
     cfg, data, out = run.train_config, run.data_config, run.out
     lora = lora_settings_from_peft(run.peft_config)
     validate(lora, cfg, data)
-    resume_from = ckpt.find_resume_checkpoint(out, resume)
-    check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
     say = print if distributed.is_main() else _silent
+    resume_from = ckpt.find_resume_checkpoint(out, resume, warn=say)
+    check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
     if resume and resume_from is None:
         say(f"[smolora] nothing to resume in {out} yet: starting at step 0", flush=True)
     if run.dataset is None:

@@ -202,6 +202,11 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     g.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(g)
 
@@ -381,7 +386,12 @@ def cmd_generate(args) -> int:
     check_sampling(args.max_new_tokens, not args.greedy, args.temperature)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
     model = _load_model(args, source, pick_device(args.device))
-    sample = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature)
+    sample = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        special_tokens_in_content=args.special_tokens_in_content,
+    )
     if args.prompt is None:
         chat_loop(model, tokenizer, **sample, raw=args.raw)
         return 0

@@ -204,6 +204,11 @@ class DataConfig(_Settings):
     max_file_mb: int = _help("the largest data file read, in MiB: a guard against a runaway file", 2048)
     task_prefix: str = _help("prefix for multi-task records; {task} is the task name", "[TASK:{task}] ")
     validation_data: str | None = _help("a separate validation source (instead of val_size)", None)
+    special_tokens_in_content: bool = _help(
+        "read text in a message that spells a special token (e.g. <|im_start|>) as that token; "
+        "off: content is always text and cannot forge turns",
+        False,
+    )
 
 
 def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = None) -> None:

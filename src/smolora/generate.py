@@ -7,18 +7,24 @@ import sys
 
 import torch
 
+from smolora.data.formats import tokenize_rendered
 from smolora.errors import SmoLoRAError
 from smolora.fast import accelerated
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool | None = None) -> torch.Tensor:
-    """Token ids (1, T) for a prompt: through the chat template when the model has one."""
+def prompt_ids(
+    tokenizer, prompt: str | list[dict], chat: bool | None = None, special_tokens_in_content: bool = False
+) -> torch.Tensor:
+    """Token ids (1, T) for a prompt: through the chat template when the model has one. Text that
+    spells a special token is text (``smolora.data.formats``), unless ``special_tokens_in_content``."""
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if isinstance(prompt, list) or use_chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids, _ = tokenize_rendered(tokenizer, text, [m["content"] for m in messages], special_tokens_in_content)
+        return torch.tensor([ids], dtype=torch.long)
+    split = not special_tokens_in_content
+    return tokenizer(prompt, return_tensors="pt", split_special_tokens=split)["input_ids"]
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -108,12 +114,15 @@ def generate(
     chat: bool | None = None,
     stream: bool = False,
     echo: bool = False,
+    special_tokens_in_content: bool = False,
 ) -> str:
     """Generate a reply to a prompt (text, chat messages, or token ids (1, T) used as they are).
-    Returns only the new text unless ``echo`` is set."""
+    Returns only the new text unless ``echo`` is set. See ``prompt_ids`` for special tokens."""
     check_sampling(max_new_tokens, do_sample, temperature)
     device = next(model.parameters()).device
-    ids = (prompt if isinstance(prompt, torch.Tensor) else prompt_ids(tokenizer, prompt, chat)).to(device)
+    if not isinstance(prompt, torch.Tensor):
+        prompt = prompt_ids(tokenizer, prompt, chat, special_tokens_in_content)
+    ids = prompt.to(device)
     streamer = None
     if stream:
         from transformers import TextStreamer
@@ -157,6 +166,7 @@ def chat_loop(
     temperature: float = 1.0,
     system: str | None = None,
     raw: bool = False,
+    special_tokens_in_content: bool = False,
 ) -> None:
     """Interactive chat on stdin/stdout; history is kept; empty line or Ctrl-D ends it. A model
     without a chat template (or ``raw``) continues each line as plain text instead, without history."""
@@ -180,9 +190,10 @@ def chat_loop(
             return
         sys.stdout.write("model> ")
         sys.stdout.flush()
+        sample = dict(stream=True, special_tokens_in_content=special_tokens_in_content)
         if not chat:
-            generate(model, tokenizer, line, max_new_tokens, do_sample, temperature, chat=False, stream=True)
+            generate(model, tokenizer, line, max_new_tokens, do_sample, temperature, chat=False, **sample)
             continue
         history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, history, max_new_tokens, do_sample, temperature, stream=True)
+        reply = generate(model, tokenizer, history, max_new_tokens, do_sample, temperature, **sample)
         history.append({"role": "assistant", "content": reply})

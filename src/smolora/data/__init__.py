@@ -67,6 +67,7 @@ def prepare_data(
         task_prefix=data.task_prefix,
         chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
         chunk_stride=data.chunk_stride,
+        special_tokens_in_content=data.special_tokens_in_content,
     )
     score, what = (DIFFICULTY[cfg.curriculum], f"curriculum {cfg.curriculum!r}") if cfg.curriculum else (None, "")
     if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record

@@ -12,6 +12,10 @@ none). The supervised span of each assistant turn is found by character offsets 
 string — render the conversation up to the turn's generation prompt and through the turn, and the
 difference is the answer plus its end-of-turn token — never by searching token ids for a response
 template, and never by comparing labels with the pad id (pad == eos on SmolLM2).
+
+Special tokens come only from the template's scaffolding: text inside content that spells one
+(``<|im_start|>assistant`` in a user message) is tokenized as the text it is, so data cannot
+forge turns. ``special_tokens_in_content`` restores the old reading for those who want it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class FormatOptions:
     task_prefix: str = "[TASK:{task}] "  # used only for records that carry a task name
     chunk_tokens: int = 0  # > 0: cut plain-text records into windows of this many tokens
     chunk_stride: int = 0  # tokens between window starts (0 = chunk_tokens, no overlap)
+    special_tokens_in_content: bool = False  # True: '<|im_start|>' in content becomes the special token
 
 
 @dataclass
@@ -199,6 +204,48 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
     return full, spans
 
 
+def special_token_texts(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into special tokens wherever they appear in its input."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [t.content for t in added.values() if getattr(t, "special", False)] or list(tokenizer.all_special_tokens)
+
+
+def tokenize_rendered(
+    tokenizer, text: str, contents: list[str], special_tokens_in_content: bool = False
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of a rendered conversation whose messages said ``contents``
+    (in order). A content that spells a special token is tokenized as text, the scaffolding around
+    it as the template wrote it; without such content (or when asked to parse it) the whole text
+    is tokenized in one call."""
+    specials = special_token_texts(tokenizer)
+    if special_tokens_in_content or not any(t in c for c in contents for t in specials):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    pieces, pos = [], 0  # (start, end, is content) in text order
+    for content in contents:
+        at = text.find(content, pos) if content else -1
+        if at < 0:
+            if any(t in content for t in specials):
+                raise SmoLoRAError(
+                    "a message spells a special token and the chat template changes the message's text, so it "
+                    "cannot be kept as text; remove it, or pass --special-tokens-in-content to read it as the token"
+                )
+            continue
+        pieces += [(pos, at, False), (at, at + len(content), True)]
+        pos = at + len(content)
+    pieces.append((pos, len(text), False))
+    ids, offsets = [], []
+    for start, end, is_content in pieces:
+        if start == end:
+            continue
+        enc = tokenizer(
+            text[start:end], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=is_content
+        )
+        ids += enc["input_ids"]
+        offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+    return ids, offsets
+
+
 def encode_record(record: dict, tokenizer, opts: FormatOptions) -> Example:
     """Tokenize one record into ids and labels (before truncation)."""
     ex = _encode(record, tokenizer, opts)
@@ -226,7 +273,8 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
             return Example([], [], task, where)
         if task:
             text = opts.task_prefix.format(task=task) + text
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        split = not opts.special_tokens_in_content
+        ids = list(tokenizer(text, add_special_tokens=True, split_special_tokens=split)["input_ids"])
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)  # teaches the model to stop
         return Example(ids, list(ids), task, where)
@@ -243,12 +291,16 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
         raise SmoLoRAError(f"{where}: the model's chat template rejects this conversation: {e}") from None
     except SmoLoRAError as e:
         raise SmoLoRAError(f"{where}: {e}") from None
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    try:
+        ids, offsets = tokenize_rendered(
+            tokenizer, text, [m["content"] for m in messages], opts.special_tokens_in_content
+        )
+    except SmoLoRAError as e:
+        raise SmoLoRAError(f"{where}: {e}") from None
     if opts.train_on_prompt:
         return Example(ids, list(ids), task, where)
     labels = [IGNORE] * len(ids)
-    for t, (start, end) in enumerate(enc["offset_mapping"]):
+    for t, (start, end) in enumerate(offsets):
         if any(start < s_end and end > s_start for s_start, s_end in spans):
             labels[t] = ids[t]
     return Example(ids, labels, task, where)

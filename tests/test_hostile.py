@@ -185,9 +185,7 @@ def three_steps(tmp_path_factory, tiny_model_dir_session):
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_newest_checkpoint_is_passed_over_naming_the_file_and_resume_is_exact(
-    tmp_path, three_steps, damage
-):
+def test_a_damaged_newest_checkpoint_is_passed_over_naming_the_file_and_resume_is_exact(tmp_path, three_steps, damage):
     from safetensors.torch import load_file
 
     done, args = three_steps

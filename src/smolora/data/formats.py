@@ -171,9 +171,10 @@ def _check_messages(raw, where: str, role_key: str, content_key: str, roles: dic
             raise SmoLoRAError(f"{where}: message {i} must be an object with {role_key!r} and {content_key!r}")
         role = roles.get(str(m[role_key]).lower()) if isinstance(m[role_key], str) else None
         if role is None:
+            said = m[role_key]  # named when it is a short word: data is never echoed at length
+            shown = f" {said!r}" if isinstance(said, str) and re.fullmatch(r"[\w-]{1,20}", said) else ""
             raise SmoLoRAError(
-                f"{where}: message {i} has unknown role {m[role_key]!r} "
-                f"(expected one of {', '.join(sorted(set(roles)))})"
+                f"{where}: message {i} has an unknown role{shown} (expected one of {', '.join(sorted(set(roles)))})"
             )
         if not isinstance(m[content_key], str):
             raise SmoLoRAError(f"{where}: message {i} content must be a string, got {type(m[content_key]).__name__}")

@@ -1,19 +1,19 @@
 """Read training data into a list of plain dict records.
 
 Our own readers handle JSONL, JSON, CSV and text, where a bad byte or a bad line must be reported
-with its file and line number. Parquet, saved ``datasets`` folders and hub names go through the
-``datasets`` library. Every error is a ``SmoLoRAError`` that names the place.
+with its file and line number. Parquet is read with ``pyarrow``; saved ``datasets`` folders and hub
+names go through the ``datasets`` library. Every record of a file carries ``_where``, its place
+(``file:line``, ``file[i]``, ``file#rowN``), so that later checks of its fields can name it. Every
+error is a ``SmoLoRAError`` that names the place, not the content found there.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from smolora.errors import SmoLoRAError
 
@@ -129,7 +129,12 @@ def _decode_lines(path: Path) -> list[str]:
         ) from None
     # Lines end at \n, \r\n or \r only: str.splitlines would also split inside a record at U+2028,
     # U+0085 and other characters JSON strings and CSV cells may hold as they are.
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    nul = text.find("\x00")
+    if nul >= 0:  # text data holds no NUL; a file that does is binary, or UTF-16 without its byte order mark
+        line = text.count("\n", 0, nul) + 1
+        raise SmoLoRAError(f"{path}:{line}: NUL byte; the file is binary or UTF-16, not UTF-8 text")
+    return text.split("\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -176,23 +181,71 @@ def read_json(path: Path) -> list[dict]:
 
 
 def read_csv(path: Path) -> list[dict]:
-    lines = _decode_lines(path)
-    if not any(line.strip() for line in lines):
+    """Records of a CSV file with a header row, each at the line it starts on.
+
+    Every row must have the header's number of fields: a row with more or fewer is a broken row,
+    and a quoting mistake shows as one.
+    """
+    text = "\n".join(_decode_lines(path))
+    if not text.strip():
         return []
-    reader = csv.DictReader(io.StringIO("\n".join(lines) + "\n"))
-    if not reader.fieldnames or not any(f and f.strip() for f in reader.fieldnames):
-        raise SmoLoRAError(f"{path}:1: CSV has no header row")
+    rows = _csv_rows(path, text)
+    line, names = next(rows)
+    if not any(name.strip() for name in names):
+        raise SmoLoRAError(f"{path}:{line}: CSV has no header row")
+    named = [name for name in names if name]
+    if len(set(named)) != len(named):
+        raise SmoLoRAError(f"{path}:{line}: the header names a column twice")
     records = []
-    try:
-        for rec in reader:
-            if None in rec:
-                raise SmoLoRAError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
-            rec = {k: v for k, v in rec.items() if k is not None}
-            rec["_where"] = f"{path}:{reader.line_num}"
-            records.append(rec)
-    except csv.Error as e:
-        raise SmoLoRAError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    for line, fields in rows:
+        if len(fields) != len(names):
+            more = "more" if len(fields) > len(names) else "fewer"
+            raise SmoLoRAError(f"{path}:{line}: {more} fields than the header's {len(names)}")
+        records.append({**dict(zip(names, fields)), "_where": f"{path}:{line}"})
     return records
+
+
+# One field of the csv module's default dialect, at the start of a field: quoted (a quote inside is
+# written twice; newlines are part of the cell) or not (a quote inside is an ordinary character).
+# A quoted field's groups: its inside, its closing quote (absent: never closed), text after that.
+_CSV_FIELD = re.compile(r'"([^"]*(?:""[^"]*)*)(")?([^,\n]*)|[^,\n]*')
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line, fields) for each record of ``text``, the line being the one the record starts on.
+
+    Blank lines are skipped. Quoting is checked here, where the place of the opening quote is known:
+    a quote never closed would swallow every later row into one cell, and text right after a closing
+    quote means a stray or missing quote (it may close many lines after the one that opened it).
+    """
+    pos, line = 0, 1
+    while pos < len(text):
+        if text[pos] == "\n":
+            pos, line = pos + 1, line + 1
+            continue
+        first, fields = line, []
+        while True:
+            m = _CSV_FIELD.match(text, pos)
+            inside, closed, after = m.groups()
+            if inside is None:
+                fields.append(m.group())
+            else:
+                if closed is None:
+                    raise SmoLoRAError(f"{path}:{line}: malformed CSV: the quote opened here is never closed")
+                last = line + inside.count("\n")
+                if after.strip():
+                    on = f" on line {last}" if last != line else ""
+                    raise SmoLoRAError(
+                        f"{path}:{line}: malformed CSV: the quote opened here closes{on} with text right after it; "
+                        'a quote is stray or missing (inside a quoted cell, write a quote as "")'
+                    )
+                fields.append(inside.replace('""', '"') + after)
+                line = last
+            pos = m.end() + 1  # past the comma or the end of the line
+            if m.end() >= len(text) or text[m.end()] == "\n":
+                break
+        yield first, fields
+        line += 1
 
 
 def read_text_file(path: Path, mode: str, chunk_words: int = 0, chunk_stride: int = 0) -> list[dict]:
@@ -226,13 +279,22 @@ def chunk_text(text: str, size: int, stride: int = 0) -> Iterable[str]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import datasets
+    """Rows of a Parquet file, each named ``path#rowN`` (N counting from 0) so that a value of the wrong
+    type is reported at its row."""
+    import pyarrow.parquet as pq
 
     try:
-        ds = datasets.Dataset.from_parquet(str(path))
+        rows = pq.read_table(str(path)).to_pylist()
     except Exception as e:  # pyarrow raises many types; report them as one
-        raise SmoLoRAError(f"{path}: cannot read Parquet ({str(e).splitlines()[0][:200]})") from None
-    return list(ds.to_list())
+        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(e).splitlines()[0])
+        raise SmoLoRAError(f"{path}: cannot read Parquet ({reason[:200]})") from None
+    return _numbered_rows(rows, str(path))
+
+
+def _numbered_rows(rows: list[dict], name: str) -> list[dict]:
+    for i, rec in enumerate(rows):
+        rec["_where"] = f"{name}#row{i}"
+    return rows
 
 
 def _read_saved_dataset(path: Path) -> list[dict]:
@@ -246,7 +308,7 @@ def _read_saved_dataset(path: Path) -> list[dict]:
         if "train" not in ds:
             raise SmoLoRAError(f"{path}: saved DatasetDict has no 'train' split (has {', '.join(ds)})")
         ds = ds["train"]
-    return list(ds.to_list())
+    return _numbered_rows(ds.to_list(), str(path))
 
 
 def _read_hub(name: str) -> list[dict]:
@@ -258,7 +320,7 @@ def _read_hub(name: str) -> list[dict]:
         raise SmoLoRAError(
             f"{name}: not a local path, and loading it as a hub dataset failed ({str(e).splitlines()[0][:200]})"
         ) from None
-    return list(ds.to_list())
+    return _numbered_rows(ds.to_list(), name)
 
 
 def dedupe_records(records: list[dict]) -> tuple[list[dict], int]:

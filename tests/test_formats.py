@@ -200,3 +200,43 @@ def test_a_text_field_named_explicitly_wins_over_other_shapes(tokenizer):
     assert encode_record(record, tokenizer, FormatOptions()).labels.count(IGNORE) > 0  # auto: prompt/completion
     ex = encode_record(record, tokenizer, FormatOptions(text_field="content"))
     assert tokenizer.decode(ex.input_ids).startswith("the quick brown fox") and IGNORE not in ex.labels
+
+
+class _Measured:
+    """A tokenizer that notes the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"text": "lorem ipsum dolor sit amet " * 40_000},
+        {"text": "x" * 1_000_000},  # one word: no whitespace to cut before
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "say " * 300_000}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a <|im_end|> b " * 80_000}]},
+    ],
+)
+def test_a_huge_record_is_tokenized_only_as_far_as_max_length_needs(tokenizer, record):
+    measured = _Measured(tokenizer)
+    opts = FormatOptions(max_length=64)
+    (cut,), stats = encode_records([record], measured, opts)
+    whole = encode_record(record, tokenizer, FormatOptions(max_length=10**9))
+    assert (cut.input_ids, cut.labels) == (whole.input_ids[:64], whole.labels[:64])
+    assert stats.truncated == 1 and measured.longest < 10_000
+
+
+def test_a_record_just_over_max_length_is_truncated_and_counted_as_before(tokenizer):
+    record = {"text": "one two three four five six seven eight nine ten " * 3}
+    whole = encode_record(record, tokenizer, FormatOptions(max_length=10**9))
+    for max_length in (len(whole.input_ids) - 1, len(whole.input_ids)):
+        (ex,), stats = encode_records([record], tokenizer, FormatOptions(max_length=max_length))
+        assert ex.input_ids == whole.input_ids[:max_length] and stats.truncated == (max_length < len(whole.input_ids))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jinja2 import TemplateError
 
@@ -212,15 +213,15 @@ def special_token_texts(tokenizer) -> list[str]:
 
 
 def tokenize_rendered(
-    tokenizer, text: str, contents: list[str], special_tokens_in_content: bool = False
+    tokenizer, text: str, contents: list[str], special_tokens_in_content: bool = False, limit: int | None = None
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of a rendered conversation whose messages said ``contents``
-    (in order). A content that spells a special token is tokenized as text, the scaffolding around
-    it as the template wrote it; without such content (or when asked to parse it) the whole text
-    is tokenized in one call."""
+    (in order), or of its first ``limit`` characters. A content that spells a special token is
+    tokenized as text, the scaffolding around it as the template wrote it; without such content (or
+    when asked to parse it) the text is tokenized in one call."""
     specials = special_token_texts(tokenizer)
     if special_tokens_in_content or not any(t in c for c in contents for t in specials):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text[:limit], add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     pieces, pos = [], 0  # (start, end, is content) in text order
     for content in contents:
@@ -237,7 +238,8 @@ def tokenize_rendered(
     pieces.append((pos, len(text), False))
     ids, offsets = [], []
     for start, end, is_content in pieces:
-        if start == end:
+        end = min(end, len(text) if limit is None else limit)
+        if start >= end:
             continue
         enc = tokenizer(
             text[start:end], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=is_content
@@ -245,6 +247,27 @@ def tokenize_rendered(
         ids += enc["input_ids"]
         offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
     return ids, offsets
+
+
+# A record far longer than max_length is tokenized a prefix at a time (a 50 MB record tokenized whole
+# takes gigabytes): first this many characters per token wanted, four times more while too short.
+CHARS_PER_TOKEN = 8
+CUT_MARGIN = 32  # tokens past max_length a cut must yield: the few next to the cut may differ from the whole's
+
+
+def _tokenize_enough(tokenize: Callable[[int | None], tuple], text: str, max_length: int | None) -> tuple:
+    """``tokenize(limit)`` of a prefix of ``text`` that yields more than ``max_length`` tokens
+    with ``CUT_MARGIN`` to spare — its first ``max_length`` tokens are the whole text's — or of the
+    whole text (``max_length`` None: always). A prefix ends before whitespace where it can, where
+    tokenizers split words anyway."""
+    limit = CHARS_PER_TOKEN * (max_length + CUT_MARGIN) if max_length else len(text)
+    while limit < len(text):
+        cut = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit))
+        result = tokenize(cut if cut > 0 else limit)
+        if len(result[0]) > max_length + CUT_MARGIN:
+            return result
+        limit *= 4
+    return tokenize(None)
 
 
 def encode_record(record: dict, tokenizer, opts: FormatOptions) -> Example:
@@ -275,7 +298,12 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
         if task:
             text = opts.task_prefix.format(task=task) + text
         split = not opts.special_tokens_in_content
-        ids = list(tokenizer(text, add_special_tokens=True, split_special_tokens=split)["input_ids"])
+        ids, _ = _tokenize_enough(
+            lambda limit: (tokenizer(text[:limit], add_special_tokens=True, split_special_tokens=split)["input_ids"], None),
+            text,
+            None if opts.chunk_tokens > 0 else opts.max_length,  # chunks are cut from the whole text
+        )
+        ids = list(ids)
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)  # teaches the model to stop
         return Example(ids, list(ids), task, where)
@@ -293,8 +321,11 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     except SmoLoRAError as e:
         raise SmoLoRAError(f"{where}: {e}") from None
     try:
-        ids, offsets = tokenize_rendered(
-            tokenizer, text, [m["content"] for m in messages], opts.special_tokens_in_content
+        contents = [m["content"] for m in messages]
+        ids, offsets = _tokenize_enough(
+            lambda limit: tokenize_rendered(tokenizer, text, contents, opts.special_tokens_in_content, limit),
+            text,
+            opts.max_length,
         )
     except SmoLoRAError as e:
         raise SmoLoRAError(f"{where}: {e}") from None

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+from smolora.fast.threads import calm_openmp
+
+calm_openmp()  # as the command line does: idle OpenMP threads sleep, so a busy machine slows the suite less
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)

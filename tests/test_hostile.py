@@ -234,3 +234,18 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, tokeniz
         with pytest.raises(ckpt.NonFiniteWeights, match="non-finite values .*no checkpoint written"):
             ckpt.save_checkpoint(ckpt.checkpoint_dir(tmp_path, 1), model, optimizer, ckpt.TrainState(step=1), {})
         assert listing(tmp_path) == []  # nothing written
+
+
+def test_the_first_lines_say_the_threads_and_a_resume_keeps_the_count_it_continues(tmp_path, tiny_model_dir, data_file):
+    from test_cli import ENV
+
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}  # the command line's own choice
+    args = ["train", "--data", data_file, "--output", tmp_path / "run", "--model", tiny_model_dir, "--no-merge"]
+    r = smolora(*args, "--max-steps", 2, "--save-steps", 1, env={**env, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "[smolora] CPU threads: 1 (idle ones sleep); GEMM: " in r.stdout, r.stderr[-2000:]
+    r = smolora(*args, "--max-steps", 2, "--resume", env={**env, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0 and "[smolora] CPU threads: 1 (idle ones sleep)" in r.stdout, r.stderr[-2000:]
+    r = smolora(
+        *args, "--max-steps", 1, "--overwrite", env={**env, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}
+    )
+    assert r.returncode == 0 and "[smolora] CPU threads: 2 (idle ones spin)" in r.stdout, r.stderr[-2000:]

@@ -481,8 +481,9 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command itself, not a call from Python: train on tcmalloc where the system has it
-        from smolora.fast import reexec_with_tcmalloc
+        from smolora.fast import calm_openmp, reexec_with_tcmalloc
 
+        calm_openmp()  # before torch loads OpenMP, and in the environment of a re-run
         reexec_with_tcmalloc()
         if not sys.stderr.isatty():  # a log file or a pipe: no progress bars, whose \r redraws pile up in one line
             os.environ.setdefault("TQDM_DISABLE", "1")  # (read by tqdm when it is imported, not yet here)

@@ -21,7 +21,7 @@ from smolora import distributed
 from smolora.config import DataConfig, TrainConfig, expand_targets, lora_settings_from_peft, validate
 from smolora.data import load_source, prepare_data
 from smolora.errors import SmoLoRAError
-from smolora.fast import gemm_choice, use_gemm
+from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import merge_adapter, write_adapter_info
 from smolora.models import (
@@ -126,7 +126,12 @@ def train_adapter(
         ckpt.check_compatible(saved, run_info, allow_config_change)
         if saved.get("gemm") in ("onednn", "mkl") and cfg.fast:
             use_gemm(saved["gemm"])  # the GEMM the checkpoint was trained with: the same sums, not a new timing
+        if device.type == "cpu":
+            use_threads(saved.get("threads"))  # and as many threads
     run_info["gemm"] = gemm_choice() if cfg.fast else "torch"
+    run_info["threads"] = torch.get_num_threads()
+    if device.type == "cpu":
+        say(f"[smolora] {describe_threads()}; GEMM: {run_info['gemm']}", flush=True)
     torch.manual_seed(cfg.seed)  # LoRA A init
     source = codes_source(run.resolved(), device, cfg.weight_codes)  # 16-bit weights held as such (smolora.fast.codes)
     base = load_model(source, device, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)

@@ -15,7 +15,8 @@ The levers, in the order they are applied:
   fused layers     RMSNorm, rotary embedding and SwiGLU in one pass each (``fused``)
   oneDNN linears   frozen linear layers through oneDNN where it is the faster GEMM (``onednn``)
 and, inside the loss, the LM head's cross-entropy a block of the vocabulary at a time
-(``head_loss``). ``native`` compiles the C kernels several of them use; ``allocator`` picks tcmalloc.
+(``head_loss``). ``native`` compiles the C kernels several of them use; ``allocator`` picks tcmalloc;
+``threads`` makes idle CPU threads sleep rather than spin.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ _EXPORTS = {
     "use_gemm": "onednn",
     "reexec_with_tcmalloc": "allocator",
     "release_free_memory": "allocator",
+    "calm_openmp": "threads",
+    "describe_threads": "threads",
+    "use_threads": "threads",
 }
 __all__ = [*_EXPORTS, "allocator_name"]
 

@@ -3,8 +3,11 @@ nothing written or deleted outside the output folder, nothing of an earlier run 
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from conftest import chat_records, write_jsonl
-from test_cli import smolora
+from test_cli import ENV, smolora
 
 
 def one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -237,7 +240,6 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, tokeniz
 
 
 def test_the_first_lines_say_the_threads_and_a_resume_keeps_the_count_it_continues(tmp_path, tiny_model_dir, data_file):
-    from test_cli import ENV
 
     env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}  # the command line's own choice
     args = ["train", "--data", data_file, "--output", tmp_path / "run", "--model", tiny_model_dir, "--no-merge"]
@@ -249,3 +251,115 @@ def test_the_first_lines_say_the_threads_and_a_resume_keeps_the_count_it_continu
         *args, "--max-steps", 1, "--overwrite", env={**env, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}
     )
     assert r.returncode == 0 and "[smolora] CPU threads: 2 (idle ones spin)" in r.stdout, r.stderr[-2000:]
+
+
+def _file_size_limit(limit: int):
+    """For a child process: no file may grow past ``limit`` bytes (a write past it fails with EFBIG).
+    A full disk's stand-in that needs no privileges."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _temporaries(folder) -> list[str]:
+    return [p.name for p in folder.rglob(".*") if p.name != ".smolora.lock"]
+
+
+def test_a_full_disk_in_checkpoint_merge_or_export_ends_in_one_line_and_leaves_no_partial_file(
+    tmp_path, tiny_model_dir, data_file
+):
+    full = _file_size_limit(16 * 1024)  # a tiny model's adapter and checkpoint files are larger
+    done = tmp_path / "done"
+    train = ["train", "--data", data_file, "--model", tiny_model_dir, "--max-steps", 2, "--no-merge"]
+    assert smolora(*train, "--output", done).returncode == 0
+    out = tmp_path / "run"
+    line = one_error_line(smolora(*train, "--output", out, "--save-steps", 1, preexec_fn=full))
+    assert (
+        f"{out / 'checkpoints' / 'step-000001'}: could not write the checkpoint" in line
+        and "there is no earlier" in line
+    )
+    assert not any((out / "checkpoints").iterdir()) and not (out / "adapter_checkpoint").exists()
+    merged = tmp_path / "merged"
+    line = one_error_line(
+        smolora("merge", "--adapter", done / "adapter_checkpoint", "--output", merged, preexec_fn=full)
+    )
+    assert str(merged) in line and not merged.exists()
+    gguf = tmp_path / "model.gguf"
+    line = one_error_line(
+        smolora("export", "--model", tiny_model_dir, "--output", gguf, "--type", "f16", preexec_fn=full)
+    )
+    assert str(gguf) in line and not gguf.exists()
+    assert _temporaries(tmp_path) == []
+
+
+def _with_template(folder, template):
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "template, said",
+    [
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),  # reaches into Python: the sandbox stops it
+        ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),  # a loop without bound
+        ("{{ messages[0]['content'] ", "unexpected end of template"),  # not a template
+        ("{{ raise_exception('no system turns here') }}", "no system turns here"),  # the template's own refusal
+    ],
+)
+def test_a_hostile_or_broken_chat_template_is_one_line_in_train_and_generate(
+    tmp_path, tiny_model_dir, data_file, template, said
+):
+    model = _with_template(tiny_model_dir, template)
+    out = tmp_path / "run"
+    line = one_error_line(smolora("train", "--data", data_file, "--model", model, "--output", out, "--max-steps", 1))
+    assert line.startswith(f"smolora: error: {data_file}:1: the model's chat template") and said in line
+    assert not out.exists() or listing(out) == []
+    line = one_error_line(smolora("generate", "--model", model, "--prompt", "hi", "--max-new-tokens", 2))
+    assert "the model's chat template" in line and said in line
+
+
+def test_a_model_that_asks_for_its_own_code_never_runs_it_and_every_command_says_so(
+    tmp_path, tiny_model_dir, data_file
+):
+    ran = tmp_path / "custom code ran"
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    config.update(model_type="not_a_known_type", architectures=["XForCausalLM"], auto_map=auto_map)
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_x.py", "modeling_x.py"):
+        (tiny_model_dir / name).write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    commands = [
+        ["train", "--data", data_file, "--output", tmp_path / "run", "--max-steps", 1],
+        ["generate", "--prompt", "hi"],
+        ["eval", "--data", data_file],
+        ["export", "--output", tmp_path / "model.gguf"],
+    ]
+    for command in commands:
+        line = one_error_line(smolora(*command, "--model", tiny_model_dir))
+        assert "needs its own code (auto_map in config.json)" in line and "--trust-remote-code" in line
+    assert not ran.exists() and not (tmp_path / "model.gguf").exists()
+
+
+def test_a_truncated_or_garbage_gguf_as_model_is_one_line(tmp_path, tiny_model_dir, data_file):
+    whole = tmp_path / "whole.gguf"
+    assert smolora("export", "--model", tiny_model_dir, "--output", whole, "--type", "f16").returncode == 0
+    data = whole.read_bytes()
+    broken = {
+        "half.gguf": data[: len(data) // 2],
+        "header.gguf": data[:8],
+        "garbage.gguf": b"GGUF" + os.urandom(4096),
+        "not.gguf": os.urandom(4096),
+    }
+    env = {**ENV, "SMOLORA_HOME": str(tmp_path / "home")}
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+        for command in (["generate", "--prompt", "hi"], ["train", "--data", data_file, "--output", tmp_path / "run"]):
+            line = one_error_line(smolora(*command, "--model", tmp_path / name, env=env))
+            assert f"{tmp_path / name}: " in line and ("cannot read it as a model" in line or "not a GGUF file" in line)
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "home").rglob("model.safetensors"))  # no conversion left behind

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -449,16 +450,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from transformers import AutoConfig
-
     from smolora.export import check_exportable, check_output, export_gguf
+    from smolora.models import load_config
 
     check_output(args.output, args.type, args.overwrite)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
-    check_exportable(
-        AutoConfig.from_pretrained(source.folder, trust_remote_code=args.trust_remote_code, **source.hub_options()),
-        tokenizer,
-    )
+    check_exportable(load_config(source, args.trust_remote_code), tokenizer)
     model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
     print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
@@ -477,6 +474,13 @@ def cmd_demo(args) -> int:
         r=args.r,
     )
     return 0
+
+
+SYSTEM_REFUSALS = {
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "ENOENT", "ENOTDIR", "EISDIR", "ELOOP")
+    if hasattr(errno, name)
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except SmoLoRAError as e:
         print(f"smolora: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the system refused a read or a write: a full disk, a read-only or vanished folder
+        if e.errno not in SYSTEM_REFUSALS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"smolora: error: {where}{e.strerror or e}; what was there before is as it was", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("smolora: interrupted", file=sys.stderr)

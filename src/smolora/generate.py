@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from smolora.data.formats import tokenize_rendered
+from smolora.data.formats import apply_template, tokenize_rendered
 from smolora.errors import SmoLoRAError
 from smolora.fast import accelerated
 
@@ -20,7 +20,7 @@ def prompt_ids(
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if isinstance(prompt, list) or use_chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = apply_template(tokenizer, messages, add_generation_prompt=True)
         ids, _ = tokenize_rendered(tokenizer, text, [m["content"] for m in messages], special_tokens_in_content)
         return torch.tensor([ids], dtype=torch.long)
     split = not special_tokens_in_content

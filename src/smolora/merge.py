@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from smolora.errors import SmoLoRAError, load_mismatch
+from smolora.errors import SmoLoRAError, check_writable_place, load_mismatch, reason
 from smolora.fast import forget_codes
 from smolora.lora import quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
@@ -156,6 +157,7 @@ def merge_adapter(
                 f"{out}: holds {foreign[0]!r}{' and more' if len(foreign) > 1 else ''}, which a merge does "
                 "not write; --overwrite replaces only a merged model: choose another output folder"
             )
+    check_writable_place(out, "merge output")
     model = merged_model(source, adapter_dir, allow_pickle, trust_remote_code)
     tokenizer = adapter_tokenizer(source, adapter_dir, trust_remote_code)
     model.config.use_cache = True
@@ -164,4 +166,7 @@ def merge_adapter(
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    return publish(out, write)
+    try:
+        return publish(out, write)
+    except (OSError, SafetensorError) as error:  # a full disk: nothing half-written is left
+        raise SmoLoRAError(f"{out}: could not write the merged model ({reason(error)})") from error

@@ -13,6 +13,7 @@ unless the caller opts in, and even then they are read with ``weights_only=True`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -25,12 +26,13 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, reason
 from smolora.fast import CODES_FILE, release_free_memory
 from smolora.paths import complete, publish, smolora_home
 
@@ -188,10 +190,16 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
     with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read
         (Path(alone) / gguf.name).symlink_to(gguf.resolve())
-        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            alone, gguf_file=gguf.name, dtype=torch.float32, **HUB_KERNELS_OFF
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                alone, gguf_file=gguf.name, dtype=torch.float32, **HUB_KERNELS_OFF
+            )
+        except Exception as e:  # a truncated or foreign file fails deep inside the GGUF readers, in many ways
+            raise SmoLoRAError(
+                f"{gguf}: cannot read it as a model ({reason(e)[:200]}); is the file whole, and of an architecture "
+                "transformers reads from GGUF?"
+            ) from None
     # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -299,15 +307,20 @@ def check_weight_files(folder: str, allow_pickle: bool) -> None:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
+    with _loading(source):
         tokenizer = AutoTokenizer.from_pretrained(
             source.folder, trust_remote_code=trust_remote_code, **source.hub_options()
         )
-    except OSError as e:
-        raise _not_found(source, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with _loading(source):
+        return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **source.hub_options())
 
 
 def load_model(
@@ -324,11 +337,25 @@ def load_model(
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, **HUB_KERNELS_OFF, **source.hub_options()}
     if not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub id too: never unpickle what a cache holds
-    try:
+    with _loading(source):
         model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    return model.to(device)
+
+
+@contextlib.contextmanager
+def _loading(source: ModelSource) -> Iterator[None]:
+    """transformers' refusals while loading ``source``, as one line each."""
+    try:
+        yield
     except OSError as e:
         raise _not_found(source, e) from None
-    return model.to(device)
+    except (ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):  # its config names custom code, which runs only when asked
+            raise SmoLoRAError(
+                f"{source.name}: the model needs its own code (auto_map in config.json), which SmoLoRA never runs "
+                "unless you pass --trust-remote-code after reading it"
+            ) from None
+        raise SmoLoRAError(f"{source.name}: cannot load the model ({reason(e)[:300]})") from None
 
 
 def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:

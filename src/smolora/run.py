@@ -20,7 +20,7 @@ from smolora import checkpoint as ckpt
 from smolora import distributed
 from smolora.config import DataConfig, TrainConfig, expand_targets, lora_settings_from_peft, validate
 from smolora.data import load_source, prepare_data
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, reason
 from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import merge_adapter, write_adapter_info
@@ -165,7 +165,7 @@ def train_adapter(
                 save_adapter(model, folder, run)
             except Exception as error:  # the checkpoint holds the trained adapter: say so, whatever failed
                 raise SmoLoRAError(
-                    f"{folder}: could not write the adapter ({_reason(error)}); the trained adapter "
+                    f"{folder}: could not write the adapter ({reason(error)}); the trained adapter "
                     f"is in the checkpoint {result.last_checkpoint}"
                 ) from error
             say(f"[smolora] adapter saved to {folder}", flush=True)
@@ -217,7 +217,7 @@ def merge_run(run: Run, adapter: Path) -> Path:
             )  # this run's own final_merged/
     except Exception as error:  # the adapter is on disk already: nothing of the training is lost
         raise SmoLoRAError(
-            f"{out}: merging failed ({_reason(error)}); the trained adapter is safe in {adapter}: "
+            f"{out}: merging failed ({reason(error)}); the trained adapter is safe in {adapter}: "
             f"merge it later with `smolora merge --adapter {adapter} --output DIR`"
         ) from error
     print(f"[smolora] merged model saved to {out}", flush=True)
@@ -263,12 +263,6 @@ def check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume
             f"{out}: holds an earlier run ({', '.join(earlier)}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
-
-
-def _reason(error: Exception) -> str:
-    """An error in a few words, on one line."""
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _silent(*_args, **_kwargs) -> None:

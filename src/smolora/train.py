@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from smolora import checkpoint as ckpt
 from smolora import distributed
 from smolora.config import TrainConfig
 from smolora.data.formats import Example
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, reason
 from smolora.fast import Speed, accelerated
 from smolora.lora import adapter_rank, check_growable, grow_rank, pad_to, parameter_report, rank_at
 from smolora.loss import base_lm, evaluate_loss, has_sliding_window
@@ -384,7 +385,12 @@ def _save(run: _Run, state: ckpt.TrainState) -> Path:
     folder = ckpt.checkpoint_dir(run.out, state.step)
     process_rng = distributed.gather_rng(run.world, run.device)  # every process takes part
     if run.world.main:
-        ckpt.save_checkpoint(folder, run.model, run.optimizer, state, run.run_info, process_rng)
+        try:
+            ckpt.save_checkpoint(folder, run.model, run.optimizer, state, run.run_info, process_rng)
+        except (OSError, SafetensorError) as error:  # a full disk, a lost mount: what was written stays whole
+            last = ckpt.list_checkpoints(run.out)
+            kept = f"the last complete one is {last[-1]}" if last else "there is no earlier one"
+            raise SmoLoRAError(f"{folder}: could not write the checkpoint ({reason(error)}); {kept}") from error
         ckpt.prune_checkpoints(run.out, run.cfg.save_total_limit)
     distributed.barrier(run.world)  # written before any process goes on (or stops)
     return folder

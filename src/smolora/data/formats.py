@@ -26,7 +26,7 @@ from typing import Callable
 
 from jinja2 import TemplateError
 
-from smolora.errors import SmoLoRAError
+from smolora.errors import SmoLoRAError, reason
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -185,19 +185,31 @@ def _check_messages(raw, where: str, role_key: str, content_key: str, roles: dic
     return out
 
 
+def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation through the tokenizer's chat template, which transformers runs in Jinja's
+    sandbox: a template that refuses the conversation, or that the sandbox stops (it reaches into
+    Python objects, or loops without bound), is one error, not a traceback."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # e.g. a template that takes no system turn, or strictly alternating roles
+        raise SmoLoRAError(f"the model's chat template rejects this conversation: {e}") from None
+    except Exception as e:  # the template is the model's code: whatever it raises, it is the template's
+        raise SmoLoRAError(f"the model's chat template fails ({reason(e)[:200]})") from None
+
+
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the character span of every assistant turn.
 
     Each span runs from the end of the turn's generation prompt to the end of its end-of-turn
     token (trailing whitespace after it is not supervised).
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = apply_template(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = apply_template(tokenizer, messages[: i + 1])
         if i == 0:  # an assistant-first conversation: the prompt is whatever precedes the content
             before = through[: through.find(m["content"])] if m["content"] else through.rstrip()
         if not (full.startswith(before) and full.startswith(through)):
@@ -299,7 +311,7 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
             text = opts.task_prefix.format(task=task) + text
         split = not opts.special_tokens_in_content
         ids, _ = _tokenize_enough(
-            lambda limit: (tokenizer(text[:limit], add_special_tokens=True, split_special_tokens=split)["input_ids"], None),
+            lambda end: (tokenizer(text[:end], add_special_tokens=True, split_special_tokens=split)["input_ids"], None),
             text,
             None if opts.chunk_tokens > 0 else opts.max_length,  # chunks are cut from the whole text
         )
@@ -316,8 +328,6 @@ def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     ensure_chat_template(tokenizer)
     try:
         text, spans = render_chat(tokenizer, messages)
-    except TemplateError as e:  # e.g. a template that takes no system turn, or strictly alternating roles
-        raise SmoLoRAError(f"{where}: the model's chat template rejects this conversation: {e}") from None
     except SmoLoRAError as e:
         raise SmoLoRAError(f"{where}: {e}") from None
     try:

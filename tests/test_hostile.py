@@ -363,3 +363,22 @@ def test_a_truncated_or_garbage_gguf_as_model_is_one_line(tmp_path, tiny_model_d
             assert f"{tmp_path / name}: " in line and ("cannot read it as a model" in line or "not a GGUF file" in line)
     assert not (tmp_path / "run").exists()
     assert not list((tmp_path / "home").rglob("model.safetensors"))  # no conversion left behind
+
+
+@pytest.mark.parametrize(
+    "record, said",
+    [
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string"),
+        ({"body": "no text field"}, "record has no 'text' field"),
+        ({"prompt": "a question and no answer"}, "no 'completion' field"),
+        ({"messages": []}, "messages must be a non-empty list"),
+    ],
+)
+def test_bad_data_is_reported_before_the_embedded_model_is_converted(tmp_path, data_file, record, said):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data_file.read_text() + json.dumps(record) + "\n")
+    env = {**ENV, "SMOLORA_HOME": str(tmp_path / "fresh home")}  # nothing converted yet
+    for command in (["train", "--output", tmp_path / "run"], ["eval"]):
+        line = one_error_line(smolora(*command, "--data", bad, env=env, timeout=60))
+        assert f"{bad}:13: " in line and said in line
+    assert not (tmp_path / "fresh home").exists() and not (tmp_path / "run").exists()

@@ -407,7 +407,7 @@ def cmd_eval(args) -> int:
     import json
 
     from smolora.config import validate
-    from smolora.data import load_source, prepare_data
+    from smolora.data import check_records, load_source, prepare_data
     from smolora.evaluate import evaluate, replies_to_score
     from smolora.generate import check_sampling
     from smolora.models import codes_source, pick_device
@@ -417,9 +417,8 @@ def cmd_eval(args) -> int:
     data = build_from(DataConfig, args)
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
-    records = load_source(
-        parse_data_arg(args.data), data, mix=False
-    )  # several tasks: every record once, with its task's prefix
+    records = load_source(parse_data_arg(args.data), data, mix=False)  # several tasks: each record once
+    check_records(records, cfg, data)
     if args.json:
         check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)

@@ -19,7 +19,7 @@ import torch
 from smolora import checkpoint as ckpt
 from smolora import distributed
 from smolora.config import DataConfig, TrainConfig, expand_targets, lora_settings_from_peft, validate
-from smolora.data import load_source, prepare_data
+from smolora.data import check_records, load_source, prepare_data
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
 from smolora.lora import add_lora, format_parameter_report
@@ -109,6 +109,7 @@ def train_adapter(
         raise SmoLoRAError("no training data: pass dataset_name")
     records = load_source(run.dataset, data, cfg.seed)
     val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
+    check_records(records + (val_records or []), cfg, data)  # before a model (the embedded one: converted) loads
     if any(run.resolved().lives_in(out / name) for name in RUN_FOLDERS):
         raise SmoLoRAError(
             f"{run.resolved().name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from smolora.config import DataConfig, TrainConfig
 from smolora.data.batching import DIFFICULTY, mix_tasks
-from smolora.data.formats import EncodeStats, Example, FormatOptions, encode_records
+from smolora.data.formats import EncodeStats, Example, FormatOptions, check_record, encode_records
 from smolora.data.sources import load_records
 from smolora.errors import SmoLoRAError
 
@@ -44,6 +44,28 @@ def load_source(source: Any, data: DataConfig, seed: int = 42, mix: bool = True)
     return read(source)
 
 
+def format_options(cfg: TrainConfig, data: DataConfig) -> FormatOptions:
+    return FormatOptions(
+        text_field=cfg.dataset_text_field,
+        shape=data.shape,
+        field_map=data.field_map,
+        system_prompt=data.system_prompt,
+        train_on_prompt=cfg.train_on_prompt,
+        max_length=cfg.max_length,
+        task_prefix=data.task_prefix,
+        chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
+        chunk_stride=data.chunk_stride,
+        special_tokens_in_content=data.special_tokens_in_content,
+    )
+
+
+def check_records(records: list[dict], cfg: TrainConfig, data: DataConfig) -> None:
+    """Every record's shape and fields, before a tokenizer or a model is loaded (``check_record``)."""
+    opts = format_options(cfg, data)
+    for record in records:
+        check_record(record, opts)
+
+
 def prepare_data(
     records: list[dict],
     tokenizer,
@@ -57,18 +79,7 @@ def prepare_data(
     """Split, tokenize, mask and truncate. Fails if nothing is left to learn from."""
     if val_records is None and cfg.val_size > 0:
         records, val_records = split_validation(records, cfg.val_size, cfg.seed)
-    opts = FormatOptions(
-        text_field=cfg.dataset_text_field,
-        shape=data.shape,
-        field_map=data.field_map,
-        system_prompt=data.system_prompt,
-        train_on_prompt=cfg.train_on_prompt,
-        max_length=cfg.max_length,
-        task_prefix=data.task_prefix,
-        chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
-        chunk_stride=data.chunk_stride,
-        special_tokens_in_content=data.special_tokens_in_content,
-    )
+    opts = format_options(cfg, data)
     score, what = (DIFFICULTY[cfg.curriculum], f"curriculum {cfg.curriculum!r}") if cfg.curriculum else (None, "")
     if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record
         field = data.field_map.get(cfg.dataset_text_field, cfg.dataset_text_field)

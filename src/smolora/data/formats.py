@@ -289,22 +289,36 @@ def encode_record(record: dict, tokenizer, opts: FormatOptions) -> Example:
     return ex
 
 
+def check_record(record: dict, opts: FormatOptions) -> None:
+    """What can be wrong with a record before a tokenizer sees it — its shape, its fields and their
+    types — raised as ``encode_record`` would: bad data is reported before a model is loaded."""
+    shape = detect_shape(record, opts)
+    if shape == "text":
+        _text_of(record, opts, record.get("_where", "record"))
+    else:
+        record_to_messages(record, shape, opts)
+
+
+def _text_of(record: dict, opts: FormatOptions, where: str) -> str:
+    name = opts.field_map.get(opts.text_field, opts.text_field)
+    if name not in record:  # one field of a pair present (or mapped) and not its partner: say which is missing
+        f = lambda n: opts.field_map.get(n, n)  # noqa: E731
+        for a, b in (("prompt", "completion"), ("instruction", "output")):
+            if (f(a) in record) != (f(b) in record):
+                have, missing = (a, b) if f(a) in record else (b, a)
+                raise SmoLoRAError(
+                    f"{where}: record has {f(have)!r} as its {have} but no {f(missing)!r} field for its {missing}; "
+                    f"map it with --field-map {missing}=FIELD"
+                )
+    return _need_str(record, name, where)
+
+
 def _encode(record: dict, tokenizer, opts: FormatOptions) -> Example:
     where = record.get("_where", "record")
     task = record.get("_task", "")
     shape = detect_shape(record, opts)
     if shape == "text":
-        name = opts.field_map.get(opts.text_field, opts.text_field)
-        if name not in record:  # one field of a pair present (or mapped) and not its partner: say which is missing
-            f = lambda n: opts.field_map.get(n, n)  # noqa: E731
-            for a, b in (("prompt", "completion"), ("instruction", "output")):
-                if (f(a) in record) != (f(b) in record):
-                    have, missing = (a, b) if f(a) in record else (b, a)
-                    raise SmoLoRAError(
-                        f"{where}: record has {f(have)!r} as its {have} but no {f(missing)!r} field for its {missing}; "
-                        f"map it with --field-map {missing}=FIELD"
-                    )
-        text = _need_str(record, name, where)
+        text = _text_of(record, opts, where)
         if not text.strip():  # nothing to learn but an end of text: dropped with the examples that have no targets
             return Example([], [], task, where)
         if task:

@@ -119,6 +119,18 @@ def gather_rng(w: World, device: torch.device) -> dict[str, torch.Tensor]:
     return {f"rng.{kind}.rank{r}": state for r, per in enumerate(states) for kind, state in per.items()}
 
 
+def agree(value, w: World):
+    """Process 0's ``value`` on every process (a choice made by timing, which may come out otherwise
+    on another process). Collective."""
+    if w.size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(w: World) -> None:
     if w.size > 1:
         import torch.distributed as dist

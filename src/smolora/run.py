@@ -129,7 +129,9 @@ def train_adapter(
             use_gemm(saved["gemm"])  # the GEMM the checkpoint was trained with: the same sums, not a new timing
         if device.type == "cpu":
             use_threads(saved.get("threads"))  # and as many threads
-    run_info["gemm"] = gemm_choice() if cfg.fast else "torch"
+    run_info["gemm"] = distributed.agree(gemm_choice(), distributed.world(device)) if cfg.fast else "torch"
+    if cfg.fast:
+        use_gemm(run_info["gemm"])  # every process the same GEMM: process 0's, whatever its own timing said
     run_info["threads"] = torch.get_num_threads()
     if device.type == "cpu":
         say(f"[smolora] {describe_threads()}; GEMM: {run_info['gemm']}", flush=True)

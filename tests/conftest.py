@@ -146,3 +146,23 @@ def chat_records(n: int = 12) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+@pytest.fixture
+def said():
+    """The lines the smolora logger says during the test, as the console shows them."""
+    import logging
+
+    from smolora.log import ConsoleFormat, logger
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    keep = Keep()
+    keep.setFormatter(ConsoleFormat())
+    logger.addHandler(keep)
+    yield lines
+    logger.removeHandler(keep)

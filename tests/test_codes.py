@@ -162,9 +162,7 @@ def train_on(
 ):
     model = load_poisoned(folder) if poison else load_model(resolve_model(folder))
     torch.manual_seed(0)
-    model = add_lora(
-        model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft(), warn=lambda *_: None
-    )
+    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["all"], bias=bias).to_peft())
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(
         output_dir=str(tmp_path / "out"),
@@ -178,7 +176,7 @@ def train_on(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
     )
-    result = train(model, examples, cfg, val_examples=examples[:4], log=lambda *_: None)
+    result = train(model, examples, cfg, val_examples=examples[:4])
     assert not any("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)  # restored
     assert len(result.eval_losses) == 2
     return result.losses + [loss for _, loss in result.eval_losses], {
@@ -270,7 +268,7 @@ def test_a_weight_changed_since_loading_keeps_its_own_forward(tokenizer, tmp_pat
         assert coded() == 15
     assert coded() == 0 and codes_of(model.lm_head) is None
     # a merge marks the whole model, whichever rows it changed: here none (a new adapter's B is 0)
-    model = merge_and_unload(add_lora(model, LoraSettings(target_modules=["q_proj"]).to_peft(), warn=lambda *_: None))
+    model = merge_and_unload(add_lora(model, LoraSettings(target_modules=["q_proj"]).to_peft()))
     with coded_weights(model):
         assert coded() == 0
 
@@ -279,7 +277,6 @@ def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, t
     model = add_lora(
         load_model(resolve_model(coded_folder(tmp_path, tokenizer, True))),
         LoraSettings().to_peft(),
-        warn=lambda *_: None,
     )
     monkeypatch.setenv(smolora.fast.onednn.ENV, "neither")  # read by the first GEMM: the fused layers' probes
     smolora.fast.onednn.onednn_is_faster.cache_clear()
@@ -290,7 +287,6 @@ def test_a_failure_while_setting_up_training_undoes_what_was_set_up(tokenizer, t
                 model,
                 encode_records(chat_records(4), tokenizer, FormatOptions())[0],
                 TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1),
-                log=lambda *_: None,
             )
     finally:
         smolora.fast.onednn.onednn_is_faster.cache_clear()

@@ -32,7 +32,7 @@ def refused(source, pattern: str, **kw) -> str:
 
 
 def prepare(records, tokenizer):
-    return prepare_data(records, tokenizer, TrainConfig(), DataConfig(), log=lambda *_: None)
+    return prepare_data(records, tokenizer, TrainConfig(), DataConfig())
 
 
 # CSV quoting

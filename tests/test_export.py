@@ -140,7 +140,7 @@ def test_a_model_with_adapters_still_attached_is_refused(tmp_path, tokenizer):
     from smolora.config import LoraSettings
     from smolora.lora import add_lora
 
-    model = add_lora(tiny("llama", len(tokenizer)), LoraSettings().to_peft(), warn=lambda *_: None)
+    model = add_lora(tiny("llama", len(tokenizer)), LoraSettings().to_peft())
     with pytest.raises(SmoLoRAError, match="merge them first"):
         export_gguf(model.get_base_model(), tokenizer, tmp_path / "m.gguf")
 

@@ -53,7 +53,7 @@ def _peft(arch: str, vocab: int, seed: int = 0, dropout: float = 0.0):
     model = build_tiny(arch, vocab, seed=seed)
     torch.manual_seed(seed)
     settings = LoraSettings(lora_dropout=dropout, target_modules=["all"])
-    return add_lora(model, settings.to_peft(), warn=lambda *_: None)
+    return add_lora(model, settings.to_peft())
 
 
 def _state(model) -> dict:
@@ -90,7 +90,7 @@ def test_the_plain_path_changes_nothing(tokenizer, monkeypatch):
         assert speed.levers == [] and _state(model) == before
 
 
-def test_a_lever_that_fails_is_skipped_with_one_warning_and_the_others_stay(tokenizer, monkeypatch):
+def test_a_lever_that_fails_is_skipped_with_one_warning_and_the_others_stay(tokenizer, monkeypatch, said):
     model = _peft("llama", len(tokenizer))
     before = _state(model)
 
@@ -99,23 +99,23 @@ def test_a_lever_that_fails_is_skipped_with_one_warning_and_the_others_stay(toke
         raise AttributeError("'LlamaRMSNorm' object has no attribute 'variance_epsilon'")
 
     monkeypatch.setattr(smolora.fast.door, "patch_fused", half_then_fail)
-    warnings: list[str] = []
-    with accelerated(model, warn=warnings.append) as speed:
+    with accelerated(model) as speed:
         assert "fused layers" not in speed.levers and "fast dropout" in speed.levers
         assert "forward" not in vars(model.get_base_model().model.norm)  # its half-done patch was undone at once
-    assert len(warnings) == 1 and warnings[0].startswith("fused layers skipped (AttributeError")
+    assert len(said) == 1 and said[0].startswith("[smolora] warning: fused layers skipped (AttributeError")
     assert _state(model) == before
 
 
-def test_a_lever_undone_by_something_else_mid_run_warns_and_never_raises(tokenizer):
+def test_a_lever_undone_by_something_else_mid_run_warns_and_never_raises(tokenizer, said):
     """transformers >= 5.25 with hub kernels pops every kernel layer's ``forward`` on train()/eval()."""
     model = _peft("llama", len(tokenizer))
-    warnings: list[str] = []
-    with accelerated(model, warn=warnings.append):
+    with accelerated(model):
         for module in model.modules():
             if type(module).__name__ == "LlamaRMSNorm":
                 module.__dict__.pop("forward", None)
-    assert warnings == ["fused layers: something else replaced what it patched during the run; left as found"]
+    assert said == [
+        "[smolora] warning: fused layers: something else replaced what it patched during the run; left as found"
+    ]
     assert not any("forward" in vars(m) for m in model.modules())
 
 
@@ -127,7 +127,7 @@ def _train(tokenizer, tmp_path, arch: str, fast: bool, **settings):
     model = _peft(arch, len(tokenizer))
     settings = {"max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "logging_steps": 2, **settings}
     cfg = TrainConfig(output_dir=str(tmp_path), seed=1, fast=fast, **settings)
-    result = train(model, _examples(tokenizer), cfg, log=lambda *_: None)
+    result = train(model, _examples(tokenizer), cfg)
     return result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -170,18 +170,17 @@ class _Stubborn:
         raise RuntimeError("transformers changed under us")
 
 
-def test_a_failure_undoing_the_speed_wing_loses_nothing(tokenizer, tmp_path, monkeypatch):
+def test_a_failure_undoing_the_speed_wing_loses_nothing(tokenizer, tmp_path, monkeypatch, said):
     def stubborn_lever(lm, patches):
         patches.attribute(_Stubborn(), "forward", lambda x: x, "fused layers")
         return 1
 
     monkeypatch.setattr(smolora.fast.door, "patch_fused", stubborn_lever)
     model = _peft("llama", len(tokenizer))
-    warnings: list[str] = []
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, seed=1)
-    result = train(model, _examples(tokenizer), cfg, log=warnings.append)
+    result = train(model, _examples(tokenizer), cfg)
     assert result.steps == 2 and result.last_checkpoint is not None and result.last_checkpoint.is_dir()
-    assert any("could not be undone (RuntimeError: transformers changed under us)" in w for w in warnings)
+    assert any("could not be undone (RuntimeError: transformers changed under us)" in w for w in said)
 
 
 def test_a_failing_merge_names_the_adapter_it_leaves_and_peft_loads_it(

@@ -19,7 +19,7 @@ def trained_looking_adapter(model_dir, out, seed=0):
     """Attach LoRA to the saved tiny base and give it non-zero B so the adapter does something."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    model = add_lora(base, LoraSettings(target_modules=["all"]).to_peft(), warn=lambda *_: None)
+    model = add_lora(base, LoraSettings(target_modules=["all"]).to_peft())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -120,7 +120,7 @@ def test_merging_an_adapter_on_a_tied_lm_head_unties_it_and_leaves_the_embedding
     build_tiny_llama(len(tokenizer), tie=True).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = add_lora(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), warn=lambda *_: None)
+    model = add_lora(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -148,7 +148,6 @@ def test_folding_an_adapter_on_a_tied_lm_head_leaves_the_embedding_alone_and_res
     model = add_lora(
         build_tiny_llama(len(tokenizer), tie=True),
         LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
-        warn=lambda *_: None,
     )
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -100,14 +100,12 @@ def _losses_and_adapter(tokenizer, tmp_path, monkeypatch, **settings):
     monkeypatch.setattr(onednn.FrozenLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     model = build_tiny_llama(len(tokenizer))
     torch.manual_seed(0)
-    model = add_lora(
-        model, LoraSettings(lora_dropout=0.1, target_modules=["q_proj", "v_proj"]).to_peft(), warn=lambda *_: None
-    )
+    model = add_lora(model, LoraSettings(lora_dropout=0.1, target_modules=["q_proj", "v_proj"]).to_peft())
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     cfg = TrainConfig(
         output_dir=str(tmp_path), max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2, seed=1, **settings
     )
-    result = train(model, examples, cfg, log=lambda *_: None)
+    result = train(model, examples, cfg)
     return result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
 

@@ -457,7 +457,6 @@ def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokeni
     model = add_lora(
         getattr(transformers, arch + "ForCausalLM")(config),
         LoraConfig(r=4, lora_dropout=0.0, target_modules=targets),
-        warn=lambda *_: None,
     )
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -489,7 +488,6 @@ def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokeni
             max_grad_norm=0,
             logging_steps=1,
         ),
-        log=lambda *_: None,
     )
     for n, p in model.named_parameters():
         if p.requires_grad:

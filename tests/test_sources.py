@@ -114,7 +114,7 @@ def _write(path, text):
 
 
 def prepare(records, tokenizer, **cfg):
-    return prepare_data(records, tokenizer, TrainConfig(**cfg), DataConfig(), log=lambda *_: None)
+    return prepare_data(records, tokenizer, TrainConfig(**cfg), DataConfig())
 
 
 def test_csv_without_the_named_column(tmp_path, tokenizer):
@@ -174,7 +174,7 @@ def test_token_windows_with_stride(tmp_path, tokenizer):
 
     records = load_source(str(f), data)
     assert len(records) == 1  # the whole file, cut after tokenizing
-    prepared = prepare_data(records, tokenizer, TrainConfig(), data, log=lambda *_: None)
+    prepared = prepare_data(records, tokenizer, TrainConfig(), data)
     full = tokenizer("\n".join(f.read_text().splitlines()).strip())["input_ids"] + [tokenizer.eos_token_id]
     windows = [e.input_ids for e in prepared.train]
     assert all(len(w) <= 8 for w in windows) and windows[0] == full[:8] and windows[1] == full[4:12]
@@ -202,7 +202,6 @@ def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_
         TrainConfig(),
         DataConfig(),
         difficulty=lambda x: seen.append(x) or (len(x.split()) if isinstance(x, str) else 0),
-        log=lambda *_: None,
     )
     assert seen[:2] == ["three words here", "one"] and isinstance(seen[2], dict)
     assert [e.difficulty for e in prepared.train] == [3.0, 1.0, 0.0]
@@ -213,5 +212,4 @@ def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_
             TrainConfig(),
             DataConfig(),
             difficulty=lambda x: x.nope,
-            log=lambda *_: None,
         )

@@ -18,15 +18,11 @@ from smolora.lora import add_lora
 from smolora.paths import publish
 from smolora.train import NonFiniteLossError, lr_at, train
 
-QUIET = dict(log=lambda *_: None)
-
 
 def setup(tokenizer, dropout=0.1, seed=0, tie=True):
     model = build_tiny_llama(len(tokenizer), tie=tie, seed=seed)
     torch.manual_seed(seed)
-    peft_model = add_lora(
-        model, LoraSettings(lora_dropout=dropout, target_modules=["all"]).to_peft(), warn=lambda *_: None
-    )
+    peft_model = add_lora(model, LoraSettings(lora_dropout=dropout, target_modules=["all"]).to_peft())
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     return peft_model, examples
 
@@ -46,7 +42,7 @@ def cfg(tmp_path, **kw):
 def test_only_lora_params_change_and_base_stays_bit_identical(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train(model, examples, cfg(tmp_path), **QUIET)
+    result = train(model, examples, cfg(tmp_path))
     assert len(result.losses) == 4
     for n, p in model.named_parameters():
         if "lora_" in n:
@@ -84,7 +80,7 @@ def adapter_update(
         gradient_checkpointing=gradient_checkpointing,
         **settings,
     )
-    train(model, examples[:8], c, **QUIET)
+    train(model, examples[:8], c)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     return {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -176,18 +172,17 @@ def test_mixed_precision_gives_nearly_the_fp32_update_in_fp32_adapter_weights(to
         torch.testing.assert_close(mixed[n], fp32[n], atol=5e-2 * float(fp32[n].abs().max()), rtol=0)
 
 
-def test_mixed_precision_warns_on_a_cpu_without_native_support(monkeypatch):
+def test_mixed_precision_warns_on_a_cpu_without_native_support(monkeypatch, said):
     import smolora.train as train_module
 
-    said = []
     monkeypatch.setattr(train_module, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    autocast, scaler = train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"), log=said.append)
+    autocast, scaler = train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"))
     assert scaler is None and autocast().fast_dtype == torch.bfloat16
     assert len(said) == 1 and "bf16" in said[0] and "slower than fp32" in said[0]
     said.clear()
     monkeypatch.setattr(train_module, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"), log=said.append)
-    _, scaler = train_module.mixed_precision(TrainConfig(), torch.device("cpu"), log=said.append)
+    train_module.mixed_precision(TrainConfig(bf16=True), torch.device("cpu"))
+    _, scaler = train_module.mixed_precision(TrainConfig(), torch.device("cpu"))
     assert said == [] and scaler is None
 
 
@@ -196,7 +191,7 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tokenizer, tmp_path
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**127))
     model, examples = setup(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = train(model, examples, cfg(tmp_path, max_steps=3, fp16=True), **QUIET)
+    result = train(model, examples, cfg(tmp_path, max_steps=3, fp16=True))
     assert result.steps == 3 and len(result.losses) == 3
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -213,12 +208,10 @@ def test_fp16_keeps_its_loss_scale_across_resume(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     fresh = copy.deepcopy(model)
     settings = dict(max_steps=4, save_steps=2, save_total_limit=0, fp16=True)
-    full = train(model, examples, cfg(tmp_path, **settings), **QUIET)
+    full = train(model, examples, cfg(tmp_path, **settings))
     state = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["loss_scale"]["scale"] > 1
-    second = train(
-        fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000002", **QUIET
-    )
+    second = train(fresh, examples, cfg(tmp_path, **settings), resume_from=tmp_path / "checkpoints" / "step-000002")
     assert second.losses == full.losses
 
 
@@ -229,7 +222,7 @@ def test_fp16_checkpoint_at_a_skipped_step_holds_the_lowered_loss_scale(tokenize
     settings = dict(
         max_steps=5, save_steps=1, save_total_limit=0, fp16=True, lr_scheduler_type="constant", **NO_STEP_PREFIX
     )
-    full = train(model, examples, cfg(tmp_path, **settings), skip_nonfinite_steps=1, **QUIET)
+    full = train(model, examples, cfg(tmp_path, **settings), skip_nonfinite_steps=1)
     scale = {
         s: json.loads((tmp_path / "checkpoints" / f"step-{s:06d}" / "trainer_state.json").read_text())["loss_scale"][
             "scale"
@@ -243,7 +236,6 @@ def test_fp16_checkpoint_at_a_skipped_step_holds_the_lowered_loss_scale(tokenize
         cfg(tmp_path, **settings),
         resume_from=tmp_path / "checkpoints" / "step-000003",
         skip_nonfinite_steps=1,
-        **QUIET,
     )
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
@@ -270,7 +262,6 @@ def test_an_adapter_on_lm_head_is_in_the_loss_and_trains(tokenizer, tmp_path, ti
     model = add_lora(
         build_tiny_llama(len(tokenizer), tie=tie),
         LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
-        warn=lambda *_: None,
     )
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -284,7 +275,7 @@ def test_an_adapter_on_lm_head_is_in_the_loss_and_trains(tokenizer, tmp_path, ti
         expected = F.cross_entropy(logits[keep], mb.targets[keep], reduction="sum")
         torch.testing.assert_close(token_loss_sum(model, mb), expected)
     head_lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lm_head.lora_" in n}
-    train(model, examples, cfg(tmp_path, max_steps=2, gradient_accumulation_steps=1), **QUIET)
+    train(model, examples, cfg(tmp_path, max_steps=2, gradient_accumulation_steps=1))
     assert head_lora and all(not torch.equal(p, head_lora[n]) for n, p in model.named_parameters() if n in head_lora)
 
 
@@ -319,7 +310,7 @@ def test_epochs_instead_of_max_steps_train_every_example_that_many_times(
         max_tokens_per_batch=0,
         share_prefix=False,
     )
-    result = train(model, examples[:n], c, **QUIET)
+    result = train(model, examples[:n], c)
     assert result.steps == steps
     assert sorted(seen) == sorted(id(e) for e in examples[:n] for _ in range(epochs))
 
@@ -353,7 +344,7 @@ def test_epochs_are_exact_when_each_epoch_groups_its_own_way(tokenizer, tmp_path
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
     )
-    train(model, examples, c, **QUIET)
+    train(model, examples, c)
     assert sorted(seen) == sorted(id(e) for e in examples for _ in range(2))
 
 
@@ -379,7 +370,7 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tokenizer, tmp_p
     model, examples = setup(tokenizer)
     poison_after(model, calls=4)  # 2 micro-batches per step: step 3 is the first poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite values at step 3 .*last good checkpoint: .*step-000002"):
-        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0, **NO_STEP_PREFIX), **QUIET)
+        train(model, examples, cfg(tmp_path, save_steps=1, save_total_limit=0, **NO_STEP_PREFIX))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -392,7 +383,6 @@ def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
         examples,
         cfg(tmp_path / "a", max_steps=5, save_steps=3, save_total_limit=0, **NO_STEP_PREFIX),
         skip_nonfinite_steps=1,
-        **QUIET,
     )
     assert len(result.losses) == 4 and result.steps == 5
     assert [c.name for c in list_checkpoints(tmp_path / "a")] == [
@@ -402,7 +392,7 @@ def test_nan_tolerance_skips_steps(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     poison_after(model, calls=6)  # steps 4, 5 skipped, then step 6 is one too many
     with pytest.raises(NonFiniteLossError, match="step 6"):
-        train(model, examples, cfg(tmp_path / "b", max_steps=8, **NO_STEP_PREFIX), skip_nonfinite_steps=2, **QUIET)
+        train(model, examples, cfg(tmp_path / "b", max_steps=8, **NO_STEP_PREFIX), skip_nonfinite_steps=2)
 
 
 @pytest.mark.parametrize("max_tokens", [512, 40])  # 40: several rows a step, sharing a StepPrefix
@@ -412,13 +402,12 @@ def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
     settings = dict(
         max_steps=6, save_steps=3, save_total_limit=0, per_device_train_batch_size=2, max_tokens_per_batch=max_tokens
     )
-    full = train(model, examples, cfg(tmp_path / "full", **settings), **QUIET)
+    full = train(model, examples, cfg(tmp_path / "full", **settings))
     second = train(
         fresh,
         examples,
         cfg(tmp_path / "full", **settings),
         resume_from=tmp_path / "full" / "checkpoints" / "step-000003",
-        **QUIET,
     )
     assert second.losses == full.losses
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
@@ -428,13 +417,12 @@ def test_resume_in_process_is_bit_identical(tokenizer, tmp_path, max_tokens):
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tokenizer, tmp_path):
     model, examples = setup(tokenizer)
     settings = dict(max_steps=6, save_steps=2, save_total_limit=0, lr_scheduler_type="constant")
-    train(copy.deepcopy(model), examples, cfg(tmp_path, **settings), **QUIET)
+    train(copy.deepcopy(model), examples, cfg(tmp_path, **settings))
     train(
         model,
         examples,
         cfg(tmp_path, **{**settings, "max_steps": 3}),
         resume_from=tmp_path / "checkpoints" / "step-000002",
-        **QUIET,
     )
     assert [c.name for c in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]  # what a plain --resume sees
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("abandoned-*")) == [
@@ -463,7 +451,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_no_partial_one(toke
     from smolora import checkpoint as ckpt
 
     model, examples = setup(tokenizer)
-    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0), **QUIET)
+    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0))
     before = [p.name for p in ckpt.list_checkpoints(tmp_path)]
 
     def crash(tmp):
@@ -484,7 +472,7 @@ def test_checkpoint_without_marker_is_never_resumed(tokenizer, tmp_path):
     from smolora.errors import SmoLoRAError
 
     model, examples = setup(tokenizer)
-    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0), **QUIET)
+    train(model, examples, cfg(tmp_path, max_steps=2, save_steps=1, save_total_limit=0))
     (tmp_path / "checkpoints" / "step-000002" / "COMPLETE").unlink()
     assert ckpt.find_resume_checkpoint(tmp_path, "auto").name == "step-000001"
     with pytest.raises(SmoLoRAError, match="not a complete checkpoint"):
@@ -495,7 +483,7 @@ def test_validation_loss_at_interval_and_end(tokenizer, tmp_path):
     import math
 
     model, examples = setup(tokenizer)
-    result = train(model, examples[:12], cfg(tmp_path, max_steps=5, eval_steps=2), val_examples=examples[12:], **QUIET)
+    result = train(model, examples[:12], cfg(tmp_path, max_steps=5, eval_steps=2), val_examples=examples[12:])
     assert [s for s, _ in result.eval_losses] == [2, 4, 5]  # and at the end, unless it just did
     assert all(math.isfinite(loss) and loss > 0 for _, loss in result.eval_losses)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -523,13 +511,13 @@ EARLY = dict(
 def test_early_stopping_stops_after_patience_and_keeps_the_best_adapter(tokenizer, tmp_path, monkeypatch):
     scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6, 1.0])  # best at step 2; steps 3 and 4 no better: stop after 4
     model, examples = setup(tokenizer)
-    result = train(model, examples[:12], cfg(tmp_path / "run", **EARLY), val_examples=examples[12:], **QUIET)
+    result = train(model, examples[:12], cfg(tmp_path / "run", **EARLY), val_examples=examples[12:])
     assert result.steps == 4 and result.best_step == 2 and [s for s, _ in result.eval_losses] == [1, 2, 3, 4]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == {"step": 4, "best_step": 2, "best_eval_loss": 2.0}
     # the kept adapter is bit for bit the one a 2-step run ends with
     reference, _ = setup(tokenizer)
-    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"), **QUIET)
+    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"))
     for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), n
 
@@ -539,14 +527,13 @@ def test_early_stopping_resumes_exactly(tokenizer, tmp_path, monkeypatch):
     scripted_eval(monkeypatch, losses)
     model, examples = setup(tokenizer)
     fresh = copy.deepcopy(model)
-    full = train(model, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:], **QUIET)
+    full = train(model, examples[:12], cfg(tmp_path, **EARLY), val_examples=examples[12:])
     scripted_eval(monkeypatch, losses, start=3)  # resumed after step 3: the best (step 2) comes from the checkpoint
     resumed = train(
         fresh,
         examples[:12],
         cfg(tmp_path, **EARLY),
         val_examples=examples[12:],
-        **QUIET,
         resume_from=tmp_path / "checkpoints" / "step-000003",
     )
     assert resumed.steps == full.steps == 4 and resumed.best_step == full.best_step == 2
@@ -558,11 +545,7 @@ def test_the_end_of_run_evaluation_may_be_best_but_does_not_count_toward_patienc
     scripted_eval(monkeypatch, [2.0, 2.5, 2.6])  # steps 2 and 4 on schedule; step 5 only because the run ends there
     model, examples = setup(tokenizer)
     result = train(
-        model,
-        examples[:12],
-        cfg(tmp_path, **{**EARLY, "eval_steps": 2, "max_steps": 5}),
-        val_examples=examples[12:],
-        **QUIET,
+        model, examples[:12], cfg(tmp_path, **{**EARLY, "eval_steps": 2, "max_steps": 5}), val_examples=examples[12:]
     )
     assert result.steps == 5 and result.best_step == 2
     state = json.loads((tmp_path / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
@@ -639,14 +622,13 @@ def test_resume_for_more_steps_only_where_the_schedule_does_not_depend_on_the_le
     check_compatible(saved, longer, allow_config_change=True)
 
 
-def test_partial_target_match_warns_with_count(tokenizer):
+def test_partial_target_match_warns_with_count(tokenizer, said):
     from smolora.lora import check_targets
 
     model = build_tiny_llama(len(tokenizer))
     model.model.layers[1].self_attn.q_proj = torch.nn.Identity()  # layer 1 has no q_proj linear
-    warnings = []
-    check_targets(model, ["q_proj", "v_proj"], warn=warnings.append)
-    assert warnings == ["[smolora] warning: target 'q_proj' matches only 1 of 2 layers"]
+    check_targets(model, ["q_proj", "v_proj"])
+    assert said == ["[smolora] warning: target 'q_proj' matches only 1 of 2 layers"]
 
 
 def test_fast_dropout_keeps_1_minus_p_follows_torch_rng_and_backprops_its_mask():
@@ -715,7 +697,7 @@ def test_dropout_and_lora_a_in_one_function_train_the_same_and_save_less(tokeniz
         model.train()
         with lora.fast_dropout(model):
             saved = _saved_bytes(model, mb)
-        result = train(model, examples, cfg(out), **QUIET)
+        result = train(model, examples, cfg(out))
         monkeypatch.undo()
         return saved, result.losses, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -862,12 +844,11 @@ def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tok
         return add_lora(
             build_tiny_llama(len(tokenizer)),
             LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
-            warn=lambda *_: None,
         )
 
     examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
     model = fresh()
-    full = train(model, examples, cfg(tmp_path / "run", **GROW), **QUIET)
+    full = train(model, examples, cfg(tmp_path / "run", **GROW))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["step"], e["rank"], e["lora_alpha"]) for e in logged if "rank" in e] == [(2, 4, 8), (4, 8, 16)]
     ranks = [json.loads((c / "adapter_config.json").read_text())["r"] for c in list_checkpoints(tmp_path / "run")]
@@ -880,7 +861,6 @@ def test_training_grows_the_rank_at_equal_shares_and_resumes_bit_identically(tok
             examples,
             cfg(tmp_path / "run", **GROW),
             resume_from=tmp_path / "run" / "checkpoints" / f"step-00000{step}",
-            **QUIET,
         )
         assert again.losses == full.losses
         for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
@@ -891,15 +871,11 @@ def test_early_stopping_keeps_the_best_adapter_of_a_lower_rank(tokenizer, tmp_pa
     scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6])  # best at step 2; 8 steps at ranks 8, 16, 32: 16 from step 3
     model, examples = setup(tokenizer)
     result = train(
-        model,
-        examples[:12],
-        cfg(tmp_path / "run", **{**EARLY, "grow_rank": [16, 32]}),
-        val_examples=examples[12:],
-        **QUIET,
+        model, examples[:12], cfg(tmp_path / "run", **{**EARLY, "grow_rank": [16, 32]}), val_examples=examples[12:]
     )
     assert result.best_step == 2 and model.peft_config["default"].r == 16
     reference, _ = setup(tokenizer)
-    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"), **QUIET)
+    train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"))
     ids = torch.tensor([examples[0].input_ids])
     assert torch.allclose(logits(model, ids), logits(reference, ids), atol=1e-5)  # zero-padded: the same function
 
@@ -932,10 +908,7 @@ def test_a_grown_checkpoint_resumes_into_a_fresh_model_even_without_growth_and_a
 
     model, examples = setup(tokenizer)
     train(
-        model,
-        examples,
-        cfg(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, grow_rank=[16], seed=2**62),
-        **QUIET,
+        model, examples, cfg(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, grow_rank=[16], seed=2**62)
     )  # any seed
     assert model.peft_config["default"].r == 16
     fresh, _ = setup(tokenizer)  # rank 8, asked for no growth (--allow-config-change): the checkpoint's rank 16 stays
@@ -944,18 +917,13 @@ def test_a_grown_checkpoint_resumes_into_a_fresh_model_even_without_growth_and_a
         examples,
         cfg(tmp_path, max_steps=4, lr_scheduler_type="constant"),
         resume_from=tmp_path / "checkpoints" / "step-000003",
-        **QUIET,
     )
     assert fresh.peft_config["default"].r == 16
-    bigger = add_lora(
-        build_tiny_llama(len(tokenizer)), LoraSettings(r=32, target_modules=["all"]).to_peft(), warn=lambda *_: None
-    )
+    bigger = add_lora(build_tiny_llama(len(tokenizer)), LoraSettings(r=32, target_modules=["all"]).to_peft())
     with pytest.raises(
         SmoLoRAError, match=r"step-000004: the checkpoint's adapter does not fit this run's \(size mismatch for"
     ):
-        train(
-            bigger, examples, cfg(tmp_path, max_steps=4), resume_from=tmp_path / "checkpoints" / "step-000004", **QUIET
-        )
+        train(bigger, examples, cfg(tmp_path, max_steps=4), resume_from=tmp_path / "checkpoints" / "step-000004")
 
 
 def test_rank_growth_through_the_api_resumes_with_a_tuple_setting(tmp_path, tiny_model_dir):

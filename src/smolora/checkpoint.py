@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from smolora.errors import SmoLoRAError, load_mismatch
+from smolora.log import warn
 from smolora.paths import MARKER, publish
 
 STATE_FILE = "trainer_state.json"
@@ -297,7 +298,7 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None, warn=print) -> Path | None:
+def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None) -> Path | None:
     """``True``/"auto": the newest complete checkpoint in output_dir that verifies (None if there is
     none; a newer one that does not verify is passed over with a warning); a path: that checkpoint,
     which must verify."""
@@ -310,7 +311,7 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | bool | None, wa
             problem = verify_checkpoint(folder)
             if problem is None:
                 for bad in problems:
-                    warn(f"[smolora] warning: passing over a damaged checkpoint: {bad}; resuming from {folder.name}")
+                    warn(f"passing over a damaged checkpoint: {bad}; resuming from {folder.name}")
                 return folder
             problems.append(problem)
         if problems:

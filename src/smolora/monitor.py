@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from smolora.fast import allocator_name
+from smolora.log import say
 
 
 def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[str]:
@@ -86,5 +87,5 @@ def progress(items: Iterable, desc: str, unit: str, every: float = 30.0) -> Iter
     for done, item in enumerate(items, 1):
         yield item
         if (now := time.monotonic()) - last >= every:
-            print(f"{desc}: {done}{total} {unit}s, {now - start:.0f} s", flush=True)
+            say(f"{desc}: {done}{total} {unit}s, {now - start:.0f} s")
             last = now

@@ -22,6 +22,7 @@ from smolora.config import DataConfig, TrainConfig, expand_targets, lora_setting
 from smolora.data import check_records, load_source, prepare_data
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
+from smolora.log import say
 from smolora.lora import add_lora, format_parameter_report
 from smolora.merge import merge_adapter, write_adapter_info
 from smolora.models import (
@@ -100,11 +101,10 @@ def train_adapter(
     cfg, data, out = run.train_config, run.data_config, run.out
     lora = lora_settings_from_peft(run.peft_config)
     validate(lora, cfg, data)
-    say = print if distributed.is_main() else _silent
-    resume_from = ckpt.find_resume_checkpoint(out, resume, warn=say)
+    resume_from = ckpt.find_resume_checkpoint(out, resume)
     check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
     if resume and resume_from is None:
-        say(f"[smolora] nothing to resume in {out} yet: starting at step 0", flush=True)
+        say(f"nothing to resume in {out} yet: starting at step 0")
     if run.dataset is None:
         raise SmoLoRAError("no training data: pass dataset_name")
     records = load_source(run.dataset, data, cfg.seed)
@@ -116,7 +116,7 @@ def train_adapter(
             "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder"
         )
     prepared = prepare_data(
-        records, run.loaded_tokenizer(), cfg, data, val_records=val_records, difficulty=run.difficulty, log=say
+        records, run.loaded_tokenizer(), cfg, data, val_records=val_records, difficulty=run.difficulty
     )
 
     peft_config = copy.deepcopy(run.peft_config)  # every LoraConfig field the user set, presets expanded
@@ -134,12 +134,12 @@ def train_adapter(
         use_gemm(run_info["gemm"])  # every process the same GEMM: process 0's, whatever its own timing said
     run_info["threads"] = torch.get_num_threads()
     if device.type == "cpu":
-        say(f"[smolora] {describe_threads()}; GEMM: {run_info['gemm']}", flush=True)
+        say(f"{describe_threads()}; GEMM: {run_info['gemm']}")
     torch.manual_seed(cfg.seed)  # LoRA A init
     source = codes_source(run.resolved(), device, cfg.weight_codes)  # 16-bit weights held as such (smolora.fast.codes)
     base = load_model(source, device, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
     model = add_lora(base, peft_config)
-    say(format_parameter_report(model), flush=True)
+    say(format_parameter_report(model))
     run_info["model_fingerprint"] = ckpt.fingerprint_model(model)
     if saved is not None:
         ckpt.check_compatible(saved, run_info, allow_config_change)
@@ -171,7 +171,7 @@ def train_adapter(
                     f"{folder}: could not write the adapter ({reason(error)}); the trained adapter "
                     f"is in the checkpoint {result.last_checkpoint}"
                 ) from error
-            say(f"[smolora] adapter saved to {folder}", flush=True)
+            say(f"adapter saved to {folder}")
     distributed.barrier(distributed.world(device))  # on disk before any process uses it
     return RunResult(result, model, folder)
 
@@ -223,7 +223,7 @@ def merge_run(run: Run, adapter: Path) -> Path:
             f"{out}: merging failed ({reason(error)}); the trained adapter is safe in {adapter}: "
             f"merge it later with `smolora merge --adapter {adapter} --output DIR`"
         ) from error
-    print(f"[smolora] merged model saved to {out}", flush=True)
+    say(f"merged model saved to {out}")
     return out
 
 
@@ -266,7 +266,3 @@ def check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume
             f"{out}: holds an earlier run ({', '.join(earlier)}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
-
-
-def _silent(*_args, **_kwargs) -> None:
-    pass

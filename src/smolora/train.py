@@ -25,6 +25,7 @@ from smolora.config import TrainConfig
 from smolora.data.formats import Example
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import Speed, accelerated
+from smolora.log import say, warn
 from smolora.lora import adapter_rank, check_growable, grow_rank, pad_to, parameter_report, rank_at
 from smolora.loss import base_lm, evaluate_loss, has_sliding_window
 from smolora.monitor import MetricsFile, diagnose, memory_line
@@ -84,7 +85,7 @@ def _cpu_flags() -> set[str] | None:
         return None
 
 
-def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
+def mixed_precision(cfg: TrainConfig, device: torch.device):
     """``(autocast, scaler)`` for a run: a context factory for its forward passes (``nullcontext``
     in fp32) and, for fp16, the gradient scaler that keeps small gradients from underflowing."""
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
@@ -98,8 +99,8 @@ def mixed_precision(cfg: TrainConfig, device: torch.device, log=print):
     if device.type == "cpu":
         flags = _cpu_flags()
         if flags is not None and not flags & set(_NATIVE_CPU_FLAGS[dtype]):
-            log(
-                f"[smolora] warning: {name}: this CPU has no native {name} matrix instructions "
+            warn(
+                f"{name}: this CPU has no native {name} matrix instructions "
                 f"({' or '.join(_NATIVE_CPU_FLAGS[dtype])}); expect it to train slower than fp32"
             )
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -116,14 +117,13 @@ def train(
     resume_from: Path | None = None,
     pad_id: int = 0,
     skip_nonfinite_steps: int = 0,
-    log=print,
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on ``examples``.
 
     Writes resumable checkpoints to ``cfg.output_dir/checkpoints`` every ``cfg.save_steps`` steps,
     at the end, and on Ctrl-C / SIGTERM. ``resume_from`` continues a run exactly.
     """
-    run = _start(model, examples, cfg, val_examples, run_info, pad_id, log)
+    run = _start(model, examples, cfg, val_examples, run_info, pad_id)
     state, result = _resume(run, resume_from)
     batches, total = run.batches, run.batches.total_steps
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
@@ -137,15 +137,12 @@ def train(
         dynamic_ncols=True,
         disable=None if run.world.main else True,
     )  # None: on a terminal (or a notebook) only
-    run.write = bar.write if run.world.main else _silent
     model.train()
     with _StopRequests() as stop, bar, contextlib.ExitStack() as wing:
         run.speed = wing.enter_context(
-            accelerated(
-                model, fast=cfg.fast, training=True, packed=cfg.packing, weight_codes=cfg.weight_codes, warn=run.warn
-            )
+            accelerated(model, fast=cfg.fast, training=True, packed=cfg.packing, weight_codes=cfg.weight_codes)
         )
-        run.log(f"[smolora] {run.speed.describe()}")
+        say(run.speed.describe())
         while state.step < total and not state.stopped:
             started, position = time.perf_counter(), _position(state, run.device)
             _grow_rank_if_due(run, state, total)
@@ -154,7 +151,7 @@ def train(
             )
             step = make_step(batches, batches.take(state), run.speed, share_rows, pad_id, run.device)
             if step.num_targets == 0:
-                run.log(f"[smolora] warning: step {state.step + 1} has no supervised tokens; skipped")
+                warn(f"step {state.step + 1} has no supervised tokens; skipped")
                 state.step += 1
             else:
                 loss, tokens, stopping = run_step(
@@ -201,8 +198,6 @@ class _Run:
     val_examples: list[Example] | None
     pad_id: int
     ranks: list[int]  # rank growth: the ranks in turn, each for an equal share of the steps; [] for none
-    log: Callable  # process 0 speaks for all
-    write: Callable = print  # log, above the progress bar
     speed: Speed = field(default_factory=Speed)
     started: float = field(default_factory=time.perf_counter)
     window_tokens: int = 0  # since the last log line
@@ -214,14 +209,11 @@ class _Run:
     def out(self) -> Path:
         return Path(self.cfg.output_dir)
 
-    def warn(self, message: str) -> None:
-        self.log(f"[smolora] warning: {message}")
-
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
 
-def _start(model, examples, cfg, val_examples, run_info, pad_id, log) -> _Run:
+def _start(model, examples, cfg, val_examples, run_info, pad_id) -> _Run:
     device = next(model.parameters()).device
     world = distributed.world(device)  # torchrun: this process's share of every step
     if cfg.gradient_checkpointing:
@@ -229,8 +221,7 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, log) -> _Run:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
-    log = log if world.main else _silent
-    autocast, scaler = mixed_precision(cfg, device, log)
+    autocast, scaler = mixed_precision(cfg, device)
     batches = StepBatches(examples, cfg, world)
     ranks = [adapter_rank(model), *cfg.grow_rank] if cfg.grow_rank else []
     if ranks:
@@ -255,7 +246,6 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, log) -> _Run:
         val_examples,
         pad_id,
         ranks,
-        log,
     )
 
 
@@ -271,9 +261,9 @@ def _resume(run: _Run, resume_from: Path | None) -> tuple[ckpt.TrainState, Train
         state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.world.rank)
         if run.scaler is not None and state.loss_scale:
             run.scaler.load_state_dict(state.loss_scale)
-        run.log(f"[smolora] resumed from {resume_from} at step {state.step}")
+        say(f"resumed from {resume_from} at step {state.step}")
         for folder in ckpt.set_aside_newer(run.out, state.step) if run.world.main else []:
-            run.log(f"[smolora] a checkpoint after the one resumed is set aside: {folder}")
+            say(f"a checkpoint after the one resumed is set aside: {folder}")
     return state, TrainResult(steps=state.step, losses=state.losses)
 
 
@@ -291,8 +281,8 @@ def _grow_rank_if_due(run: _Run, state: ckpt.TrainState, total: int) -> None:
     alpha = _grow(run, new_rank, torch.Generator().manual_seed((run.cfg.seed * 1_000_003 + state.step) % 2**63))
     if state.best_weights is not None:  # zero-padded: the same function at the new rank
         state.best_weights = {n: pad_to(state.best_weights[n], p.shape) for n, p in run.trainable()}
-    run.write(
-        f"[smolora] step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
+    say(
+        f"step {state.step + 1}: adapter rank {old_rank} -> {new_rank} (lora_alpha {alpha:g}, "
         f"same scaling; {parameter_report(run.model)[0]:,} trainable parameters)"
     )
     run.metrics.write({"step": state.step, "rank": new_rank, "lora_alpha": alpha})
@@ -329,7 +319,7 @@ def _skip_nonfinite(run: _Run, state: ckpt.TrainState, loss: float, update, allo
         last = ckpt.list_checkpoints(run.out)
         kept = f"; last good checkpoint: {last[-1]}" if last else ""
         raise NonFiniteLossError(f"non-finite values at step {state.step + 1} ({what}); stopped without updating{kept}")
-    run.log(f"[smolora] warning: step {state.step + 1} skipped: {what}")
+    warn(f"step {state.step + 1} skipped: {what}")
 
 
 def _record_step(
@@ -339,9 +329,7 @@ def _record_step(
     state.losses.append(loss)
     result.step_seconds.append(seconds)
     if update.overflow:
-        run.write(
-            f"[smolora] fp16: step {state.step} overflowed; update skipped, loss scale now {run.scaler.get_scale():g}"
-        )
+        say(f"fp16: step {state.step} overflowed; update skipped, loss scale now {run.scaler.get_scale():g}")
     cfg = run.cfg
     if state.step % cfg.logging_steps and state.step != run.batches.total_steps:
         return
@@ -358,13 +346,13 @@ def _record_step(
     run.logged_losses.append(entry["loss"])
     steps = min(len(recent), cfg.logging_steps)
     norm = f"{update.grad_norm:.3g}" if math.isfinite(update.grad_norm) else "inf"
-    run.write(
-        f"[smolora] step {state.step}/{run.batches.total_steps}  loss {entry['loss']:.4f}  lr {lr:.2e}  "
+    say(
+        f"step {state.step}/{run.batches.total_steps}  loss {entry['loss']:.4f}  lr {lr:.2e}  "
         f"grad norm {norm}  {elapsed / steps:.2f} s/step  {entry['tokens_per_s']:.0f} tokens/s  "
         f"epoch {entry['epoch']:.2f}  {memory_line(run.device)}"
     )
     for warning in diagnose(run.logged_losses, cfg.learning_rate):
-        run.write(warning)
+        warn(warning.removeprefix("Warning: "))
     run.metrics.write(entry)
     run.window_tokens, run.window_start = 0, time.perf_counter()
 
@@ -411,9 +399,7 @@ def _validate(run: _Run, state: ckpt.TrainState, result: TrainResult, scheduled:
         )
     result.eval_losses.append((state.step, loss))
     entry = {"step": state.step, "eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(min(loss, 50)), 3)}
-    (run.write if scheduled else run.log)(
-        f"[smolora] step {state.step}: validation loss {loss:.4f}  perplexity {entry['eval_perplexity']:.3f}"
-    )
+    say(f"step {state.step}: validation loss {loss:.4f}  perplexity {entry['eval_perplexity']:.3f}")
     run.metrics.write(entry)
     if not cfg.early_stopping_patience:
         return
@@ -439,8 +425,8 @@ def _keep_best(run: _Run, state: ckpt.TrainState, result: TrainResult) -> None:
         if state.stopped
         else f"ran all {state.step} steps"
     )
-    run.log(
-        f"[smolora] early stopping: {why}; keeping the adapter of step {state.best_step}, "
+    say(
+        f"early stopping: {why}; keeping the adapter of step {state.best_step}, "
         f"the lowest validation loss ({state.best_eval:.4f})"
     )
     run.metrics.write({"step": state.step, "best_step": state.best_step, "best_eval_loss": round(state.best_eval, 4)})
@@ -464,7 +450,3 @@ class _StopRequests:
 
     def __call__(self) -> bool:
         return bool(self.signals)
-
-
-def _silent(*_args, **_kwargs) -> None:
-    pass

@@ -11,6 +11,7 @@ from smolora.data.batching import DIFFICULTY, mix_tasks
 from smolora.data.formats import EncodeStats, Example, FormatOptions, check_record, encode_records
 from smolora.data.sources import load_records
 from smolora.errors import SmoLoRAError
+from smolora.log import say
 
 __all__ = ["PreparedData", "load_source", "prepare_data", "Example"]
 
@@ -74,7 +75,6 @@ def prepare_data(
     *,
     val_records: list[dict] | None = None,
     difficulty: Callable[[Any], float] | None = None,
-    log=print,
 ) -> PreparedData:
     """Split, tokenize, mask and truncate. Fails if nothing is left to learn from."""
     if val_records is None and cfg.val_size > 0:
@@ -98,11 +98,11 @@ def prepare_data(
         raise SmoLoRAError(
             f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})"
         )
-    log(f"[smolora] data: {stats.summary()}")
+    say(f"data: {stats.summary()}")
     val: list[Example] = []
     if val_records:
         val, vstats = encode_records(val_records, tokenizer, opts)
-        log(f"[smolora] validation: {vstats.summary()}")
+        say(f"validation: {vstats.summary()}")
     return PreparedData(train, val, stats)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from smolora.errors import SmoLoRAError
+from smolora.log import say
 
 TEXT_SUFFIXES = (".txt", ".md")
 KNOWN_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet") + TEXT_SUFFIXES
@@ -46,7 +47,7 @@ def load_records(
     if dedupe:
         records, dropped = dedupe_records(records)
         if dropped:
-            print(f"[smolora] {name}: removed {dropped} exact duplicate record(s)", flush=True)
+            say(f"{name}: removed {dropped} exact duplicate record(s)")
     return records
 
 

@@ -14,6 +14,7 @@ from smolora.fast.fused import patch_fused
 from smolora.fast.head_loss import loss_sum as fast_loss_sum
 from smolora.fast.onednn import patch_onednn
 from smolora.fast.patch import Patches
+from smolora.log import warn
 from smolora.loss import LossSum, base_lm, token_loss_sum
 
 ENV = "SMOLORA_FAST"  # "0": the plain path, whatever the settings say
@@ -41,10 +42,6 @@ def enabled(fast: bool = True) -> bool:
     return fast and os.environ.get(ENV, "").strip() != "0"
 
 
-def _warn(message: str) -> None:
-    print(f"[smolora] warning: {message}", flush=True)
-
-
 @contextlib.contextmanager
 def accelerated(
     model,
@@ -54,7 +51,6 @@ def accelerated(
     packed: bool = True,
     weight_codes: bool = True,
     only: Sequence[str] | None = None,
-    warn=_warn,
 ) -> Iterator[Speed]:
     """Switch the speed levers on for ``model`` inside the block; yield the ``Speed`` to train with.
 
@@ -97,7 +93,7 @@ def accelerated(
             try:
                 count = appliers[name](patches)
             except Exception as error:  # noqa: BLE001  a lever that does not fit: its own path instead
-                _undo(name, patches, warn)
+                _undo(name, patches)
                 warn(f"{name} skipped ({type(error).__name__}: {error}); the library's own path runs instead")
                 continue
             applied.append((name, patches))
@@ -106,10 +102,10 @@ def accelerated(
         yield speed
     finally:
         for name, patches in reversed(applied):
-            _undo(name, patches, warn)
+            _undo(name, patches)
 
 
-def _undo(name: str, patches: Patches, warn) -> None:
+def _undo(name: str, patches: Patches) -> None:
     try:
         disturbed = patches.restore()
     except Exception as error:  # noqa: BLE001  never lose a run to the undoing of a speed lever

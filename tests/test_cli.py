@@ -476,3 +476,15 @@ def test_an_unknown_gemm_backend_exits_2_with_one_line_and_writes_nothing(tmp_pa
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("smolora: error:")]
     assert lines == ["smolora: error: SMOLORA_GEMM='blas': expected auto, onednn or mkl"], r.stderr[-2000:]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_quiet_prints_warnings_and_errors_only(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    r = smolora("train", "--data", data_file, "--output", out, "--model", tiny_model_dir, "--max-steps", 2, "--quiet")
+    assert r.returncode == 0 and (out / "final_merged" / "model.safetensors").is_file(), r.stderr[-2000:]
+    said = [ln for ln in r.stdout.splitlines() if ln.startswith("[smolora]")]
+    assert all(ln.startswith("[smolora] warning:") for ln in said), said
+    r = smolora("export", "--model", out / "final_merged", "--output", tmp_path / "m.gguf", "--quiet")
+    assert r.returncode == 0 and "[smolora]" not in r.stdout and (tmp_path / "m.gguf").is_file()
+    loud = smolora("export", "--model", out / "final_merged", "--output", tmp_path / "n.gguf")
+    assert "[smolora] f16 GGUF saved to" in loud.stdout  # what --quiet kept quiet

@@ -132,14 +132,25 @@ def make_parser() -> argparse.ArgumentParser:
         prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.", allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_command(sub)
+    _merge_command(sub)
+    _generate_command(sub)
+    _eval_command(sub)
+    _export_command(sub)
+    _demo_command(sub)
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", help="print warnings and errors only")
+    return parser
 
-    t = sub.add_parser(
+
+def _train_command(sub) -> None:
+    p = sub.add_parser(
         "train",
         allow_abbrev=False,
         help="train a LoRA adapter, then merge it",
         description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.",
     )
-    t.add_argument(
+    p.add_argument(
         "--data",
         action="append",
         required=True,
@@ -147,13 +158,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
         "repeat as TASK=PATH[@WEIGHT] to mix tasks",
     )
-    t.add_argument("--output", default=None, help="output folder (default: ./fine_tuned_model); same as --output-dir")
-    t.add_argument(
+    p.add_argument("--output", default=None, help="output folder (default: ./fine_tuned_model); same as --output-dir")
+    p.add_argument(
         "--model",
         default=None,
         help="base model: a HF folder, a .gguf file or a hub id (default: embedded SmolLM2-135M-Instruct)",
     )
-    t.add_argument(
+    p.add_argument(
         "--resume",
         nargs="?",
         const="auto",
@@ -161,65 +172,71 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue the newest complete checkpoint in the output folder, or the one given",
     )
-    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
-    t.add_argument("--allow-config-change", action="store_true", help="resume even though settings changed")
-    t.add_argument("--no-merge", action="store_true", help="save the adapter only; skip final_merged/")
-    t.add_argument(
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even though settings changed")
+    p.add_argument("--no-merge", action="store_true", help="save the adapter only; skip final_merged/")
+    p.add_argument(
         "--skip-nonfinite-steps",
         type=int,
         default=0,
         metavar="N",
         help="tolerate N steps with NaN/inf loss (skipped) before stopping",
     )
-    _add_safety_flags(t)
-    add_dataclass_flags(t, TrainConfig)
-    add_dataclass_flags(t, LoraSettings)
-    add_dataclass_flags(t, DataConfig)
+    _add_safety_flags(p)
+    add_dataclass_flags(p, TrainConfig)
+    add_dataclass_flags(p, LoraSettings)
+    add_dataclass_flags(p, DataConfig)
 
-    m = sub.add_parser(
+
+def _merge_command(sub) -> None:
+    p = sub.add_parser(
         "merge",
         allow_abbrev=False,
         help="merge an adapter into its base model",
         description="Merge a LoRA adapter into a fresh base: W' = W + (alpha/r)·B·A; save a standalone HF folder.",
     )
-    m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("--output", required=True, help="folder for the merged model")
-    m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
-    m.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
-    _add_safety_flags(m)
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
+    _add_safety_flags(p)
 
-    g = sub.add_parser(
+
+def _generate_command(sub) -> None:
+    p = sub.add_parser(
         "generate",
         allow_abbrev=False,
         help="generate from a prompt, or chat interactively",
         description="Generate text; without --prompt, an interactive chat. Tokens stream as they come.",
     )
-    g.add_argument(
+    p.add_argument(
         "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
     )
-    g.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
-    g.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    g.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument(
+    p.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
+    p.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument(
         "--special-tokens-in-content",
         action="store_true",
         help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
     )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    _add_safety_flags(g)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_safety_flags(p)
 
-    e = sub.add_parser(
+
+def _eval_command(sub) -> None:
+    p = sub.add_parser(
         "eval",
         allow_abbrev=False,
         help="loss, perplexity and exact match of a model on a data file",
         description="Evaluate a model (or base + adapter) on held-out data: loss and perplexity over the "
         "reply tokens, and with --exact-match greedy exact match of each last reply.",
     )
-    e.add_argument(
+    p.add_argument(
         "--data",
         action="append",
         required=True,
@@ -227,77 +244,78 @@ def make_parser() -> argparse.ArgumentParser:
         help="evaluation data, in any format train reads; repeat as TASK=PATH for several tasks "
         "(each record once, with its task prefix)",
     )
-    e.add_argument(
+    p.add_argument(
         "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
     )
-    e.add_argument("--adapter", default=None, help="evaluate with this adapter (merged in memory)")
-    e.add_argument(
+    p.add_argument("--adapter", default=None, help="evaluate with this adapter (merged in memory)")
+    p.add_argument(
         "--exact-match", action="store_true", help="also generate each example's last reply greedily and compare"
     )
-    e.add_argument(
+    p.add_argument(
         "--max-new-tokens", type=int, default=64, help="with --exact-match: tokens to generate at most (default: 64)"
     )
-    e.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
-    e.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
-    e.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    e.add_argument(
+    p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
+    p.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument(
         "--no-weight-codes",
         dest="weight_codes",
         action="store_false",
         help="compute the loss from the fp32 weights, not the codes a converted model keeps beside them",
     )
-    e.add_argument(
+    p.add_argument(
         "--no-fast",
         dest="fast",
         action="store_false",
         help="the libraries' own layers, attention and loss instead of the speed wing (also SMOLORA_FAST=0)",
     )
-    _add_safety_flags(e)
-    add_dataclass_flags(e, DataConfig, skip=("validation_data",))
+    _add_safety_flags(p)
+    add_dataclass_flags(p, DataConfig, skip=("validation_data",))
 
-    x = sub.add_parser(
+
+def _export_command(sub) -> None:
+    p = sub.add_parser(
         "export",
         allow_abbrev=False,
         help="write a model as one GGUF file (llama.cpp, Ollama)",
         description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.",
     )
-    x.add_argument("--output", required=True, help="the .gguf file to write")
-    x.add_argument(
+    p.add_argument("--output", required=True, help="the .gguf file to write")
+    p.add_argument(
         "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
     )
-    x.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
-    x.add_argument(
+    p.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
+    p.add_argument(
         "--type",
         default="f16",
         help="how the matrices are stored: f16 (default), f32, bf16, q8_0, or q5_1, q5_0, "
         "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32",
     )
-    x.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    _add_safety_flags(x)
+    p.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_safety_flags(p)
 
-    d = sub.add_parser(
+
+def _demo_command(sub) -> None:
+    p = sub.add_parser(
         "demo",
         allow_abbrev=False,
         help="fine-tune the embedded model on a built-in task; show before/after",
         description="Teach the embedded SmolLM2-135M to rewrite dates as ISO 8601; "
         "report held-out exact match before and after.",
     )
-    d.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
-    d.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
-    d.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
-    d.add_argument("--eval-size", type=int, default=50, help="held-out examples (default: 50)")
-    d.add_argument(
+    p.add_argument("--output", default="./smolora_demo", help="output folder (default: ./smolora_demo)")
+    p.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
+    p.add_argument("--train-size", type=int, default=600, help="training examples (default: 600)")
+    p.add_argument("--eval-size", type=int, default=50, help="held-out examples (default: 50)")
+    p.add_argument(
         "--preset",
         default="qv",
         choices=["qv", "qkv", "attention", "all"],
         help="LoRA target preset (default: qv, the spec's)",
     )
-    d.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
-    for command in sub.choices.values():
-        command.add_argument("--quiet", action="store_true", help="print warnings and errors only")
-    return parser
+    p.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
 
 
 def _add_safety_flags(p: argparse.ArgumentParser) -> None:

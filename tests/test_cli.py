@@ -143,18 +143,18 @@ def test_help_for_every_command():
     "content, flags, message",
     [
         ('{"text": "a"}\n{"text": oops}\n', [], "train.jsonl:2: malformed JSON"),
-        ('{"body": "a"}\n', [], "record has no 'text' field (it has: body)"),
+        ('{"body": "a"}\n', [], "record has no 'text' field (it has 1 other field)"),
         (
             '{"text": "a"}\n',
             ["--r", "0", "--learning-rate", "-1"],
-            "r must be > 0 (got 0); learning_rate must be > 0 (got -1.0)",
+            "r must be in [1, 65536] (got 0); learning_rate must be > 0 (got -1.0)",
         ),
         ('{"text": "a"}\n', ["--lr-scheduler-type", "warp"], "lr_scheduler_type must be one of"),
         ('{"text": "a"}\n', ["--target-modules", "nonexistent_proj"], "match no linear layer; the model has: "),
         (
             '{"text": "a"}\n',
             ["--grow-rank", "16,4"],
-            "grow_rank must be a list of increasing ranks above r=8 (got [16, 4])",
+            "grow_rank must be a list of increasing ranks above r=8, up to 65536 (got [16, 4])",
         ),
     ],
 )

@@ -119,7 +119,7 @@ def test_model_without_template_gets_chatml():
             "unknown role 'wizard'",
         ),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
-        ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has: body)"),
+        ({"body": "x", "_where": "f.jsonl:3"}, "f.jsonl:3: record has no 'text' field (it has 1 other field)"),
         ({"messages": "hello"}, "messages must be a non-empty list"),
         ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
         (

@@ -154,7 +154,7 @@ def test_an_unknown_file_is_never_echoed_in_an_error(tmp_path, tiny_model_dir):
     r = smolora("train", "--data", secret, "--output", tmp_path / "run", "--model", tiny_model_dir)
     line = one_error_line(r)
     assert "root:" not in line and "daemon" not in line and "19000" not in line
-    assert "record has no 'text' field (it has: 1 fields)" in line
+    assert "record has no 'text' field (it has 1 other field)" in line
 
 
 def _truncate(path):
@@ -382,3 +382,105 @@ def test_bad_data_is_reported_before_the_embedded_model_is_converted(tmp_path, d
         line = one_error_line(smolora(*command, "--data", bad, env=env, timeout=60))
         assert f"{bad}:13: " in line and said in line
     assert not (tmp_path / "fresh home").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "line, said",
+    [
+        (
+            '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "train.jsonl:13: JSON this reader refuses (arrays or objects",
+        ),
+        ('{"text": "a", "n": ' + "7" * 6000 + "}", "train.jsonl:13: JSON this reader refuses (a number with too many"),
+    ],
+)
+def test_json_beyond_what_the_parser_takes_is_one_line_at_its_line(tmp_path, tiny_model_dir, data_file, line, said):
+    data_file.write_text(data_file.read_text() + line + "\n")
+    r = smolora("train", "--data", data_file, "--output", tmp_path / "run", "--model", tiny_model_dir)
+    assert said in one_error_line(r) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--r", str(2**31)], "r must be in [1, 65536]"),
+        (["--r", str(10**20)], "r must be in [1, 65536]"),
+        (["--grow-rank", f"16,{2**31}", "--max-steps", 3], "up to 65536"),
+        (["--task-prefix", "{0} "], "task_prefix may hold {task} and no other"),
+        (["--task-prefix", "{task.x} "], "task_prefix may hold {task} and no other"),
+    ],
+)
+def test_settings_that_would_fail_deep_inside_are_refused_up_front(tmp_path, tiny_model_dir, data_file, flags, said):
+    r = smolora("train", "--data", data_file, "--output", tmp_path / "run", "--model", tiny_model_dir, *flags)
+    assert said in one_error_line(r) and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_model_dir_session):
+    root = tmp_path_factory.mktemp("adapter")
+    data = write_jsonl(root / "train.jsonl", chat_records(12))
+    args = ["--data", data, "--model", tiny_model_dir_session, "--max-steps", 1, "--no-merge", "--output", root / "run"]
+    assert smolora("train", *args).returncode == 0
+    return root / "run" / "adapter_checkpoint"
+
+
+def _adapter_config(folder, **changes):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    "harm, names",
+    [
+        (lambda a: _truncate(a / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        (
+            lambda a: (a / "adapter_model.safetensors").write_bytes(b"\x10\x00" + b"\xff" * 64),
+            "adapter_model.safetensors",
+        ),
+        (lambda a: _adapter_config(a, peft_type="NOPE"), "adapter_config.json"),
+        (lambda a: _adapter_config(a, r=0), "adapter_config.json"),
+    ],
+)
+def test_a_damaged_adapter_is_one_line_naming_its_file_in_merge_generate_and_export(
+    tmp_path, trained_adapter, harm, names
+):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter)
+    harm(adapter)
+    commands = [
+        ["merge", "--output", tmp_path / "merged"],
+        ["generate", "--prompt", "hi", "--max-new-tokens", 2],
+        ["export", "--output", tmp_path / "m.gguf"],
+    ]
+    for command in commands:
+        line = one_error_line(smolora(*command, "--adapter", adapter))
+        assert str(adapter / names) in line, line
+    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "m.gguf").exists() and _temporaries(tmp_path) == []
+
+
+def test_eval_json_through_a_symlink_is_refused_and_its_target_untouched(tmp_path, tiny_model_dir, data_file):
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "results.json").symlink_to(victim)
+    r = smolora("eval", "--data", data_file, "--model", tiny_model_dir, "--json", tmp_path / "results.json")
+    assert "is a symbolic link" in one_error_line(r) and victim.read_text() == "keep me\n"
+
+
+def test_sampling_settings_that_overflow_or_never_end_are_refused_or_bounded(tmp_path, tiny_model_dir):
+    line = one_error_line(smolora("generate", "--model", tiny_model_dir, "--prompt", "hi", "--temperature", "1e-320"))
+    assert "temperature must be a number >= 1e-06 when sampling (got 1e-320)" in line
+    r = smolora(
+        "generate", "--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", 10**9, "--greedy", timeout=120
+    )
+    assert r.returncode == 0 and "max_new_tokens cut to" in r.stdout and "the model's context is 256 tokens" in r.stdout
+
+
+def test_a_chat_template_that_runs_without_bound_is_stopped_by_a_time_limit(tmp_path, tiny_model_dir, data_file):
+    model = _with_template(
+        tiny_model_dir, "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    )
+    started = time.monotonic()
+    line = one_error_line(smolora("train", "--data", data_file, "--model", model, "--output", tmp_path / "run"))
+    assert "the model's chat template fails (TimeoutError: took over 10 s)" in line
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()

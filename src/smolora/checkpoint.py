@@ -224,6 +224,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _state_problem(doc: dict) -> str | None:
+    """What is wrong with a trainer_state.json's own fields, if anything."""
+    missing = [k for k in ("step", "epoch", "cursor", "optimizer", "rng") if k not in doc]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not all(
+        isinstance(doc[k], int) and not isinstance(doc[k], bool) and doc[k] >= 0 for k in ("step", "epoch", "cursor")
+    ):
+        return "step, epoch and cursor must be whole numbers >= 0"
+    optimizer, rng = doc["optimizer"], doc["rng"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)):
+        return "optimizer lacks its param_groups"
+    if not isinstance(optimizer.get("scalars"), dict):
+        return "optimizer lacks its scalars"
+    python, numpy = (rng.get("python"), rng.get("numpy")) if isinstance(rng, dict) else (None, None)
+    if not (isinstance(python, list) and len(python) == 3 and isinstance(numpy, list) and len(numpy) == 5):
+        return "rng does not hold Python's and NumPy's generator states"
+    return None
+
+
 def verify_checkpoint(folder: Path) -> str | None:
     """What is wrong with a complete checkpoint, in a few words naming the file; None when it can be
     resumed from. Files are checked against the checksums written with them (checkpoints written
@@ -250,9 +270,8 @@ def verify_checkpoint(folder: Path) -> str | None:
         return f"{folder}: a JSON file is not readable ({type(e).__name__})"
     if not isinstance(config, dict) or not isinstance(doc, dict):
         return f"{folder}: adapter_config.json or {STATE_FILE} does not hold a JSON object"
-    missing = [k for k in ("step", "epoch", "cursor", "optimizer", "rng") if k not in doc]
-    if missing or not all(isinstance(doc.get(k), int) for k in ("step", "epoch", "cursor")):
-        return f"{folder / STATE_FILE} lacks {', '.join(missing) or 'integer step, epoch and cursor'}"
+    if (problem := _state_problem(doc)) is not None:
+        return f"{folder / STATE_FILE}: {problem}"
     for name in ("adapter_model.safetensors", TENSOR_FILE):
         try:
             with safe_open(str(folder / name), "pt") as f:

@@ -432,9 +432,12 @@ def cmd_eval(args) -> int:
     from smolora.evaluate import evaluate, replies_to_score
     from smolora.generate import check_sampling
     from smolora.models import codes_source, pick_device
+    from smolora.paths import publish
 
     # everything about the input is checked before the model loads
     check_sampling(args.max_new_tokens, False, 1.0)
+    if args.json and Path(args.json).is_symlink():
+        raise SmoLoRAError(f"--json {args.json}: is a symbolic link; refusing to write through it")
     data = build_from(DataConfig, args)
     cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
     validate(LoraSettings(), cfg, data)
@@ -460,10 +463,10 @@ def cmd_eval(args) -> int:
         fast=args.fast,
     )
     print(result.summary())
-    if args.json:
+    if args.json:  # whole or not at all, and never through a symbolic link
+        text = json.dumps(result.to_dict(), indent=1) + "\n"
         try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            publish(Path(args.json), lambda tmp: tmp.write_text(text), folder=False)
         except OSError as e:
             raise SmoLoRAError(f"--json {args.json}: cannot write it ({e.strerror})") from None
     return 0

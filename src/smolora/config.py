@@ -211,6 +211,17 @@ class DataConfig(_Settings):
     )
 
 
+MAX_RANK = 2**16  # far above any layer's width here: a larger rank is a typo, and its allocation fails
+
+
+def _formats_with_task(prefix: str) -> bool:
+    try:
+        prefix.format(task="x")
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return False
+    return True
+
+
 def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = None) -> None:
     """Check every setting; raise one error listing all problems."""
     problems: list[str] = []
@@ -229,7 +240,7 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         isinstance(train.seed, int) and 0 <= train.seed < 2**63,
         f"seed must be a whole number in [0, 2**63) (got {train.seed})",
     )
-    need(lora.r > 0, f"r must be > 0 (got {lora.r})")
+    need(0 < lora.r <= MAX_RANK, f"r must be in [1, {MAX_RANK}] (got {lora.r})")
     need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})")
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
@@ -239,8 +250,9 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         grow is not None
         and all(isinstance(g, int) and not isinstance(g, bool) for g in grow)
         and list(grow) == sorted(set(grow))
-        and (not grow or grow[0] > lora.r),
-        f"grow_rank must be a list of increasing ranks above r={lora.r} (got {train.grow_rank!r})",
+        and (not grow or grow[0] > lora.r)
+        and (not grow or grow[-1] <= MAX_RANK),
+        f"grow_rank must be a list of increasing ranks above r={lora.r}, up to {MAX_RANK} (got {train.grow_rank!r})",
     )
     if grow and train.max_steps > 0:
         need(
@@ -313,6 +325,7 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
         need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
         need(data.max_file_mb > 0, f"max_file_mb must be > 0 (got {data.max_file_mb})")
+        need(_formats_with_task(data.task_prefix), "task_prefix may hold {task} and no other {...} field")
     if problems:
         raise SmoLoRAError("invalid settings: " + "; ".join(problems))
 

@@ -10,6 +10,9 @@ import torch
 from smolora.data.formats import apply_template, tokenize_rendered
 from smolora.errors import SmoLoRAError
 from smolora.fast import accelerated
+from smolora.log import warn
+
+MIN_TEMPERATURE = 1e-6
 
 
 def prompt_ids(
@@ -123,6 +126,12 @@ def generate(
     if not isinstance(prompt, torch.Tensor):
         prompt = prompt_ids(tokenizer, prompt, chat, special_tokens_in_content)
     ids = prompt.to(device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
+        if ids.shape[1] >= context:
+            raise SmoLoRAError(f"the prompt ({ids.shape[1]} tokens) fills the model's context ({context} tokens)")
+        max_new_tokens = context - ids.shape[1]
+        warn(f"max_new_tokens cut to {max_new_tokens}: the model's context is {context} tokens")
     streamer = None
     if stream:
         from transformers import TextStreamer
@@ -154,8 +163,8 @@ def generate(
 def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float) -> None:
     if max_new_tokens < 1:
         raise SmoLoRAError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-    if do_sample and not temperature > 0:
-        raise SmoLoRAError(f"temperature must be > 0 when sampling (got {temperature})")
+    if do_sample and not MIN_TEMPERATURE <= temperature < float("inf"):  # below it, logits / t overflow to inf
+        raise SmoLoRAError(f"temperature must be a number >= {MIN_TEMPERATURE} when sampling (got {temperature})")
 
 
 def chat_loop(

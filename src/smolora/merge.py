@@ -81,8 +81,12 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     try:
         with quiet_peft():
             return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    except SafetensorError as e:
+        raise SmoLoRAError(f"{path / 'adapter_model.safetensors'}: not readable ({reason(e)[:200]})") from None
     except RuntimeError as e:  # load_state_dict: shapes that do not match this base
         raise SmoLoRAError(f"{path}: the adapter does not fit this base model ({load_mismatch(e)})") from None
+    except (ValueError, KeyError, TypeError) as e:  # a config PEFT refuses: an unknown type, a rank of 0
+        raise SmoLoRAError(f"{path / 'adapter_config.json'}: PEFT refuses it ({reason(e)[:200]})") from None
 
 
 def merge_and_unload(peft_model):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import CODES_FILE, release_free_memory
@@ -349,7 +350,7 @@ def _loading(source: ModelSource) -> Iterator[None]:
         yield
     except OSError as e:
         raise _not_found(source, e) from None
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged or inconsistent model folder
         if "trust_remote_code" in str(e):  # its config names custom code, which runs only when asked
             raise SmoLoRAError(
                 f"{source.name}: the model needs its own code (auto_map in config.json), which SmoLoRA never runs "

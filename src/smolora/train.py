@@ -258,7 +258,13 @@ def _resume(run: _Run, resume_from: Path | None) -> tuple[ckpt.TrainState, Train
         saved_rank = json.loads((Path(resume_from) / "adapter_config.json").read_text()).get("r")
         if isinstance(saved_rank, int) and hasattr(run.model, "peft_config") and saved_rank > adapter_rank(run.model):
             _grow(run, saved_rank)  # the checkpoint holds the adapter grown so far
-        state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.world.rank)
+        try:
+            state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.world.rank)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, SafetensorError) as error:
+            raise SmoLoRAError(f"{resume_from}: cannot resume from it ({reason(error)[:200]})") from None
+        most_epochs = state.step * run.cfg.gradient_accumulation_steps * run.world.size + 1  # an epoch takes a batch
+        if state.epoch > most_epochs or state.cursor > len(run.batches.epoch(state.epoch)):
+            raise SmoLoRAError(f"{resume_from / ckpt.STATE_FILE}: its data position is not one this run can reach")
         if run.scaler is not None and state.loss_scale:
             run.scaler.load_state_dict(state.loss_scale)
         say(f"resumed from {resume_from} at step {state.step}")
@@ -434,7 +440,11 @@ def _keep_best(run: _Run, state: ckpt.TrainState, result: TrainResult) -> None:
 
 class _StopRequests:
     """Ctrl-C and SIGTERM inside the block are noted, not raised: the loop stops at a step's edge.
-    Calling it says whether a stop was asked."""
+    Calling it says whether a stop was asked. After a stop, more of them are ignored for
+    ``GRACE`` seconds while the run winds down (an impatient second Ctrl-C must not break the
+    checkpoint's last steps or the exit); then the handlers from before the block answer again."""
+
+    GRACE = 10.0
 
     def __enter__(self) -> _StopRequests:
         self.signals: list[int] = []
@@ -445,8 +455,21 @@ class _StopRequests:
         return self
 
     def __exit__(self, *_exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        if not self.signals:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            return
+        until = time.monotonic() + self.GRACE
+
+        def winding_down(signum, frame):
+            if time.monotonic() < until:
+                return
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            signal.raise_signal(signum)  # past the grace: as if the block had never been
+
+        for s in self.previous:
+            signal.signal(s, winding_down)
 
     def __call__(self) -> bool:
         return bool(self.signals)

@@ -20,7 +20,11 @@ forge turns. ``special_tokens_in_content`` restores the old reading for those wh
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,17 +148,12 @@ def record_to_messages(record: dict, shape: str, opts: FormatOptions) -> list[di
     return messages
 
 
-_NAME = re.compile(r"[A-Za-z_][\w \-]{0,39}")
-
-
 def _need_str(record: dict, name: str, where: str) -> str:
     if name not in record:
-        fields = [k for k in record if not k.startswith("_")]
-        # names only where they look like names: a file that is not data (a CSV read from /etc) is never echoed
-        have = ", ".join(fields) if all(_NAME.fullmatch(k) for k in fields) else f"{len(fields)} fields"
-        have = have or "none"
+        # counted, not named: field names are the file's content (a CSV header may be a secret's first line)
+        count = sum(1 for k in record if not k.startswith("_"))
         raise SmoLoRAError(
-            f"{where}: record has no {name!r} field (it has: {have}); "
+            f"{where}: record has no {name!r} field (it has {count} other field{'s' if count != 1 else ''}); "
             "name the text field with --dataset-text-field or rename fields with --field-map"
         )
     value = record[name]
@@ -185,12 +184,35 @@ def _check_messages(raw, where: str, role_key: str, content_key: str, roles: dic
     return out
 
 
+TEMPLATE_SECONDS = 10  # one conversation rendered: a template that takes longer loops without bound
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the block after ``seconds`` (the main thread of a Unix process; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise TimeoutError(f"took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation through the tokenizer's chat template, which transformers runs in Jinja's
     sandbox: a template that refuses the conversation, or that the sandbox stops (it reaches into
     Python objects, or loops without bound), is one error, not a traceback."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        with _time_limit(TEMPLATE_SECONDS):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:  # e.g. a template that takes no system turn, or strictly alternating roles
         raise SmoLoRAError(f"the model's chat template rejects this conversation: {e}") from None
     except Exception as e:  # the template is the model's code: whatever it raises, it is the template's

@@ -138,6 +138,12 @@ def _decode_lines(path: Path) -> list[str]:
     return text.split("\n")
 
 
+def _beyond(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "arrays or objects nested too deeply"
+    return "a number with too many digits" if "digits" in str(error) else type(error).__name__
+
+
 def read_jsonl(path: Path) -> list[dict]:
     records = []
     for number, line in enumerate(_decode_lines(path), start=1):
@@ -149,6 +155,8 @@ def read_jsonl(path: Path) -> list[dict]:
             raise SmoLoRAError(
                 f"{path}:{number}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
             ) from None
+        except (ValueError, RecursionError) as e:  # a number of thousands of digits; nesting thousands deep
+            raise SmoLoRAError(f"{path}:{number}: JSON this reader refuses ({_beyond(e)})") from None
         if not isinstance(rec, dict):
             raise SmoLoRAError(f"{path}:{number}: expected a JSON object per line, got {type(rec).__name__}")
         rec["_where"] = f"{path}:{number}"
@@ -166,6 +174,8 @@ def read_json(path: Path) -> list[dict]:
         raise SmoLoRAError(
             f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
         ) from None
+    except (ValueError, RecursionError) as e:
+        raise SmoLoRAError(f"{path}: JSON this reader refuses ({_beyond(e)})") from None
     if isinstance(data, dict):
         # Accept {"data": [...]} / {"train": [...]} wrappers holding one list of records.
         lists = [v for v in data.values() if isinstance(v, list)]

@@ -484,3 +484,22 @@ def test_a_chat_template_that_runs_without_bound_is_stopped_by_a_time_limit(tmp_
     line = one_error_line(smolora("train", "--data", data_file, "--model", model, "--output", tmp_path / "run"))
     assert "the model's chat template fails (TimeoutError: took over 10 s)" in line
     assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_never_runs_even_with_allow_pickle(tmp_path, tiny_model_dir, data_file):
+    (tiny_model_dir / "model.safetensors").unlink()
+    marker = tmp_path / "payload ran"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, tiny_model_dir / "pytorch_model.bin")
+    train = ["train", "--data", data_file, "--model", tiny_model_dir, "--output", tmp_path / "run"]
+    assert "weights are pickled" in one_error_line(smolora(*train))
+    line = one_error_line(smolora(*train, "--allow-pickle"))
+    assert f"{tiny_model_dir}: cannot load the model (UnpicklingError" in line
+    assert not marker.exists() and not (tmp_path / "run" / "adapter_checkpoint").exists()

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import queue
 import shutil
 import socket
@@ -350,7 +351,8 @@ def _loading(source: ModelSource) -> Iterator[None]:
         yield
     except OSError as e:
         raise _not_found(source, e) from None
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged or inconsistent model folder
+    except (ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # damaged, inconsistent
+        # or, with --allow-pickle, a pickle that torch's weights_only loader refuses
         if "trust_remote_code" in str(e):  # its config names custom code, which runs only when asked
             raise SmoLoRAError(
                 f"{source.name}: the model needs its own code (auto_map in config.json), which SmoLoRA never runs "

@@ -236,15 +236,29 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
             need(
                 not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number (got {value})"
             )
-    need(
-        isinstance(train.seed, int) and 0 <= train.seed < 2**63,
-        f"seed must be a whole number in [0, 2**63) (got {train.seed})",
-    )
+    _check_lora(lora, need)
+    _check_train(train, lora, data, need)
+    if data is not None:
+        _check_data(data, need)
+    if problems:
+        raise SmoLoRAError("invalid settings: " + "; ".join(problems))
+
+
+def _check_lora(lora: LoraSettings, need: Callable[[bool, str], None]) -> None:
     need(0 < lora.r <= MAX_RANK, f"r must be in [1, {MAX_RANK}] (got {lora.r})")
     need(lora.lora_alpha > 0, f"lora_alpha must be > 0 (got {lora.lora_alpha})")
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
     need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
+
+
+def _check_train(
+    train: TrainConfig, lora: LoraSettings, data: DataConfig | None, need: Callable[[bool, str], None]
+) -> None:
+    need(
+        isinstance(train.seed, int) and 0 <= train.seed < 2**63,
+        f"seed must be a whole number in [0, 2**63) (got {train.seed})",
+    )
     grow = train.grow_rank if isinstance(train.grow_rank, (list, tuple)) else None
     need(
         grow is not None
@@ -313,21 +327,19 @@ def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = N
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", train.device) is not None,
         f"device must be auto, cpu, cuda, cuda:N or mps (got {train.device!r})",
     )
-    if data is not None:
-        need(
-            data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"),
-            f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})",
-        )
-        need(
-            data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})"
-        )
-        need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
-        need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
-        need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
-        need(data.max_file_mb > 0, f"max_file_mb must be > 0 (got {data.max_file_mb})")
-        need(_formats_with_task(data.task_prefix), "task_prefix may hold {task} and no other {...} field")
-    if problems:
-        raise SmoLoRAError("invalid settings: " + "; ".join(problems))
+
+
+def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
+    need(
+        data.shape in ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"),
+        f"shape must be auto, chat, sharegpt, prompt_completion, alpaca or text (got {data.shape!r})",
+    )
+    need(data.txt_mode in ("line", "file", "chunk"), f"txt_mode must be line, file or chunk (got {data.txt_mode!r})")
+    need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
+    need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
+    need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
+    need(data.max_file_mb > 0, f"max_file_mb must be > 0 (got {data.max_file_mb})")
+    need(_formats_with_task(data.task_prefix), "task_prefix may hold {task} and no other {...} field")
 
 
 def lora_settings_from_peft(peft_config) -> LoraSettings:

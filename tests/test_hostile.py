@@ -503,3 +503,18 @@ def test_a_pickle_payload_never_runs_even_with_allow_pickle(tmp_path, tiny_model
     line = one_error_line(smolora(*train, "--allow-pickle"))
     assert f"{tiny_model_dir}: cannot load the model (UnpicklingError" in line
     assert not marker.exists() and not (tmp_path / "run" / "adapter_checkpoint").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: through the 16-bit weights' cache
+def test_a_truncated_model_file_is_one_line_naming_the_model(tmp_path, tiny_model_dir, data_file, dtype):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_model_dir / "model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    _truncate(weights)
+    env = {**ENV, "SMOLORA_HOME": str(tmp_path / "home")}
+    line = one_error_line(
+        smolora("train", "--data", data_file, "--model", tiny_model_dir, "--output", tmp_path / "run", env=env)
+    )
+    assert f"{tiny_model_dir}: cannot load the model (SafetensorError" in line
+    assert not (tmp_path / "run" / "adapter_checkpoint").exists()

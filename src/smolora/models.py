@@ -262,7 +262,7 @@ def half_cache_folder(folder: str | Path) -> Path | None:
         with safe_open(str(files[0]), "pt") as f:
             if not any(f.get_slice(key).get_dtype() in ("BF16", "F16") for key in f.keys()):
                 return None
-    except (OSError, ValueError, KeyError):  # an unreadable folder: loading it says what is wrong
+    except (OSError, ValueError, KeyError, SafetensorError):  # an unreadable folder: loading it says what is wrong
         return None
     stats = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(f"{folder.resolve()}|{stats}|{CONVERSION}".encode()).hexdigest()[:16]

@@ -516,5 +516,5 @@ def test_a_truncated_model_file_is_one_line_naming_the_model(tmp_path, tiny_mode
     line = one_error_line(
         smolora("train", "--data", data_file, "--model", tiny_model_dir, "--output", tmp_path / "run", env=env)
     )
-    assert f"{tiny_model_dir}: cannot load the model (SafetensorError" in line
+    assert f"{tiny_model_dir / 'model.safetensors'}: cannot load the model (SafetensorError" in line
     assert not (tmp_path / "run" / "adapter_checkpoint").exists()

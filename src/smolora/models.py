@@ -358,7 +358,21 @@ def _loading(source: ModelSource) -> Iterator[None]:
                 f"{source.name}: the model needs its own code (auto_map in config.json), which SmoLoRA never runs "
                 "unless you pass --trust-remote-code after reading it"
             ) from None
-        raise SmoLoRAError(f"{source.name}: cannot load the model ({reason(e)[:300]})") from None
+        where = _unreadable_weights(source) if isinstance(e, SafetensorError) else None
+        raise SmoLoRAError(f"{where or source.name}: cannot load the model ({reason(e)[:300]})") from None
+
+
+def _unreadable_weights(source: ModelSource) -> Path | None:
+    """The first of a local model's safetensors files whose header does not read."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(source.folder).glob("*.safetensors")) if source.is_local else []:
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception:  # safetensors raises its own types for a bad header
+            return path
+    return None
 
 
 def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:

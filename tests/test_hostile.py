@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -240,17 +241,34 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, tokeniz
 
 
 def test_the_first_lines_say_the_threads_and_a_resume_keeps_the_count_it_continues(tmp_path, tiny_model_dir, data_file):
-
-    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}  # the command line's own choice
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # the command's own choice
     args = ["train", "--data", data_file, "--output", tmp_path / "run", "--model", tiny_model_dir, "--no-merge"]
     r = smolora(*args, "--max-steps", 2, "--save-steps", 1, env={**env, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0 and "[smolora] CPU threads: 1 (idle ones sleep); GEMM: " in r.stdout, r.stderr[-2000:]
-    r = smolora(*args, "--max-steps", 2, "--resume", env={**env, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(
+        r"\[smolora\] CPU threads: 1 \((idle ones sleep|OpenMP's default wait: the CPUs were idle at the start)\); ",
+        r.stdout,
+    )
+    r = smolora(*args, "--max-steps", 2, "--resume", env={**env, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "passive"})
     assert r.returncode == 0 and "[smolora] CPU threads: 1 (idle ones sleep)" in r.stdout, r.stderr[-2000:]
     r = smolora(
         *args, "--max-steps", 1, "--overwrite", env={**env, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}
     )
     assert r.returncode == 0 and "[smolora] CPU threads: 2 (idle ones spin)" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("load, chosen", [(0.1, {}), (1.7, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_idle_threads_sleep_at_once_on_a_busy_machine_and_wait_as_openmp_does_on_an_idle_one(monkeypatch, load, chosen):
+    from smolora.fast import threads
+
+    monkeypatch.delitem(sys.modules, "torch")  # as before the command imports it
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    threads.calm_openmp(load)
+    assert {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ} == chosen
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    threads.calm_openmp(load)  # the user's choice stands
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
 
 
 def _file_size_limit(limit: int):

@@ -6,9 +6,9 @@ run slows several times over; on an idle machine, the spin saves waking the work
 many small parallel regions of a step, and sleeping at once costs a run about a sixth of its speed.
 So, unless the user chose (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), SmoLoRA looks at how busy the
 CPUs are when it starts: busy, idle workers sleep at once (``OMP_WAIT_POLICY=PASSIVE``); idle,
-OpenMP's default stands. How threads wait changes no result. The number of threads stays torch's (the physical cores, or
-``OMP_NUM_THREADS``) whatever the load: a count that followed the load would make results depend
-on it. A run records its count, and its resume uses the same.
+OpenMP's default stands. How threads wait changes no result. The number of threads stays torch's
+(the physical cores, or ``OMP_NUM_THREADS``) whatever the load: a count that followed the load
+would make results depend on it. A run records its count, and its resume uses the same.
 """
 
 from __future__ import annotations

@@ -222,8 +222,9 @@ def _formats_with_task(prefix: str) -> bool:
     return True
 
 
-def validate(lora: LoraSettings, train: TrainConfig, data: DataConfig | None = None) -> None:
-    """Check every setting; raise one error listing all problems."""
+def validate(lora, train: TrainConfig, data: DataConfig | None = None) -> None:
+    """Check every setting; raise one error listing all problems. ``lora``: a ``LoraSettings`` or the
+    ``peft.LoraConfig`` the Python API holds (the same field names), checked as it is."""
     problems: list[str] = []
 
     def need(ok: bool, msg: str) -> None:
@@ -342,12 +343,6 @@ def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
     need(_formats_with_task(data.task_prefix), "task_prefix may hold {task} and no other {...} field")
 
 
-def lora_settings_from_peft(peft_config) -> LoraSettings:
-    targets = peft_config.target_modules
-    return LoraSettings(
-        r=peft_config.r,
-        lora_alpha=peft_config.lora_alpha,
-        lora_dropout=peft_config.lora_dropout,
-        bias=peft_config.bias,
-        target_modules=sorted(targets) if not isinstance(targets, str) else [targets],
-    )
+def target_list(targets) -> list[str]:
+    """A peft config's ``target_modules`` (a set once peft has it, or one name) as a sorted list."""
+    return [targets] if isinstance(targets, str) else sorted(targets)

@@ -18,7 +18,7 @@ import torch
 
 from smolora import checkpoint as ckpt
 from smolora import distributed
-from smolora.config import DataConfig, TrainConfig, expand_targets, lora_settings_from_peft, validate
+from smolora.config import DataConfig, TrainConfig, expand_targets, target_list, validate
 from smolora.data import check_records, load_source, prepare_data
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
@@ -99,8 +99,7 @@ def train_adapter(
     """Train the adapter and save it to ``output_dir/adapter_checkpoint``. Every setting and the data
     are checked before the model is loaded; nothing of an earlier run is deleted before then."""
     cfg, data, out = run.train_config, run.data_config, run.out
-    lora = lora_settings_from_peft(run.peft_config)
-    validate(lora, cfg, data)
+    validate(run.peft_config, cfg, data)
     resume_from = ckpt.find_resume_checkpoint(out, resume)
     check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
     if resume and resume_from is None:
@@ -120,7 +119,7 @@ def train_adapter(
     )
 
     peft_config = copy.deepcopy(run.peft_config)  # every LoraConfig field the user set, presets expanded
-    peft_config.target_modules = expand_targets(lora.target_modules)
+    peft_config.target_modules = expand_targets(target_list(run.peft_config.target_modules))
     run_info = _run_info(run, peft_config, prepared)
     saved = ckpt.read_run_info(resume_from) if resume_from is not None else None
     if saved is not None:  # settings and data before the model loads; the model after

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from smolora.errors import SmoLoRAError, load_mismatch
 from smolora.log import warn
-from smolora.paths import MARKER, publish
+from smolora.paths import MARKER, publish, unreadable_safetensors
 
 STATE_FILE = "trainer_state.json"
 TENSOR_FILE = "optimizer.safetensors"
@@ -273,11 +272,8 @@ def verify_checkpoint(folder: Path) -> str | None:
     if (problem := _state_problem(doc)) is not None:
         return f"{folder / STATE_FILE}: {problem}"
     for name in ("adapter_model.safetensors", TENSOR_FILE):
-        try:
-            with safe_open(str(folder / name), "pt") as f:
-                f.keys()
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            return f"{folder / name} is not a readable safetensors file ({str(e).splitlines()[0][:80]})"
+        if (problem := unreadable_safetensors(folder / name)) is not None:
+            return f"{folder / name} is not a readable safetensors file ({problem})"
     return None
 
 

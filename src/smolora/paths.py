@@ -113,6 +113,18 @@ def remove_stale_temporaries(final: Path) -> None:
             _remove(path)
 
 
+def unreadable_safetensors(path: Path) -> str | None:
+    """Why the safetensors file at ``path`` does not read (its header), in a few words; None when it does."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        return str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+    return None
+
+
 def _beside(final: Path, kind: str) -> Path:
     return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 

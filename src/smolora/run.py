@@ -124,16 +124,7 @@ def train_adapter(
     saved = ckpt.read_run_info(resume_from) if resume_from is not None else None
     if saved is not None:  # settings and data before the model loads; the model after
         ckpt.check_compatible(saved, run_info, allow_config_change)
-        if saved.get("gemm") in ("onednn", "mkl") and cfg.fast:
-            use_gemm(saved["gemm"])  # the GEMM the checkpoint was trained with: the same sums, not a new timing
-        if device.type == "cpu":
-            use_threads(saved.get("threads"))  # and as many threads
-    run_info["gemm"] = distributed.agree(gemm_choice(), distributed.world(device)) if cfg.fast else "torch"
-    if cfg.fast:
-        use_gemm(run_info["gemm"])  # every process the same GEMM: process 0's, whatever its own timing said
-    run_info["threads"] = torch.get_num_threads()
-    if device.type == "cpu":
-        say(f"{describe_threads()}; GEMM: {run_info['gemm']}")
+    run_info |= _cpu_sums(saved, cfg.fast, device)
     torch.manual_seed(cfg.seed)  # LoRA A init
     source = codes_source(run.resolved(), device, cfg.weight_codes)  # 16-bit weights held as such (smolora.fast.codes)
     base = load_model(source, device, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
@@ -175,14 +166,33 @@ def train_adapter(
     return RunResult(result, model, folder)
 
 
+def _cpu_sums(saved: dict | None, fast: bool, device: torch.device) -> dict:
+    """How this run sums: its fp32 GEMM and thread count, said in its first lines. A resumed run takes
+    its checkpoint's (the same sums, not a new timing); every process of a torchrun job takes process
+    0's GEMM, whatever its own timing said."""
+    if saved is not None and fast and saved.get("gemm") in ("onednn", "mkl"):
+        use_gemm(saved["gemm"])
+    if saved is not None and device.type == "cpu":
+        use_threads(saved.get("threads"))
+    gemm = distributed.agree(gemm_choice(), distributed.world(device)) if fast else "torch"
+    if fast:
+        use_gemm(gemm)
+    if device.type == "cpu":
+        say(f"{describe_threads()}; GEMM: {gemm}")
+    return {"gemm": gemm, "threads": torch.get_num_threads()}
+
+
+def _as_json(value):
+    """``value`` as JSON reads it back (a tuple as a list, a set as a sorted list)."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
 def _run_info(run: Run, peft_config, prepared) -> dict:
-    """What made the run, as JSON writes it (a tuple reads back as a list): resume compares it with
-    the checkpoint's."""
-    as_json = lambda value: json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))  # noqa: E731
+    """What made the run, as JSON writes it: resume compares it with the checkpoint's."""
     return {
-        "train_config": as_json(asdict(run.train_config)),
-        "lora_config": as_json(peft_config.to_dict()),
-        "data_config": as_json(asdict(run.data_config)),
+        "train_config": _as_json(asdict(run.train_config)),
+        "lora_config": _as_json(peft_config.to_dict()),
+        "data_config": _as_json(asdict(run.data_config)),
         "base_model": run.base_model_name,
         "data_fingerprint": ckpt.fingerprint_examples(prepared.train),
         "val_fingerprint": ckpt.fingerprint_examples(prepared.val),

@@ -358,7 +358,7 @@ def _record_step(
         f"epoch {entry['epoch']:.2f}  {memory_line(run.device)}"
     )
     for warning in diagnose(run.logged_losses, cfg.learning_rate):
-        warn(warning.removeprefix("Warning: "))
+        warn(warning)
     run.metrics.write(entry)
     run.window_tokens, run.window_start = 0, time.perf_counter()
 

@@ -127,6 +127,15 @@ def parse_data_arg(items: list[str]):
     return tasks
 
 
+def train_data(args, recipe) -> typing.Any:
+    """``--data`` as given, else the ``--config`` recipe's data."""
+    if args.data:
+        return parse_data_arg(args.data)
+    if recipe is None or recipe.data is None:
+        raise SmoLoRAError("no training data: pass --data PATH, or name it (data: PATH) in a --config recipe")
+    return recipe.data
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolora", description="LoRA fine-tuning of small causal LMs, offline.", allow_abbrev=False
@@ -138,6 +147,8 @@ def make_parser() -> argparse.ArgumentParser:
     _eval_command(sub)
     _export_command(sub)
     _demo_command(sub)
+    _init_command(sub)
+    _report_command(sub)
     for command in sub.choices.values():
         command.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     return parser
@@ -151,12 +162,19 @@ def _train_command(sub) -> None:
         description="Train a LoRA adapter on your data, save it (PEFT format) and merge it into a standalone model.",
     )
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="RECIPE.yaml",
+        help="read the settings from this YAML recipe (`smolora init` writes one; every run saves its own as "
+        "OUTPUT/config.yaml); flags given as well override it",
+    )
+    p.add_argument(
         "--data",
         action="append",
-        required=True,
+        default=None,
         metavar="PATH",
         help="training data: .jsonl/.json/.csv/.parquet/.txt, a folder of .txt, a saved dataset, or a hub name; "
-        "repeat as TASK=PATH[@WEIGHT] to mix tasks",
+        "repeat as TASK=PATH[@WEIGHT] to mix tasks (needed unless the --config recipe names data)",
     )
     p.add_argument("--output", default=None, help="output folder (default: ./fine_tuned_model); same as --output-dir")
     p.add_argument(
@@ -181,6 +199,12 @@ def _train_command(sub) -> None:
         default=0,
         metavar="N",
         help="tolerate N steps with NaN/inf loss (skipped) before stopping",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard"],
+        default=None,
+        help="also log every metrics line to TensorBoard (OUTPUT/tensorboard; needs the tensorboard package)",
     )
     _add_safety_flags(p)
     add_dataclass_flags(p, TrainConfig)
@@ -281,11 +305,14 @@ def _export_command(sub) -> None:
         help="write a model as one GGUF file (llama.cpp, Ollama)",
         description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.",
     )
-    p.add_argument("--output", required=True, help="the .gguf file to write")
+    p.add_argument("--output", default=None, help="the .gguf file to write (an Ollama Modelfile is written beside it)")
     p.add_argument(
         "--model", default=None, help="a merged model folder, a base model, or nothing for the embedded default"
     )
     p.add_argument("--adapter", default=None, help="merge this adapter into its base (or --model) first")
+    p.add_argument(
+        "--lora-gguf", default=None, help="write --adapter alone as a llama.cpp LoRA file (--lora, Ollama's ADAPTER)"
+    )
     p.add_argument(
         "--type",
         default="f16",
@@ -312,10 +339,46 @@ def _demo_command(sub) -> None:
     p.add_argument(
         "--preset",
         default="qv",
-        choices=["qv", "qkv", "attention", "all"],
+        choices=["qv", "qkv", "attention", "mlp", "all", "all-linear"],
         help="LoRA target preset (default: qv, the spec's)",
     )
     p.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
+
+
+def _report_command(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="a run in a few lines, and its loss curves as a picture",
+        description="Print a run's settings, data, losses, time, speed, memory and files, and redraw "
+        "OUTPUT/loss.png; with --compare, several runs' curves in one picture and a table of their numbers.",
+    )
+    p.add_argument("output", help="a run's output folder (where metrics.jsonl is)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="OTHER_OUTPUT", help="other runs to set beside it")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="where the picture goes (default: OUTPUT/loss.png; with --compare, OUTPUT/compare.png)",
+    )
+
+
+def _init_command(sub) -> None:
+    p = sub.add_parser(
+        "init",
+        allow_abbrev=False,
+        help="write a commented recipe for train --config",
+        description="Write a YAML recipe with every training setting, its default and its help. Given --data, "
+        "look at the data first (record shapes, count, token lengths) and suggest max_length, max_steps, a "
+        "validation split and the rank, saying why in comments.",
+    )
+    p.add_argument("recipe", nargs="?", default="recipe.yaml", help="the file to write (default: recipe.yaml)")
+    p.add_argument("--data", default=None, metavar="PATH", help="training data to look at and name in the recipe")
+    p.add_argument(
+        "--model", default=None, help="base model whose tokenizer counts the tokens (default: the embedded one)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_safety_flags(p)
 
 
 def _add_safety_flags(p: argparse.ArgumentParser) -> None:
@@ -330,18 +393,22 @@ def _add_safety_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from smolora.recipe import apply_recipe, check_settings
     from smolora.run import Run, device_for, merge_run, train_adapter
 
+    recipe = apply_recipe(args)  # --config: the recipe's value wherever no flag was given
     args.output_dir = args.output or args.output_dir or "./fine_tuned_model"
     cfg = build_from(TrainConfig, args, TrainConfig(output_dir=args.output_dir))
+    check_settings(recipe, build_from(LoraSettings, args), cfg, build_from(DataConfig, args))  # with recipe lines
     run = Run(
         args.model,
-        parse_data_arg(args.data),
-        build_from(LoraSettings, args).to_peft(),
+        train_data(args, recipe),
+        _lora_settings(args).to_peft(),
         cfg,
         build_from(DataConfig, args),
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
+        report_to=args.report_to,
     )
     done = train_adapter(
         run,
@@ -355,6 +422,14 @@ def cmd_train(args) -> int:
         done.model = None  # freed before the merge loads a fresh base
         merge_run(run, done.adapter)
     return 0
+
+
+def _lora_settings(args) -> LoraSettings:
+    """The LoRA flags given; with --task, its rank and alpha where --r / --lora-alpha do not say them."""
+    settings = build_from(LoraSettings, args).for_task(args.r, args.lora_alpha)
+    if settings.task:
+        say(f"task {settings.task}: r {settings.r}, lora_alpha {settings.lora_alpha:g}")
+    return settings
 
 
 def cmd_merge(args) -> int:
@@ -473,15 +548,55 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from smolora.export import check_exportable, check_output, export_gguf
+    from smolora.export import base_origin, check_exportable, check_output, export_gguf, export_lora_gguf
     from smolora.models import load_config
 
-    check_output(args.output, args.type, args.overwrite)  # before the model loads
+    if not (args.output or args.lora_gguf) or (args.lora_gguf and not args.adapter):
+        raise SmoLoRAError("export: expected --output FILE.gguf, or --adapter DIR --lora-gguf FILE.gguf (or both)")
+    for path in filter(None, (args.output, args.lora_gguf)):
+        check_output(path, args.type, args.overwrite)  # before the model loads
     source, tokenizer = _source_and_tokenizer(args)
-    check_exportable(load_config(source, args.trust_remote_code), tokenizer)
-    model = _load_model(args, source, "cpu")
-    out = export_gguf(model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite)
-    say(f"{args.type} GGUF saved to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
+    config = load_config(source, args.trust_remote_code)
+    if args.lora_gguf:
+        lora = export_lora_gguf(
+            args.adapter, config, args.lora_gguf, args.type, overwrite=args.overwrite, base=base_origin(source)
+        )
+        say(f"{args.type} LoRA adapter GGUF saved to {lora} ({lora.stat().st_size / 2**20:.1f} MiB)")
+    if args.output:
+        check_exportable(config, tokenizer)
+        model = _load_model(args, source, "cpu")
+        out = export_gguf(
+            model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite, base=base_origin(source)
+        )
+        size = out.stat().st_size / 2**20
+        say(f"{args.type} GGUF saved to {out} ({size:.0f} MiB), the Ollama Modelfile beside it")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from smolora.report import compare_table, describe_run, draw_compare, draw_run, read_curves
+
+    runs = [read_curves(folder) for folder in [args.output, *(args.compare or [])]]  # all read before drawing
+    out = Path(args.output)
+    if args.plot:
+        check_writable_file(Path(args.plot), "--plot")
+    if not args.compare:
+        print("\n".join(describe_run(runs[0])))
+        plot = draw_run(runs[0], Path(args.plot) if args.plot else None)
+    else:
+        print("\n".join(compare_table(runs)))
+        plot = draw_compare(runs, Path(args.plot) if args.plot else out / "compare.png")
+    print(f"plot: {plot}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from smolora.recipe import write_init_recipe
+
+    path = write_init_recipe(
+        args.recipe, args.data, args.model, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
+    )
+    say(f"recipe written to {path}; train with: smolora train --config {path}")
     return 0
 
 
@@ -528,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "export": cmd_export,
         "demo": cmd_demo,
+        "init": cmd_init,
+        "report": cmd_report,
     }
     try:
         return handlers[args.command](args)

@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,10 +55,11 @@ def memory_line(device: torch.device | str = "cpu") -> str:
 
 
 class MetricsFile:
-    """Appends one JSON object per log line to OUTPUT/metrics.jsonl."""
+    """Appends one JSON object per log line to OUTPUT/metrics.jsonl (and hands it to ``mirror``, e.g.
+    TensorBoard's writer, where there is one)."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, mirror: Callable[[dict], None] | None = None):
+        self.path, self.mirror = path, mirror
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -69,6 +70,8 @@ class MetricsFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.mirror is not None:
+            self.mirror(record)
 
 
 def progress(items: Iterable, desc: str, unit: str, every: float = 30.0) -> Iterator:

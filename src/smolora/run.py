@@ -23,7 +23,7 @@ from smolora.data import check_records, load_source, prepare_data
 from smolora.errors import SmoLoRAError, reason
 from smolora.fast import describe_threads, gemm_choice, use_gemm, use_threads
 from smolora.log import say
-from smolora.lora import add_lora, format_parameter_report
+from smolora.lora import add_lora, describe_targets, format_parameter_report, write_adapter
 from smolora.merge import merge_adapter, write_adapter_info
 from smolora.models import (
     ModelSource,
@@ -35,6 +35,8 @@ from smolora.models import (
     resolve_model,
 )
 from smolora.paths import output_lock, publish
+from smolora.recipe import RUN_RECIPE, save_run_recipe
+from smolora.report import check_report_to
 from smolora.train import TrainResult, train
 
 RUN_FOLDERS = (
@@ -58,6 +60,7 @@ class Run:
     allow_pickle: bool = False
     source: ModelSource | None = None  # resolved when first needed: bad data is reported before a GGUF converts
     tokenizer: Any = None
+    report_to: str | None = None  # "tensorboard": metrics as TensorBoard scalars too (smolora.report)
 
     @property
     def out(self) -> Path:
@@ -100,6 +103,7 @@ def train_adapter(
     are checked before the model is loaded; nothing of an earlier run is deleted before then."""
     cfg, data, out = run.train_config, run.data_config, run.out
     validate(run.peft_config, cfg, data)
+    check_report_to(run.report_to)
     resume_from = ckpt.find_resume_checkpoint(out, resume)
     check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
     if resume and resume_from is None:
@@ -129,6 +133,7 @@ def train_adapter(
     source = codes_source(run.resolved(), device, cfg.weight_codes)  # 16-bit weights held as such (smolora.fast.codes)
     base = load_model(source, device, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
     model = add_lora(base, peft_config)
+    say(describe_targets(model))
     say(format_parameter_report(model))
     run_info["model_fingerprint"] = ckpt.fingerprint_model(model)
     if saved is not None:
@@ -143,6 +148,8 @@ def train_adapter(
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        if distributed.is_main():
+            save_run_recipe(run)  # OUTPUT/config.yaml: `smolora train --config` with it repeats this run
         result = train(
             model,
             prepared.train,
@@ -152,6 +159,7 @@ def train_adapter(
             resume_from=resume_from,
             pad_id=run.loaded_tokenizer().pad_token_id or 0,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            report_to=run.report_to,
         )
         if distributed.is_main():
             try:
@@ -204,7 +212,7 @@ def save_adapter(model, folder: Path, run: Run) -> Path:
     """The adapter in PEFT's format, with the base it was trained on and the chat template it used."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_adapter(model, tmp)  # PiSSA/OLoRA: as a plain LoRA of the untouched base
         write_adapter_info(tmp, base_reference(run.base_model_name), getattr(run.tokenizer, "chat_template", None))
 
     return publish(folder, write)
@@ -258,7 +266,7 @@ def check_output_dir(out: Path, resuming: bool, overwrite: bool, asked_to_resume
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise SmoLoRAError(f"{out}: output folder is not writable")
-    for name in (*RUN_FOLDERS, "metrics.jsonl"):  # found now, before anything of an earlier run is deleted
+    for name in (*RUN_FOLDERS, "metrics.jsonl", RUN_RECIPE):  # found before anything of an earlier run is deleted
         if (out / name).is_symlink():
             raise SmoLoRAError(
                 f"{out / name}: is a symbolic link; SmoLoRA writes its outputs only inside the output "

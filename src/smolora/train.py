@@ -29,6 +29,7 @@ from smolora.log import say, warn
 from smolora.lora import adapter_rank, check_growable, grow_rank, pad_to, parameter_report, rank_at
 from smolora.loss import base_lm, evaluate_loss, has_sliding_window
 from smolora.monitor import MetricsFile, diagnose, memory_line
+from smolora.report import closing_entry, draw_safely, tensorboard_mirror
 from smolora.step import StepBatches, apply_update, make_step, run_step
 
 
@@ -68,10 +69,20 @@ def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> flo
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of the trainable ``(name, parameter)`` pairs. With LoRA+ (``loraplus_lr_ratio``),
+    the B factors are a group of their own whose learning rate is that multiple of the others'; each
+    group's ``lr_scale`` says its multiple (kept in checkpoints with the groups)."""
+    groups = [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    if cfg.loraplus_lr_ratio:
+        is_b = [("lora_B" in n or "lora_embedding_B" in n) for n, _ in named]
+        groups = [
+            {"params": [p for (_, p), b in zip(named, is_b) if not b], "lr_scale": 1.0},
+            {"params": [p for (_, p), b in zip(named, is_b) if b], "lr_scale": cfg.loraplus_lr_ratio},
+        ]
     if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
 
 
 _NATIVE_CPU_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
@@ -117,13 +128,15 @@ def train(
     resume_from: Path | None = None,
     pad_id: int = 0,
     skip_nonfinite_steps: int = 0,
+    report_to: str | None = None,
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on ``examples``.
 
     Writes resumable checkpoints to ``cfg.output_dir/checkpoints`` every ``cfg.save_steps`` steps,
-    at the end, and on Ctrl-C / SIGTERM. ``resume_from`` continues a run exactly.
+    at the end, and on Ctrl-C / SIGTERM; ``loss.png`` beside them. ``resume_from`` continues a run
+    exactly. ``report_to="tensorboard"``: every metrics line as TensorBoard scalars too.
     """
-    run = _start(model, examples, cfg, val_examples, run_info, pad_id)
+    run = _start(model, examples, cfg, val_examples, run_info, pad_id, report_to)
     state, result = _resume(run, resume_from)
     batches, total = run.batches, run.batches.total_steps
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
@@ -177,6 +190,10 @@ def train(
     _keep_best(run, state, result)
     result.steps = state.step
     result.seconds = time.perf_counter() - run.started
+    if run.world.main:  # the run's closing numbers and its picture (smolora.report)
+        counts = len(examples), len(val_examples or [])
+        run.metrics.write(closing_entry(state.step, result.tokens, result.seconds, *counts, run.device))
+        draw_safely(run.out)
     return result
 
 
@@ -213,7 +230,7 @@ class _Run:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
 
-def _start(model, examples, cfg, val_examples, run_info, pad_id) -> _Run:
+def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None) -> _Run:
     device = next(model.parameters()).device
     world = distributed.world(device)  # torchrun: this process's share of every step
     if cfg.gradient_checkpointing:
@@ -236,12 +253,15 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id) -> _Run:
         cfg,
         world,
         device,
-        make_optimizer(params, cfg),
+        make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg),
         params,
         batches,
         autocast,
         scaler,
-        MetricsFile(out / "metrics.jsonl" if world.main else None),
+        MetricsFile(
+            out / "metrics.jsonl" if world.main else None,
+            tensorboard_mirror(out) if report_to == "tensorboard" and world.main else None,
+        ),
         {**(run_info or {}), **distributed.run_info()},
         val_examples,
         pad_id,
@@ -295,8 +315,9 @@ def _grow_rank_if_due(run: _Run, state: ckpt.TrainState, total: int) -> None:
 
 
 def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Every group at ``lr`` times its ``lr_scale`` (LoRA+'s B factors: a multiple); returns ``lr``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -386,6 +407,7 @@ def _save(run: _Run, state: ckpt.TrainState) -> Path:
             kept = f"the last complete one is {last[-1]}" if last else "there is no earlier one"
             raise SmoLoRAError(f"{folder}: could not write the checkpoint ({reason(error)}); {kept}") from error
         ckpt.prune_checkpoints(run.out, run.cfg.save_total_limit)
+        draw_safely(run.out)  # loss.png as of this checkpoint
     distributed.barrier(run.world)  # written before any process goes on (or stops)
     return folder
 

@@ -105,6 +105,8 @@ def test_a_recipe_is_read_as_the_settings_types(tmp_path):
         ("field_map: [a]\n", "recipe.yaml:1: field_map: expected a mapping NAME: FIELD"),
         ("data: 3\n", "recipe.yaml:1: data: expected a path, or a mapping TASK: PATH"),
         ("data: {a: {path: x, weight: -1}}\n", "recipe.yaml:1: data: expected task 'a' to have a positive weight"),
+        ("report_to: wandb\n", "recipe.yaml:1: report_to: expected none or tensorboard (got 'wandb')"),
+        ("allow_pickle: true\n", "recipe.yaml:1: allow_pickle is not a recipe key: it is said each time, as --allow"),
         ("r: 4\nr: 8\n", "recipe.yaml:2: r is given twice (first on line 1)"),
         ("output: a\noutput_dir: b\n", "recipe.yaml:2: output_dir is given twice (first on line 1)"),
         ("r: 4\n  lora_alpha: 8\n", "recipe.yaml:2: not valid YAML"),

@@ -29,6 +29,7 @@ from smolora.config import DataConfig, LoraSettings, TrainConfig, expand_targets
 from smolora.errors import SmoLoRAError, check_writable_file
 from smolora.log import say, warn
 from smolora.paths import publish
+from smolora.report import REPORT_TO
 
 RUN_RECIPE = "config.yaml"  # in every output folder: the run's resolved settings
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything larger is the wrong file
@@ -38,8 +39,20 @@ RUN_KEYS = {
     "tasks to mix as a mapping TASK: PATH or TASK: {path: PATH, weight: W}",
     "model": "base model: a HF folder, a .gguf file or a hub id; null: the embedded SmolLM2-135M-Instruct",
     "output": "output folder: checkpoints/, adapter_checkpoint/, final_merged/, metrics.jsonl, config.yaml",
+    "report_to": f"also log the metrics to: {' or '.join(REPORT_TO)} (tensorboard needs its package)",
 }
 ALIASES = {"output_dir": "output"}  # TrainConfig's name (and flag) for the output folder
+# Flags that say what to do this time, or switch a safety guard off: never read from a file.
+FLAG_ONLY = (
+    "resume",
+    "overwrite",
+    "allow_config_change",
+    "no_merge",
+    "skip_nonfinite_steps",
+    "trust_remote_code",
+    "allow_pickle",
+    "config",
+)
 
 
 def _fields() -> dict[str, tuple[type, dataclasses.Field]]:
@@ -136,6 +149,9 @@ def _key(node: yaml.Node, path: Path, recipe: Recipe) -> tuple[str, int]:
     if not isinstance(node, yaml.ScalarNode):
         raise SmoLoRAError(f"{path}:{line}: a key must be a setting's name")
     name = ALIASES.get(node.value, node.value)
+    if name in FLAG_ONLY:
+        flag = "--" + name.replace("_", "-")
+        raise SmoLoRAError(f"{path}:{line}: {name} is not a recipe key: it is said each time, as {flag}")
     if name not in KEYS:
         close = difflib.get_close_matches(node.value.replace("-", "_").lower(), [*KEYS, *ALIASES], n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else "; `smolora init` writes a recipe with every key"
@@ -150,6 +166,10 @@ def _checked(key: str, value: Any, where: str) -> Any:
     try:
         if key == "data":
             return _data(value)
+        if key == "report_to":
+            if value not in (None, *REPORT_TO):
+                raise _Wrong(" or ".join(REPORT_TO))
+            return value
         if key in RUN_KEYS:
             return _convert(value, str | None if key == "model" else str)
         cls, f = _fields()[key]
@@ -295,6 +315,7 @@ def run_recipe(run) -> str:
     if data is None:
         lines.append("# data was given in Python (records or a Dataset), not as a file: pass --data to rerun")
     lines += [_line("data", data), _line("model", _path_value(run.base_model_name)), _line("output", str(out))]
+    lines.append(_line("report_to", getattr(run, "report_to", None)))
     lora, lost = _lora_values(run.peft_config)
     if lost:
         note = ", ".join(f"{k}={v!r}" for k, v in lost.items())
@@ -548,7 +569,7 @@ def init_recipe_text(data: str | None, model: str | None, look: DataLook | None)
             f"{look.tokenizer_of}'s tokenizer. The keys marked 'suggested' were chosen from it."
         )
     lines += ["", "# --- what to train, on what, where to"]
-    run_values = {"data": data, "model": model, "output": TrainConfig().output_dir}
+    run_values = {"data": data, "model": model, "output": TrainConfig().output_dir, "report_to": None}
     for key, help_text in RUN_KEYS.items():
         lines += _comment(help_text)
         if key == "data" and data is None:

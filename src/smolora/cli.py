@@ -149,6 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
     _demo_command(sub)
     _init_command(sub)
     _report_command(sub)
+    _chat_command(sub)
     for command in sub.choices.values():
         command.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     return parser
@@ -345,6 +346,39 @@ def _demo_command(sub) -> None:
     p.add_argument("--r", type=int, default=8, help="LoRA rank; alpha is 2r (default: 8)")
 
 
+def _chat_command(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        allow_abbrev=False,
+        help="chat with a model and its adapters, switching between them",
+        description="An interactive chat (also from a pipe) through the chat template, replies streamed. "
+        "Load one or more adapters on one base and switch with /adapter NAME (or base); /compare answers the "
+        "last prompt with each; /system TEXT, /reset, /save FILE.json|.jsonl, /quit.",
+    )
+    p.add_argument(
+        "--model", default=None, help="the base model (default: the one the first adapter was trained on, or embedded)"
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="an adapter folder to load under NAME (repeat for several; the first answers first)",
+    )
+    p.add_argument("--system", default=None, help="the system prompt to start with")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--no-stream", action="store_true", help="print each reply at its end instead of streaming it")
+    p.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_safety_flags(p)
+
+
 def _report_command(sub) -> None:
     p = sub.add_parser(
         "report",
@@ -489,8 +523,13 @@ def cmd_generate(args) -> int:
         temperature=args.temperature,
         special_tokens_in_content=args.special_tokens_in_content,
     )
-    if args.prompt is None:
-        chat_loop(model, tokenizer, **sample, raw=args.raw)
+    if args.prompt is None and (args.raw or not getattr(tokenizer, "chat_template", None)):
+        chat_loop(model, tokenizer, **sample, raw=True)  # plain text continued line by line
+        return 0
+    if args.prompt is None:  # `smolora chat` with this one model
+        from smolora.chat import chat_repl, open_chat
+
+        chat_repl(open_chat(model, tokenizer, {}, sample, stream=not args.no_stream))
         return 0
     stream = not args.no_stream
     reply = generate(model, tokenizer, args.prompt, **sample, chat=False if args.raw else None, stream=stream)
@@ -600,6 +639,32 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from smolora.chat import chat_repl, open_chat, parse_adapters
+    from smolora.generate import check_sampling
+    from smolora.merge import adapter_base_reference, adapter_tokenizer
+    from smolora.models import load_model, load_tokenizer, pick_device, resolve_model
+
+    check_sampling(args.max_new_tokens, not args.greedy, args.temperature)  # before the model loads
+    adapters = parse_adapters(args.adapter)
+    first = next(iter(adapters.values()), None)
+    source = resolve_model(args.model if args.model or first is None else adapter_base_reference(first))
+    remote = args.trust_remote_code
+    tokenizer = adapter_tokenizer(source, first, remote) if first else load_tokenizer(source, remote)
+    if not getattr(tokenizer, "chat_template", None):
+        raise SmoLoRAError(f"{source.name}: has no chat template; use `smolora generate --raw` to continue plain text")
+    safety = dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    base = load_model(source, pick_device(args.device), **safety).eval()
+    sample = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        special_tokens_in_content=args.special_tokens_in_content,
+    )
+    chat_repl(open_chat(base, tokenizer, adapters, sample, system=args.system, stream=not args.no_stream))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from smolora.demo import run_demo
 
@@ -645,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "init": cmd_init,
         "report": cmd_report,
+        "chat": cmd_chat,
     }
     try:
         return handlers[args.command](args)

@@ -57,8 +57,8 @@ def folded_adapter(model):
 
     from smolora.lora import tied_adapted_embeddings
 
-    layers = (
-        [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged]
+    layers = (  # (inside PEFT's ``disable_adapter()`` the base alone answers: nothing to fold)
+        [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
         if hasattr(model, "merge_adapter")
         else []
     )

@@ -20,15 +20,20 @@ from smolora.errors import SmoLoRAError
 SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw_torch", "adamw", "sgd")
 
-# Target-module presets (LoRA §7.1 found q+v a good default; QLoRA §4 found adapting every
-# linear layer matters most for quality).
+# Target-module presets, found by role on the loaded model (smolora.lora.resolve_targets), so they
+# mean the same on every architecture; a fused q/k/v projection counts as all three.
 TARGET_PRESETS = {
-    "qv": ["q_proj", "v_proj"],
-    "qkv": ["q_proj", "k_proj", "v_proj"],
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qv": "query and value projections",
+    "qkv": "query, key and value projections",
+    "attention": "q, k, v and the attention output",
+    "mlp": "the MLP's projections",
+    "all-linear": "every linear layer but the LM head (PEFT's all-linear)",
+    "all": "the same as all-linear",
 }
-TARGET_PRESETS["all-linear"] = TARGET_PRESETS["all"]  # PEFT's name for it
+# Inits PEFT gives a LoRA adapter without data or quantization (pissa_niter_N: PiSSA by a fast SVD).
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_N", "olora")
+# The spec's rank selection guidelines: a simple domain shift needs few directions, a new capability more.
+TASK_RANKS = {"domain": 4, "style": 8, "capability": 16}
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
@@ -66,13 +71,36 @@ class LoraSettings(_Settings):
     lora_dropout: float = _help("dropout on the adapter's input, in [0, 1)", 0.1)
     bias: str = _help("which biases train: none, all or lora_only", "none")
     target_modules: list[str] = _help(
-        f"module names to adapt, comma-separated, or a preset: {', '.join(TARGET_PRESETS)}",
+        f"module names to adapt, comma-separated, a regex on full module names (PEFT's form), or a preset "
+        f"found by role on any architecture: {', '.join(TARGET_PRESETS)}",
         default_factory=lambda: ["q_proj", "v_proj"],
     )
+    use_rslora: bool = _help("rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r", False)
+    use_dora: bool = _help("DoRA: train each adapted weight's magnitude apart from its direction", False)
+    init_lora_weights: str = _help(
+        f"how A and B start: {', '.join(LORA_INITS)} (pissa and olora start from the weights' own "
+        "factors and move the base; the adapter is saved as a plain LoRA of twice the rank)",
+        "default",
+    )
+    task: str = _help(
+        "what the adapter learns, which picks its rank: domain (r 4), style (8) or capability (16), "
+        "lora_alpha 2r; --r and --lora-alpha override",
+        "",
+    )
+
+    def for_task(self, r: int | None = None, lora_alpha: float | None = None) -> LoraSettings:
+        """``task``'s rank and alpha (2r), except those given as ``r`` / ``lora_alpha``."""
+        if self.task and self.task not in TASK_RANKS:
+            raise SmoLoRAError(f"task must be one of {', '.join(TASK_RANKS)} (got {self.task!r})")
+        if self.task:
+            self.r = r if r is not None else TASK_RANKS[self.task]
+            self.lora_alpha = lora_alpha if lora_alpha is not None else 2 * self.r
+        return self
 
     def to_peft(self):
         from peft import LoraConfig
 
+        init = {"default": True}.get(self.init_lora_weights, self.init_lora_weights)
         return LoraConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,
@@ -80,17 +108,19 @@ class LoraSettings(_Settings):
             bias=self.bias,
             task_type="CAUSAL_LM",
             target_modules=expand_targets(self.target_modules),
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            init_lora_weights=init,
         )
 
 
 def expand_targets(targets: list[str] | str) -> list[str]:
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    """The target list without repeats; a string is one entry (PEFT's regex form, or a preset or name).
+    Presets stay names: they are found by role on the loaded model (``smolora.lora.resolve_targets``)."""
     out: list[str] = []
-    for t in targets:
-        for name in TARGET_PRESETS.get(t, [t]):
-            if name not in out:
-                out.append(name)
+    for t in [targets] if isinstance(targets, str) else targets:
+        if t.strip() and t.strip() not in out:
+            out.append(t.strip())
     return out
 
 
@@ -112,6 +142,9 @@ class TrainConfig(_Settings):
     logging_steps: int = _help("log every N optimizer steps", 10)
     optim: str = _help(f"optimizer: {', '.join(OPTIMIZERS)}", "adamw_torch")
     weight_decay: float = _help("AdamW weight decay", 0.0)
+    loraplus_lr_ratio: float = _help(
+        "LoRA+: train B at this multiple of A's learning rate (Hayou et al. 2024 suggest 16; 0 = off)", 0.0
+    )
     lr_scheduler_type: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", "linear")
     warmup_steps: int = _help("linear warmup steps from 0 to learning_rate", 0)
     max_grad_norm: float = _help("clip the gradient norm to this; 0 turns clipping off", 1.0)
@@ -251,6 +284,20 @@ def _check_lora(lora: LoraSettings, need: Callable[[bool, str], None]) -> None:
     need(0 <= lora.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {lora.lora_dropout})")
     need(lora.bias in ("none", "all", "lora_only"), f"bias must be none, all or lora_only (got {lora.bias!r})")
     need(bool(expand_targets(lora.target_modules)), "target_modules must name at least one module")
+    init = getattr(lora, "init_lora_weights", True)
+    need(
+        init in (True, False)
+        or (init in LORA_INITS and init != "pissa_niter_N")
+        or re.fullmatch(r"pissa_niter_\d+", str(init)) is not None,
+        f"init_lora_weights must be one of {', '.join(LORA_INITS)} (got {init!r})",
+    )
+    moves_base = str(init).startswith("pissa") or init == "olora"
+    need(not (moves_base and getattr(lora, "use_dora", False)), f"init_lora_weights {init} cannot go with use_dora")
+    need(init != "orthogonal" or lora.r % 2 == 0, f"init_lora_weights orthogonal needs an even r (got {lora.r})")
+    need(
+        getattr(lora, "task", "") in ("", *TASK_RANKS),
+        f"task must be one of {', '.join(TASK_RANKS)} (got {getattr(lora, 'task', '')!r})",
+    )
 
 
 def _check_train(
@@ -299,6 +346,7 @@ def _check_train(
     need(train.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {train.max_grad_norm})")
     need(train.max_length >= 8, f"max_length must be >= 8 (got {train.max_length})")
     need(train.weight_decay >= 0, f"weight_decay must be >= 0 (got {train.weight_decay})")
+    need(train.loraplus_lr_ratio >= 0, f"loraplus_lr_ratio must be >= 0 (got {train.loraplus_lr_ratio})")
     need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
     need(
         train.val_size >= 0 and (train.val_size < 1 or float(train.val_size).is_integer()),

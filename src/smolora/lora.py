@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,45 +18,223 @@ from torch import nn
 from smolora.errors import SmoLoRAError
 from smolora.log import warn
 
+# ---------------------------------------------------------------------------------------------
+# targets: presets by role, resolved on the loaded model
+
+# What each preset adapts, by role (LoRA §7.1 found q+v a good default; QLoRA §4 found adapting every
+# linear layer matters most for quality). ``all-linear`` is PEFT's: every linear layer but the LM head.
+PRESET_ROLES = {
+    "qv": {"q", "v"},
+    "qkv": {"q", "k", "v"},
+    "attention": {"q", "k", "v", "o"},
+    "mlp": {"mlp"},
+    "all-linear": None,  # every role, and linear layers of none (e.g. LFM2's convolution projections)
+    "all": None,
+}
+# Projections that compute queries, keys and values in one matrix (GPT-2, GPT-NeoX/Falcon/Bloom,
+# Phi-3, Baichuan, MPT/ModernBERT): one adapter on them adapts all three.
+FUSED_QKV = {"c_attn", "query_key_value", "qkv_proj", "w_pack", "wqkv", "qkv", "in_proj"}
+ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
+MLP_PARENT = re.compile(r"mlp|feed_?forward|ffn|ffw|moe|experts", re.IGNORECASE)
+MLP_LEAF = {
+    "gate_proj", "up_proj", "down_proj", "gate_up_proj",  # Llama, Qwen, Gemma, Phi-3 (gate and up fused)
+    "fc1", "fc2", "fc_in", "fc_out", "c_fc",  # OPT, Phi, GPT-J, GPT-2 (c_proj: by its parent)
+    "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3",  # GPT-NeoX/Falcon/Bloom, LFM2/Mixtral
+}  # fmt: skip
+ROLE_NAMES = {"q": "query", "k": "key", "v": "value", "o": "attention output", "mlp": "MLP", "other": "other"}
+
+
+def linear_types() -> tuple[type, ...]:
+    """The layer types ``all-linear`` adapts: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's
+    fan-in-fan-out linear), as PEFT's ``all-linear`` does."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def layer_roles(name: str) -> frozenset[str]:
+    """What a linear layer computes, from its place in the model: ``q``, ``k``, ``v``, ``o`` (inside an
+    attention block; a fused projection holds several), ``mlp``, or ``other``."""
+    *parents, leaf = name.split(".")
+    low = leaf.lower()
+    if any(ATTENTION_PARENT.search(p) for p in parents):
+        if low in FUSED_QKV or "qkv" in low:
+            return frozenset("qkv")
+        if re.search(r"(^|_)kv(_|$)", low):
+            return frozenset("kv")
+        for role, pattern in (("q", r"w?q|query"), ("k", r"w?k|key"), ("v", r"w?v|value")):
+            if re.fullmatch(rf"(?:{pattern})(?:_\w+)?", low):
+                return frozenset(role)
+        return frozenset("o")
+    if low in MLP_LEAF or any(MLP_PARENT.search(p) for p in parents):
+        return frozenset({"mlp"})
+    return frozenset({"other"})
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` by full name, except the output embedding (the LM
+    head) and layers inside LoRA layers: what ``all-linear`` adapts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside_lora = ("lora_", "base_layer")
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, linear_types())
+        and module is not head
+        and not any(part.startswith(inside_lora) for part in name.split("."))
+    }
+
 
 def linear_module_names(model: nn.Module) -> dict[str, int]:
-    """Short names of the model's linear layers and how many of each it has."""
+    """Short names of the model's linear layers (``Conv1D`` too, and the head) and how many of each it has."""
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, linear_types()):
             short = name.rsplit(".", 1)[-1]
             counts[short] = counts.get(short, 0) + 1
     return counts
 
 
+def is_regex(target: str) -> bool:
+    """A target written as a regular expression (PEFT's string form, matched against full module
+    names) rather than a module name: it holds a character no module name has."""
+    return re.fullmatch(r"[\w.\-]+", target) is None
+
+
+def _by_name(model: nn.Module, target: str) -> set[str]:
+    """Full names of the adaptable modules that ``target`` names, matched as PEFT matches a list entry:
+    the whole name, or its last dotted parts."""
+    kinds = (*linear_types(), nn.Embedding)
+    return {n for n, m in model.named_modules() if isinstance(m, kinds) and (n == target or n.endswith("." + target))}
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """The concrete module names a target list means on ``model``: presets (``all-linear``, ``attention``,
+    ``mlp``, ``qv``, ``qkv``) by role, module names as PEFT matches them, a regular expression by full
+    match on full names. Returned as the shortest name suffixes that pick exactly those modules (what
+    PEFT's ``target_modules`` matches), sorted. A name matching nothing is refused, listing the model's
+    linear layers; a name matching only some layers is warned about."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    candidates = candidate_layers(model)
+    chosen: set[str] = set()
+    names = []
+    for target in targets:
+        if target in PRESET_ROLES:
+            wanted = PRESET_ROLES[target]
+            chosen |= {n for n in candidates if wanted is None or layer_roles(n) & wanted}
+        elif is_regex(target):
+            try:
+                pattern = re.compile(target)
+            except re.error as e:
+                raise SmoLoRAError(f"target_modules {target!r}: not a valid regular expression ({e})") from None
+            found = {n for n in candidates if pattern.fullmatch(n)}
+            if not found:
+                raise SmoLoRAError(
+                    f"target_modules {target!r} matches no linear layer's full name "
+                    f"(e.g. {next(iter(candidates), 'none')!r})"
+                )
+            chosen |= found
+        else:
+            names.append(target)
+            chosen |= _by_name(model, target)
+    if names:
+        check_targets(model, names)
+    if not chosen:
+        raise SmoLoRAError(f"target_modules {', '.join(targets)} match no linear layer of this model")
+    return _shortest_suffixes(chosen, [n for n, _ in model.named_modules()])
+
+
+def _shortest_suffixes(chosen: set[str], every: list[str]) -> list[str]:
+    """For each chosen name, its shortest dotted suffix whose PEFT match (the name, or ``.suffix`` at its
+    end) holds chosen modules only: ``q_proj`` on Llama, ``attn.c_proj`` for GPT-2's attention output
+    where its MLP's ``c_proj`` is not chosen."""
+    out = set()
+    for name in chosen:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(n in chosen for n in every if n == suffix or n.endswith("." + suffix)):
+                out.add(suffix)
+                break
+    return sorted(out)
+
+
 def check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Refuse targets that match nothing; warn when a target matches only some layers."""
-    available = linear_module_names(model)
-    missing = [t for t in targets if t not in available]
+    """Refuse module names that match no layer; warn when a name matches only some layers."""
+    missing = [t for t in targets if not _by_name(model, t)]
     if missing:
+        available = linear_module_names(model)
         names = ", ".join(f"{k} (x{v})" for k, v in sorted(available.items()))
         raise SmoLoRAError(f"target_modules {', '.join(missing)} match no linear layer; the model has: {names}")
-    num_layers = getattr(model.config, "num_hidden_layers", None)
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for t in targets:
-        if num_layers and available[t] < num_layers:
-            warn(f"target {t!r} matches only {available[t]} of {num_layers} layers")
+        found = len(_by_name(model, t))
+        if num_layers and found < num_layers:
+            warn(f"target {t!r} matches only {found} of {num_layers} layers")
+
+
+def describe_targets(model: nn.Module) -> str:
+    """What the adapters sit on, for the run's log: each group of adapted layers by name, how many, and
+    its role; fused projections said as such."""
+    from peft.tuners.lora import LoraLayer
+
+    groups: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    parts, fused = [], []
+    for short, full in sorted(groups.items(), key=lambda kv: _role_order(kv[1][0])):
+        roles = layer_roles(full[0])
+        label = ", ".join(ROLE_NAMES[r] for r in sorted(roles, key="qkvo".find) if r in ROLE_NAMES)
+        if len(roles) > 1:
+            fused.append(short)
+            label = f"{'+'.join(sorted(roles, key='qkvo'.find))} fused"
+        parts.append(f"{short} x{len(full)} ({label})")
+    total = sum(len(f) for f in groups.values())
+    line = f"LoRA on {total} layers: " + ", ".join(parts)
+    if fused:
+        line += f"; {', '.join(fused)} compute{'s' if len(fused) == 1 else ''} several projections in one matrix: "
+        line += "one adapter adapts them together"
+    return line
+
+
+def _role_order(name: str) -> int:
+    roles = layer_roles(name)
+    return min("qkvo".find(r) if r in "qkvo" else 4 if r == "mlp" else 5 for r in roles)
 
 
 def add_lora(model: nn.Module, peft_config):
-    """Wrap ``model`` with fresh LoRA adapters; the base is frozen, only A and B train."""
-    from peft import get_peft_model
+    """Wrap ``model`` with fresh LoRA adapters; the base is frozen, only A and B train.
 
-    targets = (
-        sorted(peft_config.target_modules)
-        if not isinstance(peft_config.target_modules, str)
-        else [peft_config.target_modules]
-    )
-    check_targets(model, targets)
+    ``peft_config.target_modules`` (presets, names or a regex) is resolved on this model first
+    (``resolve_targets``); the caller's config is left as it was. Adapters on transformers' ``Conv1D``
+    (GPT-2) get ``fan_in_fan_out``, as PEFT needs. An init that moves the base weights (PiSSA, OLoRA)
+    keeps its initial factors, so that ``write_adapter`` can write an adapter for the untouched base.
+    """
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.target_modules = resolve_targets(model, peft_config.target_modules)
+    adapted = [m for n, m in model.named_modules() if n in _matched(model, peft_config.target_modules)]
+    if any(isinstance(m, Conv1D) for m in adapted):
+        peft_config.fan_in_fan_out = True
     model.config.use_cache = False
     # PEFT freezes every base weight; only lora_A / lora_B (and biases if asked) require grad.
     # The embedding output then needs no gradient: the first adapted projection starts the graph.
     with quiet_peft():
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
+    if moves_base_weights(peft_config):
+        from peft.utils import get_peft_model_state_dict
+
+        peft_model.smolora_initial_adapter = {
+            k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()
+        }
+    return peft_model
+
+
+def _matched(model: nn.Module, suffixes: list[str]) -> set[str]:
+    return {n for n, _ in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)}
 
 
 def tied_adapted_embeddings(model: nn.Module) -> list[nn.Module]:
@@ -92,6 +273,43 @@ def format_parameter_report(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# variants whose init moves the base weights (PiSSA, OLoRA): saved as a plain LoRA for the untouched base
+
+
+def moves_base_weights(peft_config) -> bool:
+    """Whether the adapter's init rewrites the base weights: PiSSA and OLoRA start from W's principal
+    (or QR) factors and train on ``W_res = W - s·B0·A0`` (Meng et al. 2024; Büyükakyüz 2024)."""
+    init = str(peft_config.init_lora_weights).lower()
+    return init.startswith("pissa") or init in ("olora", "corda")
+
+
+def write_adapter(model: nn.Module, folder: str | Path) -> None:
+    """Write ``model``'s adapter in PEFT's format into ``folder``, loadable on the base as it was.
+
+    Plain LoRA, rsLoRA and DoRA adapters are PEFT's own ``save_pretrained``. An adapter whose init moved
+    the base weights (PiSSA, OLoRA) would only fit the moved base, which no file holds: PEFT's
+    conversion writes it as a plain LoRA of twice the rank instead, ``[A | A0]`` and ``[B | -B0]``, so
+    ``W + s·(B·A - B0·A0) = W_res + s·B·A`` on the untouched base. The initial factors are those
+    ``add_lora`` kept."""
+    initial = getattr(model, "smolora_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "initial"
+        config = copy.deepcopy(model.peft_config["default"])
+        config.init_lora_weights = True  # loaded as it is: PEFT must not move the base a second time
+        config.save_pretrained(str(start))
+        save_file({k: v.contiguous() for k, v in initial.items()}, str(start / "adapter_model.safetensors"))
+        with quiet_peft():
+            model.save_pretrained(
+                str(folder), safe_serialization=True, path_initial_model_for_weight_conversion=str(start)
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # rank growth: train at a low rank first, then grow the adapters without changing what they compute
 
 
@@ -122,10 +340,11 @@ def check_growable(model: nn.Module) -> None:
                 f"rank growth needs one rank and alpha for every layer; "
                 f"adapter {name!r} sets rank_pattern/alpha_pattern"
             )
-        if config.init_lora_weights not in (True, False, "gaussian"):
+        if config.init_lora_weights not in (True, False, "gaussian", "orthogonal"):
             raise SmoLoRAError(
-                f"rank growth supports PEFT's default or gaussian init only (adapter {name!r}: "
-                f"init_lora_weights={config.init_lora_weights!r})"
+                f"rank growth supports the default, gaussian and orthogonal inits only (adapter {name!r}: "
+                f"init_lora_weights={config.init_lora_weights!r}"
+                + (", which moves the base weights by the initial factors)" if moves_base_weights(config) else ")")
             )
     for module in model.modules():
         if isinstance(module, LoraLayer) and not all(

@@ -164,3 +164,26 @@ def test_tensorboard(runs, tmp_path, capsys):
     losses = [e.value for e in events.Scalars("train/loss")]
     expected = [e["loss"] for e in metrics(tmp_path / "tb") if "loss" in e]
     assert losses == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_against_the_base(runs, tmp_path, capsys):
+    """Both columns are what `eval` gives each model alone; the replies side by side are each model's."""
+    from smolora.cli import main
+
+    adapter, data = runs / "a" / "adapter_checkpoint", runs / "train.jsonl"
+    common = ["eval", "--data", str(data), "--max-new-tokens", "4", "--exact-match", "--quiet"]
+    assert main([*common, "--model", str(runs / "tiny"), "--json", str(tmp_path / "base.json")]) == 0
+    assert main([*common, "--adapter", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
+    capsys.readouterr()
+    r = smolora(*common, "--adapter", adapter, "--compare-base", "--samples", 2, "--json", tmp_path / "both.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["base"] == json.loads((tmp_path / "base.json").read_text())
+    assert both["fine_tuned"] == json.loads((tmp_path / "tuned.json").read_text())
+    assert both["base"]["loss"] != both["fine_tuned"]["loss"] and len(both["samples"]) == 2
+    assert both["samples"][0]["expected"] == "0" and "what is 0 plus 0?" in both["samples"][0]["prompt"]
+    rows = {line.split()[0]: line.split()[1:3] for line in r.stdout.splitlines()[2:5]}
+    assert rows["loss"] == [f"{both['base']['loss']:.4f}", f"{both['fine_tuned']['loss']:.4f}"]
+    assert rows["exact"][0] == "match" and "example 2:" in r.stdout and "  fine-tuned: " in r.stdout
+    assert main(["eval", "--data", str(data), "--model", str(runs / "tiny"), "--compare-base"]) == 2
+    assert "--compare-base: which base?" in capsys.readouterr().err

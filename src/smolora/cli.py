@@ -282,6 +282,20 @@ def _eval_command(sub) -> None:
     p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
     p.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument(
+        "--compare-base",
+        action="store_true",
+        help="evaluate the base model on the same data too: both columns, and a few replies of each side by side",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="with --compare-base: the base (default: the adapter's, or for OUTPUT/final_merged the run's)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=3, help="with --compare-base: replies shown side by side (default: 3)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument(
         "--no-weight-codes",
@@ -539,14 +553,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
-
+    from smolora.compare import base_of
     from smolora.config import validate
     from smolora.data import check_records, load_source, prepare_data
     from smolora.evaluate import evaluate, replies_to_score
     from smolora.generate import check_sampling
-    from smolora.models import codes_source, pick_device
-    from smolora.paths import publish
+    from smolora.models import codes_source, pick_device, resolve_model
 
     # everything about the input is checked before the model loads
     check_sampling(args.max_new_tokens, False, 1.0)
@@ -560,10 +572,13 @@ def cmd_eval(args) -> int:
     if args.json:
         check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)
+    base_source = resolve_model(base_of(args.model, args.adapter, args.base)) if args.compare_base else None
     examples = prepare_data(records, tokenizer, cfg, data).train
     if args.exact_match:
         replies_to_score(examples)
     device = pick_device(args.device)
+    if base_source is not None:
+        return _eval_against_base(args, base_source, source, tokenizer, examples, device)
     model = _load_model(
         args, codes_source(source, device, args.weight_codes and not args.adapter), device
     )  # merged: no codes
@@ -577,12 +592,44 @@ def cmd_eval(args) -> int:
         fast=args.fast,
     )
     print(result.summary())
-    if args.json:  # whole or not at all, and never through a symbolic link
-        text = json.dumps(result.to_dict(), indent=1) + "\n"
+    _write_json(args.json, result.to_dict())
+    return 0
+
+
+def _write_json(target: str | None, doc: dict) -> None:
+    """``--json``: whole or not at all, and never through a symbolic link."""
+    import json
+
+    from smolora.paths import publish
+
+    if target:
+        text = json.dumps(doc, indent=1) + "\n"
         try:
-            publish(Path(args.json), lambda tmp: tmp.write_text(text), folder=False)
+            publish(Path(target), lambda tmp: tmp.write_text(text), folder=False)
         except OSError as e:
-            raise SmoLoRAError(f"--json {args.json}: cannot write it ({e.strerror})") from None
+            raise SmoLoRAError(f"--json {target}: cannot write it ({e.strerror})") from None
+
+
+def _eval_against_base(args, base_source, source, tokenizer, examples, device) -> int:
+    """``eval --compare-base``: the fine-tune, then the base, on the same token ids; exact match
+    wherever the examples have prompts."""
+    from smolora.compare import comparison, measure, sample_pairs
+    from smolora.models import codes_source, load_model
+    from smolora.run import free_memory
+
+    pairs = sample_pairs(examples, max(0, args.samples))
+    scored = args.exact_match or bool(sample_pairs(examples, 1))
+    options = dict(weight_codes=args.weight_codes, fast=args.fast)
+    model = _load_model(args, codes_source(source, device, args.weight_codes and not args.adapter), device)
+    tuned = measure(model, tokenizer, examples, pairs, scored, args.max_new_tokens, **options)
+    model = None
+    free_memory()
+    safety = dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    base = load_model(codes_source(base_source, device, args.weight_codes), device, **safety).eval()
+    before = measure(base, tokenizer, examples, pairs, scored, args.max_new_tokens, **options)
+    result = comparison(before, tuned, tokenizer, pairs)
+    print(result.table())
+    _write_json(args.json, result.to_dict())
     return 0
 
 

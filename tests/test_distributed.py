@@ -74,8 +74,9 @@ def test_two_processes_make_the_updates_one_process_makes(tmp_path, tiny_model_d
         [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("one", "two")
     ]
-    assert len(logs[0]) == len(logs[1]) == 6  # one writer
-    for x, y in zip(*logs):
+    assert len(logs[0]) == len(logs[1]) == 7  # one writer: 6 steps, then the run's closing numbers
+    assert logs[1][-1]["train_examples"] == logs[0][-1]["train_examples"] and "run_seconds" in logs[1][-1]
+    for x, y in zip(logs[0][:-1], logs[1][:-1]):
         assert x["loss"] == pytest.approx(y["loss"], abs=2e-4) and x["grad_norm"] == pytest.approx(
             y["grad_norm"], abs=2e-4
         )

@@ -514,7 +514,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_adapter(tokenize
     result = train(model, examples[:12], cfg(tmp_path / "run", **EARLY), val_examples=examples[12:])
     assert result.steps == 4 and result.best_step == 2 and [s for s, _ in result.eval_losses] == [1, 2, 3, 4]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == {"step": 4, "best_step": 2, "best_eval_loss": 2.0}
+    assert logged[-2] == {"step": 4, "best_step": 2, "best_eval_loss": 2.0} and "run_seconds" in logged[-1]
     # the kept adapter is bit for bit the one a 2-step run ends with
     reference, _ = setup(tokenizer)
     train(reference, examples[:12], cfg(tmp_path / "two", max_steps=2, lr_scheduler_type="constant"))

@@ -163,15 +163,15 @@ def test_a_bad_value_is_named_by_its_line_a_flags_by_itself(tmp_path):
     assert "; max_steps must be > 0" in message and f"{path}:3" not in message
 
 
-def test_bad_recipes_through_the_command_exit_2_with_one_line(tmp_path):
+def test_bad_recipes_through_the_command_exit_2_with_one_line(tmp_path, capsys):
     typo = recipe(tmp_path, "data: d.jsonl\nmax_steps: 3\nlearning_rte: 0.001\n", "typo.yaml")
-    r = smolora("train", "--config", typo)
+    r = smolora("train", "--config", typo)  # the command itself, in its own process
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"smolora: error: {typo}:3: unknown key 'learning_rte'; did you mean 'learning_rate'?"
     ]
     text = recipe(tmp_path, "data: d.jsonl\nmax_steps: three\n", "text.yaml")
-    r = smolora("train", "--config", text, "--max-steps", "3")  # a flag given does not excuse a bad file
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    assert main(["train", "--config", str(text), "--max-steps", "3"]) == 2  # a flag given does not excuse the file
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"smolora: error: {text}:2: max_steps: expected a whole number (got 'three')"
     ]
 
@@ -226,7 +226,7 @@ def test_a_run_repeats_from_its_config_yaml(tmp_path, tiny_model_dir, capsys):
     assert "holds an earlier run" in capsys.readouterr().err
 
 
-def test_every_setting_round_trips_through_the_recipe_text(tmp_path):
+def test_every_setting_round_trips_through_the_recipe_text(tmp_path, said):
     """What a run writes reads back as the same values, for values YAML could mistake for others."""
     from smolora.recipe import run_recipe
     from smolora.run import Run
@@ -243,6 +243,18 @@ def test_every_setting_round_trips_through_the_recipe_text(tmp_path):
                 want = getattr(obj, f.name)
                 assert values[f.name] == (sorted(want) if f.name == "target_modules" else want), f.name
     assert values["model"] == "some/hub-id" and values["output"] == str(tmp_path / "o")
+
+    run.dataset = {"dates": (str(tmp_path / "config.yaml"), 2.0), "chat": "chat.jsonl"}  # tasks to mix
+    mixed = load_recipe(recipe(tmp_path, run_recipe(run), "mixed.yaml")).values["data"]
+    assert mixed == {"dates": (str(tmp_path / "config.yaml"), 2.0), "chat": ("chat.jsonl", 1.0)}
+    run.dataset = [{"text": "records given in Python"}]  # no file to name: said, and --data needed to rerun
+    run.peft_config.layers_to_transform = [0]  # a LoraConfig field with no recipe key: said, in the file and aloud
+    text = run_recipe(run)
+    assert "data: null" in text and "pass --data to rerun" in text
+    assert (
+        "# set through the Python API, not recipe keys (a rerun uses their defaults): layers_to_transform=[0]" in text
+    )
+    assert any("layers_to_transform=[0] set through the Python API have no recipe key" in line for line in said)
 
 
 def test_init_writes_every_key_with_its_help_and_default(tmp_path, capsys):
@@ -287,14 +299,18 @@ def test_init_looks_at_the_data_and_says_why(tmp_path, tiny_model_dir, tokenizer
     assert values["data"] == str(data) and values["model"] == str(tiny_model_dir)
     assert (values["max_steps"], values["val_size"], values["max_length"]) == (102, 30.0, got["max_length"][0])
     assert "# suggested: about 3 epochs: 3 x 270 training records / 8 per step" in text
-    assert "capability" in text  # short replies: a skill to learn, the higher rank
+    assert "replies are short (median" in text  # a skill to learn: the higher rank, 16 (alpha 32)
+    # the task picks r and alpha: they are left to it (commented out)
+    assert values["task"] == "capability" and "r" not in values and "lora_alpha" not in values
+    assert "# r: 8   (the task picks it; uncomment to choose it yourself)" in text
+    assert f"smolora train --config {path}\n" in text
     validate(LoraSettings(), TrainConfig(**{k: values[k] for k in ("max_steps", "val_size", "max_length")}))
 
     few = write_jsonl(tmp_path / "few.txt.jsonl", [{"text": f"line {i} of a field manual"} for i in range(40)])
     fitted = init_recipe_text(str(few), None, look_at_data(str(few), str(tiny_model_dir)))
     few_values = yaml.load(fitted, Loader=_Loader)
     assert few_values["val_size"] == 0 and few_values["max_steps"] == 15 and "fewer than 200" in fitted
-    assert "domain" in fitted
+    assert few_values["task"] == "domain"
 
 
 def test_init_refuses_bad_data_in_one_line(tmp_path, capsys):
@@ -328,11 +344,13 @@ def test_the_shipped_data_is_what_make_data_writes(tmp_path):
 @pytest.mark.slow
 def test_a_shipped_recipe_trains_the_embedded_model(tmp_path):
     out = tmp_path / "dates"
-    r = smolora(
-        "train", "--config", "configs/dates-iso.yaml", "--max-steps", 2, "--eval-steps", 1, "--output", out, cwd=ROOT
-    )
+    short = ["--max-steps", 2, "--eval-steps", 1, "--logging-steps", 1, "--output", out]  # the rest as shipped
+    r = smolora("train", "--config", "configs/dates-iso.yaml", *short, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [step for step, _ in losses(out)] == [1, 2]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "eval_loss" in m] == [1, 2]
+    assert any(m.get("train_examples") == 547 and m.get("val_examples") == 50 for m in logged)
     assert (out / "final_merged" / "model.safetensors").is_file()
     saved = load_recipe(out / "config.yaml").values
     assert saved["max_steps"] == 2 and saved["learning_rate"] == 1e-3 and saved["val_size"] == 50

@@ -1,9 +1,9 @@
 """Recipes: the train command's settings as one YAML file.
 
 A recipe's keys are the fields of ``LoraSettings``, ``TrainConfig`` and ``DataConfig`` (their help
-texts are the recipe's documentation, as they are the flags') plus ``data``, ``model`` and ``output``.
-``smolora train --config FILE`` reads one, every key checked against its field's type, and a flag
-given as well wins over the file; every run writes its resolved settings back as
+texts document the recipe as they document the flags) plus ``data``, ``model``, ``output`` and
+``report_to``. ``smolora train --config FILE`` reads one, every key checked against its field's
+type, and a flag given as well wins over the file; every run writes its resolved settings back as
 ``OUTPUT/config.yaml``, which ``--config`` repeats; ``smolora init`` drafts one, commented, and
 given data looks at it first to suggest the settings that depend on it.
 """
@@ -25,7 +25,15 @@ from typing import Any
 
 import yaml
 
-from smolora.config import DataConfig, LoraSettings, TrainConfig, expand_targets, target_list, validate
+from smolora.config import (
+    TASK_RANKS,
+    DataConfig,
+    LoraSettings,
+    TrainConfig,
+    expand_targets,
+    target_list,
+    validate,
+)
 from smolora.errors import SmoLoRAError, check_writable_file
 from smolora.log import say, warn
 from smolora.paths import publish
@@ -345,19 +353,17 @@ _FROM_PEFT = {("init_lora_weights", True): "default"}  # PEFT's value -> the set
 def _lora_values(peft_config) -> tuple[dict, dict]:
     """The ``LoraSettings`` keys read off the run's ``peft.LoraConfig``, and what else was set on it
     (through the Python API) that a recipe cannot carry."""
-    values = {
-        f.name: getattr(peft_config, f.name) if hasattr(peft_config, f.name) else _default(f)
-        for f in dataclasses.fields(LoraSettings)
-    }
+    names = [f.name for f in dataclasses.fields(LoraSettings)]
+    held = {name: getattr(peft_config, name) for name in names if hasattr(peft_config, name)}
+    reference = type(peft_config)(**held, task_type=peft_config.task_type).to_dict()  # the same keys, else defaults
+    skip = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", *names}
+    lost = {k: v for k, v in peft_config.to_dict().items() if k not in skip and reference.get(k) != v}
+    values = {f.name: held.get(f.name, _default(f)) for f in dataclasses.fields(LoraSettings)}
     for (name, peft_value), value in _FROM_PEFT.items():
         if name in values and values[name] is peft_value:
             values[name] = value
     values["target_modules"] = expand_targets(target_list(values["target_modules"]))
     values["lora_alpha"] = float(values["lora_alpha"])
-    given = {k: v for k, v in values.items() if hasattr(peft_config, k)}
-    reference = type(peft_config)(**given, task_type=peft_config.task_type).to_dict()
-    skip = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", *values}
-    lost = {k: v for k, v in peft_config.to_dict().items() if k not in skip and reference.get(k) != v}
     return values, lost
 
 
@@ -403,8 +409,6 @@ def _line(key: str, value: Any) -> str:
 EPOCHS = 3  # a LoRA fine-tune on a few hundred to a few thousand records usually settles within 3 epochs
 VAL_MIN_RECORDS = 200  # below this a held-out tenth is too small to say much and costs the training
 SAMPLE = 2000  # records tokenized to measure lengths: a percentile needs no more
-# The spec's Rank Selection Guidelines: domain adaptation 4, style transfer 8, new capabilities 16.
-TASK_RANKS = {"domain": 4, "style": 8, "capability": 16}
 
 
 @dataclass
@@ -440,7 +444,7 @@ def write_init_recipe(
         raise SmoLoRAError(f"{path}: is a folder; expected a file name for the recipe")
     check_writable_file(path, "init")
     look = look_at_data(data, model, trust_remote_code) if data is not None else None
-    text = init_recipe_text(data, model, look)
+    text = init_recipe_text(data, model, look, path)
     publish(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), folder=False)
     return path
 
@@ -530,18 +534,8 @@ def suggest(look: DataLook) -> dict[str, tuple[Any, str]]:
         )
     task, why = guess_task(look)
     ranks = ", ".join(f"{name} {r}" for name, r in TASK_RANKS.items())
-    if _has_task_key():
-        out["task"] = (task, f"{why}; the spec's rank by task: {ranks} (lora_alpha 2r)")
-    else:
-        r = TASK_RANKS[task]
-        out["r"] = (r, f"the task looks like {task}: {why}; the spec's rank by task: {ranks}")
-        out["lora_alpha"] = (float(2 * r), "2 x r, the usual scaling (alpha / r = 2)")
+    out["task"] = (task, f"{why}; the spec's rank by task: {ranks} (lora_alpha 2r)")
     return out
-
-
-def _has_task_key() -> bool:
-    """Whether ``LoraSettings`` has ``task`` (it picks r and lora_alpha unless they are given)."""
-    return "task" in _fields()
 
 
 def guess_task(look: DataLook) -> tuple[str, str]:
@@ -554,12 +548,14 @@ def guess_task(look: DataLook) -> tuple[str, str]:
     return "style", f"replies are long (median {short} tokens): how to answer more than what to answer"
 
 
-def init_recipe_text(data: str | None, model: str | None, look: DataLook | None) -> str:
+def init_recipe_text(
+    data: str | None, model: str | None, look: DataLook | None, path: str | os.PathLike = "recipe.yaml"
+) -> str:
     """The recipe ``init`` writes: a header, then every key with its help, default and any suggestion."""
     suggested = suggest(look) if look is not None else {}
     lines = [
-        "# SmoLoRA recipe. Train with:       smolora train --config THIS_FILE",
-        "# A flag given as well wins:       smolora train --config THIS_FILE --max-steps 50",
+        f"# SmoLoRA recipe. Train with:   smolora train --config {path}",
+        f"# A flag given as well wins:   smolora train --config {path} --max-steps 50",
         "# Keys left out take their defaults; paths are relative to the folder smolora runs in.",
         "# Every run saves the settings it used as OUTPUT/config.yaml, which --config repeats.",
     ]
@@ -587,7 +583,7 @@ def init_recipe_text(data: str | None, model: str | None, look: DataLook | None)
             if f.name in suggested:
                 value, why = suggested[f.name]
                 lines += _comment(f"suggested: {why}")
-            if f.name in ("r", "lora_alpha") and "task" in suggested:  # left to the task
+            if f.name in ("r", "lora_alpha") and "task" in suggested:  # left to the task, unless uncommented
                 lines.append(f"# {_line(f.name, value)}   (the task picks it; uncomment to choose it yourself)")
             else:
                 lines.append(_line(f.name, value))

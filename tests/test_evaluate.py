@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+from peft import LoraConfig
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, build_tokenizer
 from smolora.data.formats import FormatOptions, encode_record, encode_records
-from smolora.evaluate import evaluate, last_reply
+from smolora.errors import SmoLoRAError
+from smolora.evaluate import BATCH_TOKENS, _batches, _decode, evaluate, greedy_replies, greedy_texts, last_reply
 from smolora.fast import accelerated
-from smolora.generate import generate
+from smolora.generate import generate, prompt_ids, stop_token_ids
+from smolora.lora import add_lora
 from smolora.loss import evaluate_loss
 from test_cli import smolora
 
@@ -86,6 +89,7 @@ def test_cli_eval_writes_json_and_refuses_bad_input_before_loading(tmp_path, tin
         ((text, "--exact-match"), "exact match needs examples with a prompt"),
         ((bad,), "bad.jsonl:2: malformed JSON"),
         ((data, "--max-new-tokens", 0), "max_new_tokens must be >= 1"),
+        ((data, "--exact-match", "--batch-size", 0), "--batch-size must be >= 1"),
         ((data, "--model", tmp_path / "nowhere"), "model path does not exist"),
         ((data, "--json", tmp_path), "is a folder; expected a file name"),
         ((data, "--json", text / "r.json"), "notes.txt is not a writable folder"),
@@ -128,3 +132,109 @@ def test_several_tasks_are_evaluated_record_by_record_with_their_prefix(tmp_path
     mean = (x["loss"] * x["supervised_tokens"] + y["loss"] * y["supervised_tokens"]) / saved["supervised_tokens"]
     assert saved["loss"] == pytest.approx(mean, rel=1e-5)
     assert f"  task x: 5 examples, {x['supervised_tokens']} supervised tokens" in r.stdout
+
+
+PROMPTS = [
+    "hi",
+    "what is 1 plus 1?",
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny tokenizer for tests",
+    "rewrite",
+    "0 1 2 3",
+    "question answer user",
+    "a b c d e f g",
+    "march",
+]
+
+
+def alone(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The ids ``smolora.generate.generate`` generates for one prompt (its own call to transformers' generate)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def talkative_tiny_llama(tokenizer, prompts: list[list[int]], max_new_tokens: int):
+    """A tiny Llama whose greedy replies vary (weights drawn wider than the init's), with its most
+    frequent reply token made a stop token, so that rows of a batch end at different steps."""
+    model = build_tiny_llama(len(tokenizer), seed=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.4)
+    tokens = [t for p in prompts for t in alone(model, tokenizer, p, max_new_tokens)]
+    model.generation_config.eos_token_id = [2, max(set(tokens), key=tokens.count)]
+    return model
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_batched_greedy_decoding_generates_the_ids_of_one_prompt_at_a_time(tokenizer, adapter):
+    prompts = [prompt_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
+    prompts.append(tokenizer("plain text without a template").input_ids)
+    model = talkative_tiny_llama(tokenizer, prompts, 12)
+    if adapter:  # unmerged: folded into the weights while decoding, as generate() does
+        model = add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+    expected = [alone(model, tokenizer, p, 12) for p in prompts]
+    found = (model.training, {n: p.detach().clone() for n, p in model.state_dict().items()})
+    lengths = {len(ids) for ids in expected}
+    assert len(lengths) >= 3 and 12 in lengths, expected  # rows stop at different steps; some run to the limit
+    for batch_size in (1, 3, 16):
+        assert greedy_replies(model, tokenizer, prompts, 12, batch_size=batch_size) == expected
+    texts = [generate(model, tokenizer, p, max_new_tokens=12, do_sample=False) for p in PROMPTS]
+    assert greedy_texts(model, tokenizer, PROMPTS, 12, batch_size=4) == texts
+    assert model.training == found[0]  # the model is left as found: its mode, its weights (an adapter unmerged)
+    assert all(torch.equal(p, found[1][n]) for n, p in model.state_dict().items())
+
+
+def test_a_near_tie_in_a_batch_is_decoded_again_alone(tokenizer):
+    prompts = [prompt_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
+    model = talkative_tiny_llama(tokenizer, prompts, 8)
+    first = alone(model, tokenizer, prompts[0], 8)[0]
+    twin = next(t for t in range(len(tokenizer)) if t not in (first, *stop_token_ids(tokenizer, model)))
+    with torch.no_grad():  # tied: the twin's logit is the first token's times (1 + 1e-6), a near tie wherever it leads
+        weight = model.get_input_embeddings().weight
+        weight[twin] = weight[first] * (1 + 1e-6)
+    decoded = _decode(prompts, [8] * len(prompts), stop_token_ids(tokenizer, model), tokenizer.pad_token_id, model)
+    assert decoded[0][1] and not all(close for _, close in decoded)  # flagged where the twins lead, only there
+    expected = [alone(model, tokenizer, p, 8) for p in prompts]
+    assert greedy_replies(model, tokenizer, prompts, 8, batch_size=16) == expected
+
+
+def test_batches_pad_little_and_hold_a_bounded_number_of_tokens():
+    prompts = [[0] * n for n in (5, 300, 7, 6, 2000, 8)]
+    batches = _batches(prompts, 3)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert batches[0] == [0, 3, 2] and all(len(b) <= 3 for b in batches)  # shortest first
+    assert all(len(b) * max(len(prompts[i]) for i in b) <= BATCH_TOKENS for b in batches)
+    with pytest.raises(SmoLoRAError, match="batch_size must be >= 1"):
+        greedy_replies(build_tiny_llama(300), build_tokenizer(), prompts, 4, batch_size=0)
+
+
+@pytest.mark.slow
+def test_batched_greedy_decoding_on_the_embedded_model_equals_one_at_a_time():
+    from smolora.demo import make_examples
+    from smolora.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(None)
+    tokenizer, model = load_tokenizer(source), load_model(source).eval()
+    records = make_examples(6, seed=5) + [{"prompt": "Name three colours.", "completion": ""}]
+    prompts = [prompt_ids(tokenizer, r["prompt"])[0].tolist() for r in records]
+    expected = [alone(model, tokenizer, p, 16) for p in prompts]
+    assert len({len(ids) for ids in expected}) >= 2, expected  # replies of several lengths
+    for batch_size in (3, 8):
+        assert greedy_replies(model, tokenizer, prompts, 16, batch_size=batch_size) == expected

@@ -279,6 +279,12 @@ def _eval_command(sub) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="with --exact-match: tokens to generate at most (default: 64)"
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="with --exact-match: replies generated at once, each the same as generated alone (default: 16)",
+    )
     p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
     p.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
@@ -562,6 +568,8 @@ def cmd_eval(args) -> int:
 
     # everything about the input is checked before the model loads
     check_sampling(args.max_new_tokens, False, 1.0)
+    if args.batch_size < 1:
+        raise SmoLoRAError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.json and Path(args.json).is_symlink():
         raise SmoLoRAError(f"--json {args.json}: is a symbolic link; refusing to write through it")
     data = build_from(DataConfig, args)
@@ -588,6 +596,7 @@ def cmd_eval(args) -> int:
         examples,
         exact_match=args.exact_match,
         max_new_tokens=args.max_new_tokens,
+        generation_batch_size=args.batch_size,
         weight_codes=args.weight_codes,
         fast=args.fast,
     )

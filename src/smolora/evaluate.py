@@ -4,6 +4,7 @@ last reply given everything before it."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -11,6 +12,13 @@ import torch
 
 from smolora.data.formats import IGNORE, Example
 from smolora.errors import SmoLoRAError
+from smolora.log import warn
+
+BATCH_SIZE = 16  # prompts decoded at once by default
+BATCH_TOKENS = 8192  # at most this many padded prompt tokens in one batch's first forward
+# A step whose best logit leads the runner-up by less than this (relative to its size, at least 1) is a near tie:
+# batching moved SmolLM2-135M's logits (~20) by at most 4e-5, 2e-6 of their size: a fiftieth of this margin.
+TIE_MARGIN = 1e-4
 
 
 @dataclass
@@ -74,18 +82,25 @@ def evaluate(
     exact_match: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    generation_batch_size: int = BATCH_SIZE,
     progress: bool = True,
     weight_codes: bool = True,
     fast: bool = True,
 ) -> EvalResult:
     """Loss over ``examples``' supervised tokens; with ``exact_match``, also generate each last reply
-    greedily and compare it with the reference (whitespace at either end ignored). ``weight_codes``:
-    the loss from the frozen weights' GGUF codes where the model has them (``smolora.fast.codes``);
-    ``fast``: through the speed wing (``smolora.fast``), else the libraries' own path."""
+    greedily and compare it with the reference (whitespace at either end ignored), ``generation_batch_size``
+    replies at a time (``greedy_replies``: the replies generated one at a time). ``batch_size``: examples
+    per packed row of the loss. ``weight_codes``: the loss from the frozen weights' GGUF codes where the
+    model has them (``smolora.fast.codes``); ``fast``: through the speed wing (``smolora.fast``), else
+    the libraries' own path."""
     from smolora.fast import accelerated
     from smolora.loss import evaluate_loss
 
-    hits = _exact_matches(model, tokenizer, examples, max_new_tokens, progress) if exact_match else None
+    hits = (
+        _exact_matches(model, tokenizer, examples, max_new_tokens, generation_batch_size, progress)
+        if exact_match
+        else None
+    )
 
     def measure(indices: list[int]) -> EvalResult:
         part = [examples[i] for i in indices]
@@ -108,22 +123,169 @@ def evaluate(
     return result
 
 
-def _exact_matches(model, tokenizer, examples: list[Example], max_new_tokens: int, progress: bool) -> list[bool | None]:
+def _exact_matches(
+    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int, progress: bool
+) -> list[bool | None]:
     """Per example: whether its last reply, generated greedily, matches (None: nothing to prompt with)."""
-    from smolora.generate import generate
-    from smolora.monitor import progress as shown
-
     replies_to_score(examples)  # an error if there are none
-    device = next(model.parameters()).device
-    hits: list[bool | None] = []
-    for example in shown(examples, "[smolora] exact match", "example") if progress else examples:
-        pair = last_reply(example)
-        if pair is None:
-            hits.append(None)
-            continue
-        prompt, reply = pair
-        out = generate(
-            model, tokenizer, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False
-        )
-        hits.append(out.strip() == tokenizer.decode(reply, skip_special_tokens=True).strip())
-    return hits
+    pairs = [last_reply(e) for e in examples]
+    prompts = [pair[0] for pair in pairs if pair is not None]
+    desc = "[smolora] exact match" if progress else None
+    generated = iter(greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, desc=desc))
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731  as generate() returns
+    return [None if pair is None else text(next(generated)) == text(pair[1]) for pair in pairs]
+
+
+def greedy_replies(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    *,
+    batch_size: int = BATCH_SIZE,
+    desc: str | None = None,
+) -> list[list[int]]:
+    """Each prompt's greedy continuation (token ids, up to and with its stop token): the ids
+    ``smolora.generate.generate(..., do_sample=False)`` gives each prompt alone, computed
+    ``batch_size`` prompts at a time. ``desc``: show progress under that name.
+
+    Prompts of similar length share a batch (less padding), left-padded behind an attention mask,
+    positions counted from each row's first real token; a row leaves the batch at a stop token
+    (``stop_token_ids``) or its token limit. Batching changes the order of float sums (a GEMM
+    over more rows, attention over masked keys), so a row's logits may differ from its logits alone
+    in the last bits. Where a step's best token led the runner-up by less than ``TIE_MARGIN``, that
+    difference could change the choice: such a row is decoded again alone, where the ids are
+    ``generate``'s to the bit (a batch of one runs the same forward calls). So every row's ids are
+    the one-at-a-time ids.
+    """
+    from smolora.fast import accelerated
+    from smolora.generate import folded_adapter, stop_token_ids
+    from smolora.monitor import progress
+
+    if batch_size < 1:
+        raise SmoLoRAError(f"batch_size must be >= 1 (got {batch_size})")
+    limits = _token_limits(model, prompts, max_new_tokens)
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    replies: list[list[int]] = [[] for _ in prompts]
+    batches = _batches(prompts, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with folded_adapter(model), accelerated(model, training=False, only=("oneDNN linears",)):
+            for batch in progress(batches, desc, "batch") if desc else batches:
+                decoded = _decode([prompts[i] for i in batch], [limits[i] for i in batch], stops, pad, model)
+                for i, (ids, close) in zip(batch, decoded):
+                    alone = close and len(batch) > 1
+                    replies[i] = _decode([prompts[i]], [limits[i]], stops, pad, model)[0][0] if alone else ids
+    finally:
+        model.train(was_training)
+    return replies
+
+
+def greedy_texts(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 64, *, batch_size: int = BATCH_SIZE, desc=None
+) -> list[str]:
+    """Each text prompt's greedy reply as ``generate(model, tokenizer, prompt, max_new_tokens,
+    do_sample=False)`` returns it (through the chat template where the model has one), computed in
+    batches by ``greedy_replies``."""
+    from smolora.generate import prompt_ids
+
+    ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
+    replies = greedy_replies(model, tokenizer, ids, max_new_tokens, batch_size=batch_size, desc=desc)
+    return [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+
+
+def _token_limits(model, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
+    """Per prompt, the tokens it may generate: ``max_new_tokens``, cut to the model's context as
+    ``generate`` cuts it (once said); an error for a prompt that fills the context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return [max_new_tokens] * len(prompts)
+    longest = max(map(len, prompts), default=0)
+    if longest >= context:
+        raise SmoLoRAError(f"a prompt ({longest} tokens) fills the model's context ({context} tokens)")
+    if longest + max_new_tokens > context:
+        warn(f"max_new_tokens cut to fit the model's context ({context} tokens) for the longest prompts")
+    return [min(max_new_tokens, context - len(p)) for p in prompts]
+
+
+def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of at most ``batch_size`` prompts and ``BATCH_TOKENS`` padded
+    tokens, shortest prompts first (a batch pads to its longest)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        last = batches[-1] if batches else None
+        if last is None or len(last) >= batch_size or (len(last) + 1) * len(prompts[i]) > BATCH_TOKENS:
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
+
+
+@torch.no_grad()
+def _decode(
+    prompts: list[list[int]], limits: list[int], stops: list[int], pad: int, model
+) -> list[tuple[list[int], bool]]:
+    """Greedy decoding of one batch: per prompt, (the ids generated, whether some step's choice was
+    a near tie). A batch of one runs the forward calls ``model.generate`` runs for it, bit for bit."""
+    from transformers import DynamicCache
+
+    from smolora.loss import base_lm
+
+    lm = base_lm(model)
+    rows, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt) :] = torch.tensor(prompt)
+        mask[r, width - len(prompt) :] = 1
+    device = next(lm.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T): each row counts from its first token
+    cache = DynamicCache(config=lm.config)
+    stop = torch.tensor(stops, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    close = [False] * rows
+    alive = list(range(rows))  # the prompts still in the batch, in its row order
+    options = _step_options(lm, cache)
+    while True:
+        logits = lm(
+            input_ids=ids,
+            attention_mask=None if bool(mask.all()) else mask,  # no padding: the mask generate() drops
+            position_ids=positions,
+            use_cache=True,
+            **options,
+        ).logits[:, -1]  # (B, V)
+        best, runner_up = logits.topk(2, dim=-1).values.unbind(-1)
+        near = (best - runner_up) < TIE_MARGIN * best.abs().clamp(min=1.0)
+        chosen = logits.argmax(-1)  # the first of equal maxima, as generate's greedy search picks
+        stopped = torch.isin(chosen, stop)
+        keep = []
+        for row, (token, tie, end) in enumerate(zip(chosen.tolist(), near.tolist(), stopped.tolist())):
+            i = alive[row]
+            out[i].append(token)
+            close[i] = close[i] or tie
+            if not end and len(out[i]) < limits[i]:
+                keep.append(row)
+        if not keep:
+            return list(zip(out, close))
+        if len(keep) < len(alive):  # finished rows leave the batch, and their cache with them
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions, chosen = mask[index], positions[index], chosen[index]
+            alive = [alive[row] for row in keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        ids = chosen[:, None]
+
+
+def _step_options(lm, cache) -> dict:
+    """The cache under the forward's name for it (``cache`` in newer transformers 5 releases,
+    ``past_key_values`` before) and, where the forward takes it, ``logits_to_keep=1``, as
+    ``generate`` passes them."""
+    accepted = inspect.signature(lm.forward).parameters
+    options = {"cache" if "cache" in accepted else "past_key_values": cache}
+    if "logits_to_keep" in accepted:
+        options["logits_to_keep"] = 1
+    return options

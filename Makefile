@@ -28,10 +28,21 @@ $(VENV)/.dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/smolora demo
 
-test: $(VENV)/.dev
+# A real llama.cpp for tests/test_llamacpp.py: node-llama-cpp's prebuilt CPU binaries (nothing is compiled).
+# Without node/npm the step says so and those tests skip.
+LLAMACPP ?= .llamacpp
+$(LLAMACPP)/.installed:
+	@if command -v npm >/dev/null && command -v node >/dev/null; then \
+	  echo "[make] installing node-llama-cpp 3.22.1 (llama.cpp, prebuilt) into $(LLAMACPP)"; \
+	  mkdir -p $(LLAMACPP) && { test -f $(LLAMACPP)/package.json || echo '{"private": true}' > $(LLAMACPP)/package.json; } \
+	  && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --no-audit --no-fund --prefix $(LLAMACPP) node-llama-cpp@3.22.1 \
+	  && touch $@; \
+	else echo "[make] node/npm not found: the llama.cpp tests will skip"; fi
+
+test: $(VENV)/.dev $(LLAMACPP)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.dev
+test-fast: $(VENV)/.dev $(LLAMACPP)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
@@ -43,4 +54,4 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .venv-newest smolora_demo fine_tuned_model
+	rm -rf $(VENV) .venv-newest smolora_demo fine_tuned_model $(LLAMACPP)

@@ -202,3 +202,174 @@ def test_the_pre_tokenizer_is_named_for_llama_cpp_and_read_back_the_same(tmp_pat
     with pytest.warns(UserWarning, match="no llama.cpp name"):
         path = export_gguf(tiny("llama", len(unknown)), unknown, tmp_path / "unknown.gguf", "f32")
     assert "tokenizer.ggml.pre" not in GGUFReader(path).fields
+
+
+def test_general_metadata_carries_what_llama_cpps_converter_writes(tmp_path, tokenizer):
+    """From the base's own GGUF (the embedded one, written by llama.cpp's converter): its basename, license,
+    languages, and itself as base_model.0; the fine-tune's own size label and finetune."""
+    import gguf
+
+    from smolora.models import embedded_gguf_path
+
+    baseline = GGUFReader(embedded_gguf_path()).fields
+    model = tiny("llama", len(tokenizer))
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", base=embedded_gguf_path(), finetune="dates")
+    fields = GGUFReader(path).fields
+    size = gguf.size_label(model.num_parameters(), 0, 0, 0)
+    assert size.endswith("K") and fields["general.size_label"].contents() == size
+    assert fields["general.type"].contents() == "model"
+    assert fields["general.basename"].contents() == baseline["general.basename"].contents() == "smollm2"
+    assert fields["general.finetune"].contents() == "dates"
+    assert fields["general.name"].contents() == f"smollm2 {size} dates"
+    assert fields["general.license"].contents() == baseline["general.license"].contents() == "apache-2.0"
+    assert fields["general.languages"].contents() == ["en"]
+    assert fields["general.base_model.0.name"].contents() == baseline["general.name"].contents()
+    assert fields["general.base_model.0.organization"].contents() == "HuggingFaceTB"
+    # every general.* key the converter wrote; the base's organization is the base model's, not the fine-tune's
+    theirs = {k for k in baseline if k.startswith("general.")} - {"general.organization"}
+    assert theirs <= set(fields)
+
+    folder = tmp_path / "base"  # a model folder: its model card says what it knows
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\nlanguage: fr\nmodel_name: Petit Modèle\n---\n# Petit\n")
+    fields = GGUFReader(export_gguf(model, tokenizer, tmp_path / "f.gguf", "f16", base=folder, name="Mine")).fields
+    assert fields["general.license"].contents() == "mit" and fields["general.languages"].contents() == ["fr"]
+    assert fields["general.name"].contents() == "Mine" and fields["general.finetune"].contents() == "Mine"
+    assert fields["general.base_model.0.name"].contents() == "Petit Modèle"
+
+
+def read_modelfile(path) -> dict:
+    """FROM, TEMPLATE, SYSTEM and the stops of a Modelfile (triple-quoted values, as SmoLoRA writes them)."""
+    import re
+
+    text = path.read_text()
+    quoted = dict(re.findall(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, re.M | re.S))
+    return {
+        "from": re.search(r"^FROM (.+)$", text, re.M).group(1),
+        "template": quoted.get("TEMPLATE"),
+        "system": quoted.get("SYSTEM"),
+        "stops": re.findall(r'^PARAMETER stop "(.*)"$', text, re.M),
+    }
+
+
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+    "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA3_SPECIAL = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "what is 3 plus 3?"}],
+    [{"role": "system", "content": "you are a date bot"}, {"role": "user", "content": "rewrite 5 march 2021"}],
+    [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "the quick brown fox?\n(2021-03-05)"},
+    ],
+]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_the_modelfile_renders_conversations_as_the_chat_template_token_for_token(tmp_path, style):
+    from conftest import build_tokenizer
+    from smolora.ollama import render_go
+
+    tok = build_tokenizer() if style == "chatml" else build_tokenizer(LLAMA3_STYLE)
+    if style == "llama3":
+        tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIAL})
+    path = export_gguf(tiny("llama", len(tok)), tok, tmp_path / "m.gguf", "q8_0")
+    modelfile = read_modelfile(tmp_path / "m.Modelfile")
+    assert modelfile["from"] == "./m.gguf"
+    assert modelfile["system"] == ("You are a test bot" if style == "chatml" else None)  # the template's default
+    assert modelfile["stops"] == (["<|im_end|>"] if style == "chatml" else ["<|eot_id|>"])
+    for conversation in CONVERSATIONS:
+        messages = conversation
+        if modelfile["system"] and conversation[0]["role"] != "system":  # Ollama puts SYSTEM first
+            messages = [{"role": "system", "content": modelfile["system"]}, *conversation]
+        ours = tok(render_go(modelfile["template"], messages), add_special_tokens=False).input_ids
+        expected = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        assert ours == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert path.is_file()
+
+
+def test_a_template_that_cannot_be_translated_is_said_once_and_leaves_no_template(tmp_path, capsys):
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}")
+    export_gguf(tiny("llama", len(tok)), tok, tmp_path / "m.gguf", "f16")
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(said) == 1 and "cannot be translated" in said[0]
+    modelfile = read_modelfile(tmp_path / "m.Modelfile")
+    assert modelfile["template"] is None and modelfile["stops"] == ["<|im_end|>"] and modelfile["from"] == "./m.gguf"
+
+
+def test_the_go_template_renderer_reads_ollamas_own_chatml_form():
+    """Ollama's hand-written ChatML template (if/else on .Role, trimming): the subset the renderer reads."""
+    from smolora.ollama import render_go
+
+    template = (
+        '{{- range .Messages }}<|im_start|>{{ if eq .Role "user" }}user{{ else if eq .Role "system" }}system'
+        "{{ else }}assistant{{ end }}\n{{ .Content }}<|im_end|>\n{{ end -}}\n  <|im_start|>assistant\n"
+    )
+    messages = [{"role": r, "content": r[0].upper()} for r in ("system", "user", "assistant")]
+    expected = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert render_go(template, messages) == expected + "<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="outside the subset"):
+        render_go("{{ len .Messages }}", messages)
+
+
+def save_adapter(tmp_path, tokenizer, **settings):
+    from smolora.config import LoraSettings
+    from smolora.lora import add_lora
+
+    base = tiny("llama", len(tokenizer))
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    peft_model = add_lora(base, LoraSettings(r=4, lora_alpha=8, target_modules=targets, **settings).to_peft())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_lora_gguf_has_llama_cpps_keys_names_and_layout(tmp_path, tokenizer, rslora):
+    from smolora.export import _permute_rope, export_lora_gguf
+
+    peft_model = save_adapter(tmp_path, tokenizer, use_rslora=rslora)
+    config = peft_model.get_base_model().config
+    path = export_lora_gguf(tmp_path / "adapter", config, tmp_path / "a.gguf", "f32")
+    reader = GGUFReader(path)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["adapter.lora.alpha"].contents() == 8.0
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    parts = ("attn_q", "attn_k", "attn_v", "ffn_down")
+    assert set(tensors) == {f"blk.{i}.{p}.weight.lora_{ab}" for i in range(2) for p in parts for ab in "ab"}
+    attn = peft_model.base_model.model.model.layers[1].self_attn
+    for name, proj, heads in (("attn_q", attn.q_proj, 4), ("attn_k", attn.k_proj, 2), ("attn_v", attn.v_proj, None)):
+        a, b = proj.lora_A["default"].weight.detach().numpy(), proj.lora_B["default"].weight.detach().numpy()
+        assert np.array_equal(tensors[f"blk.1.{name}.weight.lora_a"], a)  # (r, in): ggml ne = (in, r)
+        b = b * 2 if rslora else b  # rsLoRA scales by alpha/sqrt(4) = 2 * alpha/4, llama.cpp by alpha/4
+        expected = _permute_rope(b, heads) if heads else b  # B's rows take the rotary order of W's rows
+        assert np.allclose(tensors[f"blk.1.{name}.weight.lora_b"], expected, rtol=1e-6)
+
+
+def test_an_adapter_llama_cpps_lora_format_cannot_hold_is_refused(tmp_path, tokenizer):
+    import json
+
+    from smolora.export import export_lora_gguf
+
+    peft_model = save_adapter(tmp_path, tokenizer)
+    config = peft_model.get_base_model().config
+    with pytest.raises(SmoLoRAError, match="adapter GGUF is written as one of f32, f16, bf16, q8_0"):
+        export_lora_gguf(tmp_path / "adapter", config, tmp_path / "a.gguf", "q4_0")
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
+    with pytest.raises(SmoLoRAError, match="use_dora: llama.cpp LoRA files cannot hold DoRA magnitudes"):
+        export_lora_gguf(tmp_path / "adapter", config, tmp_path / "a.gguf")
+    with pytest.raises(SmoLoRAError, match="not an adapter folder"):
+        export_lora_gguf(tmp_path, config, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

@@ -80,11 +80,23 @@ def _byte_level_bpe(tokenizer, vocab_size: int) -> dict:
 
 
 def export_gguf(
-    model, tokenizer, path: str | Path, dtype: str = "f16", *, name: str | None = None, overwrite: bool = False
+    model,
+    tokenizer,
+    path: str | Path,
+    dtype: str = "f16",
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+    base: str | Path | None = None,
+    finetune: str | None = None,
+    modelfile: bool = True,
 ) -> Path:
     """Write ``model`` (a transformers causal LM, merged: no adapters) and its tokenizer to ``path``.
 
-    The file appears only once complete; an existing file is replaced only with ``overwrite``.
+    ``base`` (the .gguf file or model folder the fine-tune started from) and ``finetune`` (its name,
+    default ``name``, else the file's stem) fill the ``general.*`` metadata as llama.cpp's converter does. With
+    ``modelfile``, an Ollama Modelfile is written beside the file (``smolora.ollama``). The files
+    appear only once complete; an existing file is replaced only with ``overwrite``.
     """
     import gguf
 
@@ -95,10 +107,12 @@ def export_gguf(
         raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
     arch = config.model_type
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    origin = base if base is not None else (config.name_or_path or None)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
-        _write_hyperparameters(writer, config, name or path.stem, dtype)
+        _write_general(writer, model, origin, name, finetune or name or path.stem)
+        _write_hyperparameters(writer, config, dtype)
         _write_tokenizer(writer, tokenizer, config.vocab_size)
         _write_tensors(writer, model, gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers), arch, dtype)
         writer.write_header_to_file()
@@ -110,16 +124,91 @@ def export_gguf(
         publish(path, write, folder=False)
     except OSError as e:
         raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None
+    if modelfile:
+        from smolora.ollama import modelfile_path, write_modelfile
+
+        try:
+            write_modelfile(path, tokenizer)
+        except OSError as e:
+            where = modelfile_path(path)
+            raise SmoLoRAError(f"{where}: cannot write it ({e.strerror or e}); {path} is written whole") from None
     return path
 
 
-def _write_hyperparameters(writer, config, name: str, dtype: str) -> None:
+def base_metadata(base: str | Path | None, total_params: int) -> dict:
+    """What is known of the model a fine-tune started from, as ``general.*`` values (no prefix):
+    from a .gguf file its own keys, from a folder its model card's (README.md) name, license, languages."""
+    import gguf
+
+    if base is None:
+        return {}
+    base = Path(base)
+    if base.suffix == ".gguf" and base.is_file():
+        try:
+            fields = gguf.GGUFReader(base).fields
+        except (ValueError, OSError):
+            return {}
+        keys = ("name", "organization", "basename", "finetune", "size_label", "license", "languages")
+        return {k: fields[f"general.{k}"].contents() for k in keys if f"general.{k}" in fields}
+    if not (base / "README.md").is_file():
+        return {}  # a folder's name says little (final_merged, a cache): only a model card is read
+    card = gguf.Metadata.load_model_card(base)
+    languages = card.get("language") or card.get("languages")
+    known = {
+        "name": card.get("model_name"),
+        "license": card.get("license"),
+        "languages": [languages] if isinstance(languages, str) else languages,
+    }
+    return {k: v for k, v in known.items() if v}
+
+
+def general_metadata(base: str | Path | None, total_params: int, name: str | None, finetune: str) -> dict:
+    """The ``general.*`` values of a fine-tune of ``base``, as llama.cpp's converter names them: its
+    base's basename, license and languages, its own size label and finetune, the base as base_model.0."""
+    import gguf
+
+    known = base_metadata(base, total_params)
+    size = gguf.size_label(total_params, 0, 0, 0)
+    basename = known.get("basename") or known.get("name")
+    general = {
+        "name": name or (f"{basename} {size} {finetune}" if basename else finetune),
+        "basename": basename,
+        "finetune": finetune,
+        "size_label": size,
+        "license": known.get("license"),
+        "languages": known.get("languages"),
+    }
+    if known.get("name"):
+        general["base_model"] = {"name": known["name"], "organization": known.get("organization")}
+    return {k: v for k, v in general.items() if v}
+
+
+def _write_general(writer, model, base, name: str | None, finetune: str) -> None:
+    import gguf
+
+    general = general_metadata(base, model.num_parameters(), name, finetune)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(general["name"])
+    for key in ("basename", "finetune", "size_label"):
+        if key in general:
+            writer.add_string(f"general.{key}", general[key])
+    if "license" in general:
+        writer.add_license(",".join(general["license"]) if isinstance(general["license"], list) else general["license"])
+    if "languages" in general:
+        writer.add_languages(list(general["languages"]))
+    if "base_model" in general:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, general["base_model"]["name"])
+        if general["base_model"]["organization"]:
+            writer.add_base_model_organization(0, general["base_model"]["organization"])
+
+
+def _write_hyperparameters(writer, config, dtype: str) -> None:
     import gguf
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(name)
     writer.add_file_type(
         gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     )
@@ -259,3 +348,125 @@ def _encode(data: np.ndarray, dtype: str):
     if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         return data.astype(np.float16), None
     return gguf.quants.quantize(data, kind), kind
+
+
+LORA_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's LoRA converter writes
+
+
+def export_lora_gguf(
+    adapter_dir: str | Path,
+    base_config,
+    path: str | Path,
+    dtype: str = "f16",
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+    base: str | Path | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter as a llama.cpp LoRA adapter file (``--lora``, Ollama's ``ADAPTER``).
+
+    As llama.cpp's convert_lora_to_gguf.py: ``general.type=adapter``, ``adapter.type=lora``,
+    ``adapter.lora.alpha``, and per adapted matrix ``<gguf name>.lora_a`` (r, in) and ``.lora_b``
+    (out, r), llama.cpp computing W + alpha/r·B·A. A q/k projection's B rows take the rotary
+    reordering its base matrix took. Only ``base_config`` (the base model's config) is needed, no weights.
+    """
+    import gguf
+
+    path = check_output(path, dtype, overwrite)
+    if dtype not in LORA_TYPES:
+        raise SmoLoRAError(f"--type {dtype!r}: an adapter GGUF is written as one of {', '.join(LORA_TYPES)}")
+    arch = base_config.model_type
+    if arch not in ARCHITECTURES:
+        raise SmoLoRAError(f"{adapter_dir}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {arch!r}")
+    settings, pairs = _read_lora(Path(adapter_dir))
+    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    names = gguf.get_tensor_name_map(gguf_arch, base_config.num_hidden_layers)
+    alpha = float(settings["lora_alpha"])
+    tensors = [_lora_tensors(module, a, b, settings, alpha, names, base_config) for module, (a, b) in pairs.items()]
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        known = base_metadata(base, 0)
+        writer.add_name(name or " ".join(p for p in (known.get("name"), Path(adapter_dir).resolve().name, "LoRA") if p))
+        writer.add_file_type(
+            gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
+        )
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for gguf_name, a, b in tensors:
+            for suffix, data in ((".lora_a", a), (".lora_b", b)):
+                array, raw_dtype = _encode(data, dtype)
+                writer.add_tensor(gguf_name + suffix, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    try:
+        publish(path, write, folder=False)
+    except OSError as e:
+        raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None
+    return path
+
+
+def _read_lora(adapter_dir: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The adapter's settings and its (A, B) matrices by adapted module name; refuses what llama.cpp's
+    LoRA format cannot hold (DoRA, LoRA biases, fully trained modules, adapted embeddings)."""
+    from safetensors import safe_open
+
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise SmoLoRAError(f"{adapter_dir}: not an adapter folder (adapter_config.json, adapter_model.safetensors)")
+    try:
+        settings = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmoLoRAError(f"{config_file}: not valid JSON ({e})") from None
+    unheld = {"use_dora": "DoRA magnitudes", "lora_bias": "LoRA biases", "modules_to_save": "fully trained modules"}
+    for key, what in unheld.items():
+        if settings.get(key):
+            raise SmoLoRAError(f"{config_file}: {key}: llama.cpp LoRA files cannot hold {what}; export the merged one")
+    pairs: dict[str, list] = {}
+    with safe_open(weights_file, framework="np") as f:
+        for key in f.keys():
+            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                raise SmoLoRAError(f"{weights_file}: tensor {key!r} is not a LoRA A/B matrix; export the merged model")
+            pairs.setdefault(module, [None, None])["AB".index(part[0])] = f.get_tensor(key).astype(np.float32)
+    if not pairs or any(a is None or b is None for a, b in pairs.values()):
+        raise SmoLoRAError(f"{weights_file}: expected a lora_A and a lora_B matrix for every adapted module")
+    return settings, {m: (a, b) for m, (a, b) in pairs.items()}
+
+
+def _lora_tensors(module: str, a: np.ndarray, b: np.ndarray, settings: dict, alpha: float, names, config):
+    """(gguf name, A, B) for one adapted module; B carries whatever of PEFT's scale alpha/r lacks."""
+    from peft.utils.other import get_pattern_key
+
+    gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+    if gguf_name is None or not gguf_name.startswith("blk."):
+        raise SmoLoRAError(f"export: no llama.cpp LoRA name for the adapted module {module!r}")
+    rank = a.shape[0]
+    own_alpha = settings.get("alpha_pattern", {}).get(
+        get_pattern_key(settings.get("alpha_pattern", {}).keys(), module), alpha
+    )
+    scaling = own_alpha / (rank**0.5 if settings.get("use_rslora") else rank)
+    factor = scaling * rank / alpha  # llama.cpp scales by alpha / rank
+    if factor != 1.0:
+        b = b * np.float32(factor)
+    if config.model_type == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
+        b = _permute_rope(b, heads)
+    return gguf_name, np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def base_origin(source) -> Path | None:
+    """The file or folder a resolved model (``smolora.models.ModelSource``) came from, for ``base=``:
+    the .gguf a converted model was read from (the embedded one included), else its local folder."""
+    from smolora.models import EMBEDDED_NAME, embedded_gguf_path
+
+    if source.name == EMBEDDED_NAME:
+        return embedded_gguf_path()
+    if str(source.name).endswith(".gguf"):
+        return Path(source.name)
+    return Path(source.folder) if source.is_local else None

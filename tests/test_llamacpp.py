@@ -1,0 +1,241 @@
+"""SmoLoRA's GGUF files in a real llama.cpp: node-llama-cpp's prebuilt CPU build, driven by
+tests/llamacpp/probe.mjs (one node process per module). `make test` installs it into .llamacpp/;
+run alone, these tests install it there too, and skip only where node or npm is missing.
+
+What must hold: an export loads without warnings the llama.cpp-converted original does not give;
+llama.cpp tokenizes and renders the chat template as transformers does; greedy generation of an
+f32/f16 export, and of a base file with a LoRA adapter file, is transformers' on the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama
+from smolora.export import export_gguf, export_lora_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMACPP_DIR = Path(os.environ.get("SMOLORA_LLAMACPP_DIR", ROOT / ".llamacpp"))
+PACKAGE = "node-llama-cpp@3.22.1"
+PROBE = ROOT / "tests" / "llamacpp" / "probe.mjs"
+STRINGS = [
+    "Hello, world!",
+    "  two  spaces,\ttab\nnewline   ",
+    "naïve café, Zürich — 東京 and Москва",
+    "emoji: 😀👍🏽 🇫🇷 ✨",
+    "def add(a, b):\n    return a + b  # sum\n",
+    "digits 1234567890 3.14159 2021-03-05 1e-9 $12,000",
+    "<|im_start|>user\nnot special here<|im_end|>",
+]
+PROMPTS = ["def add(a, b):", "The capital of France is", "2021-03-05 means", "Once upon a time"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Rewrite 5 March 2021 as ISO."}],
+    [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "und 3+3? 😀"},
+    ],
+]
+
+
+def installed() -> bool:
+    return (LLAMACPP_DIR / "node_modules" / "node-llama-cpp" / "package.json").is_file()
+
+
+def install_node_llama_cpp() -> None:
+    """As `make llamacpp` does: node-llama-cpp's prebuilt CPU binaries, nothing built, into LLAMACPP_DIR."""
+    if installed():
+        return
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed: these tests run llama.cpp through the npm package node-llama-cpp")
+    LLAMACPP_DIR.mkdir(parents=True, exist_ok=True)
+    if not (LLAMACPP_DIR / "package.json").exists():
+        (LLAMACPP_DIR / "package.json").write_text('{"private": true}\n')
+    subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(LLAMACPP_DIR), PACKAGE],
+        env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+class LlamaCpp:
+    """One node process running probe.mjs: ask() sends a request line and reads the answer line."""
+
+    def __init__(self):
+        env = {**os.environ, "SMOLORA_LLAMACPP_DIR": str(LLAMACPP_DIR), "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            ["node", str(PROBE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def ask(self, timeout: float = 120, **request) -> dict:
+        self.process.stdin.write(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in request.items()}))
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.process.kill()
+            raise AssertionError(f"llama.cpp probe gave no answer: {self.process.stderr.read()[-2000:]}")
+        answer = json.loads(line)
+        assert "error" not in answer, answer["error"]
+        return answer
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def llamacpp():
+    install_node_llama_cpp()
+    probe = LlamaCpp()
+    yield probe
+    probe.close()
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model's GGUF (made by llama.cpp's converter) and its tokenizer, as transformers reads it."""
+    from smolora.models import embedded_gguf_path, load_tokenizer, resolve_model
+
+    return embedded_gguf_path(), load_tokenizer(resolve_model(None))
+
+
+def tiny_with_lora(vocab_size: int, seed: int = 0, rslora: bool = False):
+    """A tiny random Llama (weights x4, so that greedy choices are rarely near-ties) and a LoRA on
+    every projection with random B: (a copy of the base without adapters, the peft model)."""
+    import copy
+
+    from smolora.config import LoraSettings
+    from smolora.lora import add_lora
+
+    base = build_tiny_llama(vocab_size, seed=seed)
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.ndim == 2:
+                p.mul_(4)
+    plain = copy.deepcopy(base)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
+    settings = LoraSettings(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora)
+    peft_model = add_lora(base, settings.to_peft())
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return plain, peft_model
+
+
+def greedy(model, ids: list[int], max_new_tokens: int = 12) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation (eos dropped, as llama.cpp's stop drops it) and the gap between the
+    best and second-best logit at each step."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=2,
+        )
+    tokens = out.sequences[0, len(ids) :].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    if tokens and tokens[-1] == model.generation_config.eos_token_id:
+        tokens = tokens[:-1]
+    return tokens, gaps
+
+
+def assert_same_greedy(expected: tuple[list[int], list[float]], got: list[int], tie: float) -> int:
+    """llama.cpp's tokens equal transformers'; where they part, transformers' choice there was a near-tie
+    (its two best logits within ``tie``: rounding may pick either). Returns the tokens compared."""
+    tokens, gaps = expected
+    for i, (want, have) in enumerate(zip(tokens, got, strict=False)):
+        if want != have:
+            assert gaps[i] < tie, f"step {i}: llama.cpp chose {have}, transformers {want} (logit gap {gaps[i]:.4f})"
+            return i
+    assert len(got) == len(tokens), f"llama.cpp gave {len(got)} tokens, transformers {len(tokens)}"
+    return len(tokens)
+
+
+def test_exports_load_without_warnings_the_converters_file_does_not_give(tmp_path, llamacpp, embedded):
+    baseline_path, tokenizer = embedded
+    baseline = set(llamacpp.ask(model=baseline_path, tokenize=["x"])["warnings"])
+    model = build_tiny_llama(len(tokenizer))
+    for dtype in ("f32", "f16", "q8_0", "q4_0"):
+        path = export_gguf(model, tokenizer, tmp_path / f"m-{dtype}.gguf", dtype)
+        answer = llamacpp.ask(model=path, tokenize=["x"], generate=[{"ids": [1, 2, 3], "max_tokens": 2}])
+        assert set(answer["warnings"]) <= baseline, f"{dtype}: {set(answer['warnings']) - baseline}"
+        assert len(answer["generated"][0]) <= 2
+
+
+def test_llama_cpp_tokenizes_as_transformers_and_as_the_converters_file(tmp_path, llamacpp, embedded):
+    baseline_path, tokenizer = embedded
+    path = export_gguf(build_tiny_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", "f16")
+    ours = llamacpp.ask(model=path, tokenize=STRINGS)["tokens"]
+    theirs = llamacpp.ask(model=baseline_path, tokenize=STRINGS)["tokens"]
+    expected = [tokenizer(s, add_special_tokens=False).input_ids for s in STRINGS]
+    assert ours == expected
+    assert theirs == expected
+
+
+def test_the_chat_template_llama_cpp_applies_is_the_one_training_used(tmp_path, llamacpp, embedded):
+    _, tokenizer = embedded
+    path = export_gguf(build_tiny_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", "q8_0")
+    chats = [{"messages": c, "add_generation_prompt": True} for c in CONVERSATIONS]
+    answer = llamacpp.ask(model=path, chat=chats)
+    assert answer["chat_template"] == tokenizer.chat_template
+    for conversation, text, ids in zip(CONVERSATIONS, answer["chat"], answer["chat_tokens"], strict=True):
+        assert text == tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        expected = tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+
+
+@pytest.mark.parametrize(("dtype", "tie"), [("f32", 1e-3), ("f16", 0.05)])
+def test_greedy_generation_of_an_export_is_transformers_on_the_merged_model(tmp_path, llamacpp, embedded, dtype, tie):
+    from smolora.merge import merge_and_unload
+
+    _, tokenizer = embedded
+    merged = merge_and_unload(tiny_with_lora(len(tokenizer))[1])
+    path = export_gguf(merged, tokenizer, tmp_path / "m.gguf", dtype)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    answer = llamacpp.ask(model=path, generate=[{"ids": ids, "max_tokens": 12} for ids in prompts])
+    compared = [assert_same_greedy(greedy(merged, ids), got, tie) for ids, got in zip(prompts, answer["generated"])]
+    assert sum(compared) >= 0.75 * 12 * len(PROMPTS), compared  # near-ties are rare, not the rule
+
+
+@pytest.mark.parametrize(("dtype", "tie", "rslora"), [("f32", 1e-3, False), ("f16", 0.05, False), ("f32", 1e-3, True)])
+def test_a_lora_gguf_on_its_base_generates_what_the_merged_model_does(tmp_path, llamacpp, embedded, dtype, tie, rslora):
+    from smolora.merge import merge_and_unload
+
+    _, tokenizer = embedded
+    base, peft_model = tiny_with_lora(len(tokenizer), rslora=rslora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base_path = export_gguf(base, tokenizer, tmp_path / "base.gguf", dtype)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    base_greedy = [greedy(base, ids)[0] for ids in prompts]
+    lora_path = export_lora_gguf(tmp_path / "adapter", base.config, tmp_path / "a.gguf", dtype)
+    merged = merge_and_unload(peft_model)
+    expected = [greedy(merged, ids) for ids in prompts]
+    assert [e[0] for e in expected] != base_greedy  # the adapter changes what is generated
+
+    answer = llamacpp.ask(model=base_path, lora=lora_path, generate=[{"ids": ids, "max_tokens": 12} for ids in prompts])
+    assert set(answer["warnings"]) == set()
+    compared = [assert_same_greedy(e, got, tie) for e, got in zip(expected, answer["generated"])]
+    assert sum(compared) >= 0.75 * 12 * len(PROMPTS), compared
+    assert lora_path.stat().st_size < base_path.stat().st_size / 4

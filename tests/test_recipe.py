@@ -186,31 +186,27 @@ def losses(out: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in lines if "loss" in m and "step" in m]
 
 
-def test_a_run_repeats_from_its_config_yaml(tmp_path, tiny_model_dir, capsys):
-    """Train with flags; `train --config OUTPUT/config.yaml` elsewhere gives the same losses and adapter."""
-    (tmp_path / "first").mkdir()
-    write_jsonl(tmp_path / "first" / "train.jsonl", chat_records(24))
-    env = {**ENV, "SMOLORA_GEMM": "mkl", "OMP_NUM_THREADS": "1"}  # the same sums in both processes
+def test_init_train_with_overrides_then_repeat_from_config_yaml(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A user's loop: `init` on the data, `train --config` with flags over it, then `train --config
+    OUTPUT/config.yaml` from elsewhere: the same losses and the same adapter."""
     first = tmp_path / "first" / "out"
-    flags = ["--max-steps", 4, "--gradient-accumulation-steps", 2, "--r", 4, "--learning-rate", "3e-3"]
-    flags += ["--target-modules", "q_proj,v_proj,o_proj", "--lr-scheduler-type", "cosine", "--val-size", 4]
-    flags += ["--logging-steps", 1, "--system-prompt", "be brief", "--no-merge"]
-    r = smolora(
-        "train",
-        "--data",
-        "train.jsonl",
-        "--model",
-        tiny_model_dir,
-        "--output",
-        "out",
-        *flags,
-        cwd=first.parent,
-        env=env,
-    )
+    first.parent.mkdir()
+    write_jsonl(first.parent / "train.jsonl", chat_records(24))
+    monkeypatch.chdir(first.parent)
+    assert main(["init", "--data", "train.jsonl", "--model", str(tiny_model_dir)]) == 0  # ./recipe.yaml
+    drafted = load_recipe(first.parent / "recipe.yaml").values
+    assert drafted["data"] == "train.jsonl" and drafted["task"] == "capability" and drafted["max_length"] == 64
+    env = {**ENV, "SMOLORA_GEMM": "mkl", "OMP_NUM_THREADS": "1"}  # the same sums in both processes
+    flags = ["--max-steps", 4, "--gradient-accumulation-steps", 2, "--learning-rate", "3e-3", "--val-size", 4]
+    flags += ["--target-modules", "q_proj,v_proj,o_proj", "--lr-scheduler-type", "cosine", "--logging-steps", 1]
+    flags += ["--system-prompt", "be brief", "--no-merge", "--output", "out"]
+    r = smolora("train", "--config", "recipe.yaml", *flags, cwd=first.parent, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = load_recipe(first / "config.yaml").values
     assert saved["data"] == str(first.parent / "train.jsonl") and saved["output"] == str(first)  # absolute
-    assert (saved["r"], saved["learning_rate"], saved["system_prompt"], saved["val_size"]) == (4, 3e-3, "be brief", 4)
+    assert saved["model"] == str(tiny_model_dir) and saved["max_length"] == 64  # from the recipe
+    assert (saved["r"], saved["lora_alpha"]) == (16, 32.0)  # the task's rank, saved as such
+    assert (saved["max_steps"], saved["learning_rate"], saved["system_prompt"]) == (4, 3e-3, "be brief")  # flags
 
     second = tmp_path / "second"
     again = smolora("train", "--config", first / "config.yaml", "--output", second, "--no-merge", cwd=tmp_path, env=env)

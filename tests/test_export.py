@@ -373,3 +373,24 @@ def test_an_adapter_llama_cpps_lora_format_cannot_hold_is_refused(tmp_path, toke
     with pytest.raises(SmoLoRAError, match="not an adapter folder"):
         export_lora_gguf(tmp_path, config, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_the_command_line_writes_an_adapter_gguf_and_a_modelfile(tmp_path, tiny_model_dir):
+    """`smolora export --adapter DIR --lora-gguf FILE`, the adapter alone, and `--output`: merged, with a Modelfile."""
+    from transformers import AutoModelForCausalLM
+
+    from smolora.config import LoraSettings
+    from smolora.lora import add_lora
+    from test_cli import smolora
+
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4).to_peft())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = ["--adapter", tmp_path / "adapter", "--model", tiny_model_dir, "--type", "f32"]
+    r = smolora("export", *adapter, "--lora-gguf", tmp_path / "a.gguf", "--output", tmp_path / "m.gguf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"f32 LoRA adapter GGUF saved to {tmp_path / 'a.gguf'}" in r.stdout
+    fields = GGUFReader(tmp_path / "a.gguf").fields
+    assert fields["general.type"].contents() == "adapter" and fields["adapter.lora.alpha"].contents() == 16.0
+    assert read_modelfile(tmp_path / "m.Modelfile")["from"] == "./m.gguf"
+    r = smolora("export", "--lora-gguf", tmp_path / "b.gguf")
+    assert r.returncode == 2 and "expected --output FILE.gguf, or --adapter DIR --lora-gguf FILE.gguf" in r.stderr

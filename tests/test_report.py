@@ -143,27 +143,55 @@ def test_a_failed_drawing_is_one_warning(tmp_path, said):
     assert len(warnings) == 1 and "loss.png: not drawn" in warnings[0]
 
 
-def test_tensorboard(runs, tmp_path, capsys):
-    common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 2, "--no-merge"]
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        from smolora.cli import main
+def test_tensorboard_without_the_package_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    from smolora.cli import main
 
-        assert main(["train", *map(str, common), "--output", str(tmp_path / "tb"), "--report-to", "tensorboard"]) == 2
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and "--report-to tensorboard: the tensorboard package is not" in err
-        assert not (tmp_path / "tb").exists()  # refused before anything was written
-        return
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where it is not installed: import fails
+    common = ["--data", str(runs / "train.jsonl"), "--model", str(runs / "tiny"), "--max-steps", "2"]
+    assert main(["train", *common, "--output", str(tmp_path / "tb"), "--report-to", "tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--report-to tensorboard: the tensorboard package is not" in err
+    assert not (tmp_path / "tb").exists()  # refused before anything was written
+
+
+def test_tensorboard_events_hold_the_metrics(runs, tmp_path):
+    pytest.importorskip("tensorboard")  # optional: not a SmoLoRA dependency
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 3, "--no-merge"]
     r = smolora("train", *common, "--output", tmp_path / "tb", "--report-to", "tensorboard", "--logging-steps", 1)
     assert r.returncode == 0, r.stderr[-2000:]
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
-    expected = [e["loss"] for e in metrics(tmp_path / "tb") if "loss" in e]
-    assert losses == pytest.approx(expected, abs=1e-4)
+    logged = metrics(tmp_path / "tb")
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [
+        (m["step"], m["loss"]) for m in logged if "loss" in m
+    ]
+    assert events.Scalars("run/run_tokens_per_s")[0].value == pytest.approx(logged[-1]["run_tokens_per_s"])
+
+
+def test_a_stopped_run_has_its_picture_as_of_its_last_checkpoint(runs, tmp_path):
+    """SIGTERM mid-run: the checkpoint it writes draws loss.png; the report says the run has not finished."""
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 100000, "--save-steps", 2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smolora.cli", "train", *map(str, common), "--output", str(out), "--logging-steps", "1",
+         "--gradient-accumulation-steps", "1", "--no-merge"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-000002").is_dir():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    look_at(out / "loss.png")
+    assert not any("run_seconds" in m for m in metrics(out))
+    r = smolora("report", out)
+    assert r.returncode == 0 and "time: the run has not finished" in r.stdout, r.stderr
 
 
 def test_eval_against_the_base(runs, tmp_path, capsys):

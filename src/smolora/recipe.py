@@ -525,7 +525,7 @@ def suggest(look: DataLook) -> dict[str, tuple[Any, str]]:
     }
     if val:
         out["val_size"] = (float(val), f"{n} records are enough to hold out {val} (a tenth, at most 200)")
-        out["eval_steps"] = (max(1, steps // 5), "five validation losses over the run, the last at its end")
+        out["eval_steps"] = (max(1, steps // 5), "a validation loss every fifth of the run, and one at its end")
     else:
         out["val_size"] = (
             0.0,

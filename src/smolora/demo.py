@@ -73,6 +73,14 @@ def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") ->
     return 100.0 * hits / len(records), outputs
 
 
+def _as_examples(records: list[dict], tokenizer) -> list:
+    """The held-out records as the token ids eval scores (the chat template, the reply supervised)."""
+    from smolora.config import DataConfig, TrainConfig
+    from smolora.data import prepare_data
+
+    return prepare_data(records, tokenizer, TrainConfig(max_length=256), DataConfig()).train
+
+
 def run_demo(
     output_dir: str = "./smolora_demo",
     train_size: int = 600,
@@ -85,6 +93,7 @@ def run_demo(
 ) -> dict:
     """Fine-tune on the date task, measure exact match before and after, save everything."""
     from smolora.api import SmoLoRA
+    from smolora.compare import comparison, measure, sample_pairs
     from smolora.config import expand_targets
     from smolora.models import load_model
     from smolora.run import earlier_run
@@ -116,10 +125,13 @@ def run_demo(
         f"[demo] task: {INSTRUCTION}\n[demo] {len(train_records)} training examples, {len(held_out)} held out",
         flush=True,
     )
+    # before and after: smolora.compare on the same token ids (loss, perplexity, greedy exact match)
+    examples = _as_examples(held_out, lora.tokenizer)
+    pairs = sample_pairs(examples, 5)
     base = load_model(lora.source, lora.device)
-    before, before_out = exact_match(base, lora.tokenizer, held_out, "scoring the base model")
+    base_run = measure(base, lora.tokenizer, examples, pairs, True, 16)
     del base
-    print(f"[demo] base model exact match: {before:.0f}%", flush=True)
+    print(f"[demo] base model exact match: {base_run[0].exact_match:.0f}%", flush=True)
 
     # The spec's LoRA defaults (q_proj/v_proj, r=8, alpha=16) with a faster lr of 1e-3 (the spec's
     # "can be increased to 5e-4 or 1e-3 for faster adaptation") and a cosine schedule.
@@ -140,21 +152,20 @@ def run_demo(
         raise TrainingInterrupted(
             e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it"
         ) from None
-    after, after_out = exact_match(lora.model, lora.tokenizer, held_out, "scoring the fine-tuned model")
+    result = comparison(base_run, measure(lora.model, lora.tokenizer, examples, pairs, True, 16), lora.tokenizer, pairs)
+    before, after = result.base.exact_match, result.tuned.exact_match
     print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
     merged = lora.save()
 
-    print("\n[demo] held-out examples (base -> fine-tuned | expected):")
-    for rec, b, a in list(zip(held_out, before_out, after_out))[:5]:
-        print(
-            f"  {rec['prompt'].split('Date: ')[1]!r}\n     base: {b[:60]!r}\n"
-            f"    tuned: {a!r}   expected: {rec['completion']!r}"
-        )
+    print("\n[demo] held-out dates, base vs fine-tuned (smolora eval --compare-base):")
+    print(result.table())
     seconds = time.perf_counter() - t0
     summary = {
         "exact_match_before": before,
         "exact_match_after": after,
         "gain_points": after - before,
+        "loss_before": result.base.loss,
+        "loss_after": result.tuned.loss,
         "train_steps": max_steps,
         "preset": preset,
         "r": r,
@@ -168,11 +179,12 @@ def run_demo(
     print(f"\n[demo] exact match {before:.0f}% -> {after:.0f}% (+{after - before:.0f} points) in {seconds:.0f} s")
     print(f"[demo] adapter (PEFT):        {lora.adapter_checkpoint}")
     print(f"[demo] merged model (HF):     {merged}")
-    print(f"[demo] checkpoints, metrics:  {out / 'checkpoints'}, {out / 'metrics.jsonl'}")
+    print(f"[demo] checkpoints, metrics:  {out / 'checkpoints'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     print(f"[demo] results:               {out / 'demo_results.json'}")
     example = held_out[0]["prompt"].replace("\n", "\\n") if held_out else "Date: 5 March 2021"
     print("[demo] next, with .venv/bin/smolora:")
     print(f"  generate --model {merged} --greedy --prompt $'{example}'")
-    print(f"  eval     --model {merged} --data {out / 'dates_eval.jsonl'} --exact-match")
+    print(f"  eval     --model {merged} --data {out / 'dates_eval.jsonl'} --compare-base")
+    print(f"  report   {out}")
     print(f"  export   --model {merged} --output {out / 'dates.gguf'} --type q8_0    # for llama.cpp / Ollama")
     return summary

@@ -394,3 +394,15 @@ def test_the_command_line_writes_an_adapter_gguf_and_a_modelfile(tmp_path, tiny_
     assert read_modelfile(tmp_path / "m.Modelfile")["from"] == "./m.gguf"
     r = smolora("export", "--lora-gguf", tmp_path / "b.gguf")
     assert r.returncode == 2 and "expected --output FILE.gguf, or --adapter DIR --lora-gguf FILE.gguf" in r.stderr
+
+
+def test_an_adapter_files_modelfile_names_its_base_and_the_adapter(tmp_path, tokenizer):
+    from smolora.ollama import write_modelfile
+
+    base = export_gguf(tiny("llama", len(tokenizer)), tokenizer, tmp_path / "base.gguf", "f16")
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    text = write_modelfile(tmp_path / "a.gguf", tokenizer, base=base).read_text()
+    assert text.startswith(f'FROM {base.resolve()}\nADAPTER ./a.gguf\nTEMPLATE """')
+    assert (
+        read_modelfile(tmp_path / "a.Modelfile")["template"] == read_modelfile(tmp_path / "base.Modelfile")["template"]
+    )

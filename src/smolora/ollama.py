@@ -35,9 +35,14 @@ def modelfile_path(gguf_path: str | Path) -> Path:
     return Path(gguf_path).with_suffix(".Modelfile")
 
 
-def write_modelfile(gguf_path: str | Path, tokenizer) -> Path:
-    """Write the Modelfile for ``gguf_path`` beside it, whole or not at all; returns its path."""
+def write_modelfile(gguf_path: str | Path, tokenizer, base: str | Path | None = None) -> Path:
+    """Write the Modelfile for ``gguf_path`` beside it, whole or not at all; returns its path. With
+    ``base`` (a GGUF file), ``gguf_path`` is a LoRA adapter file: ``FROM base`` + ``ADAPTER``."""
     text = modelfile_text(Path(gguf_path).name, tokenizer)
+    if base is not None:
+        text = text.replace(
+            f"FROM ./{Path(gguf_path).name}\n", f"FROM {Path(base).resolve()}\nADAPTER ./{Path(gguf_path).name}\n", 1
+        )
     path = modelfile_path(gguf_path)
     publish(path, lambda tmp: tmp.write_text(text), folder=False)
     return path

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_init_train_with_overrides_then_repeat_from_config_yaml(tmp_path, tiny_m
     assert main(["init", "--data", "train.jsonl", "--model", str(tiny_model_dir)]) == 0  # ./recipe.yaml
     drafted = load_recipe(first.parent / "recipe.yaml").values
     assert drafted["data"] == "train.jsonl" and drafted["task"] == "capability" and drafted["max_length"] == 64
-    env = {**ENV, "SMOLORA_GEMM": "mkl", "OMP_NUM_THREADS": "1"}  # the same sums in both processes
+    env = {**ENV, "OMP_NUM_THREADS": "1"}  # the GEMM: whichever the first run's timing picks
     flags = ["--max-steps", 4, "--gradient-accumulation-steps", 2, "--learning-rate", "3e-3", "--val-size", 4]
     flags += ["--target-modules", "q_proj,v_proj,o_proj", "--lr-scheduler-type", "cosine", "--logging-steps", 1]
     flags += ["--system-prompt", "be brief", "--no-merge", "--output", "out"]
@@ -208,6 +209,12 @@ def test_init_train_with_overrides_then_repeat_from_config_yaml(tmp_path, tiny_m
     assert (saved["r"], saved["lora_alpha"]) == (16, 32.0)  # the task's rank, saved as such
     assert (saved["max_steps"], saved["learning_rate"], saved["system_prompt"]) == (4, 3e-3, "be brief")  # flags
 
+    # the comment names the sums that repeat it bit for bit: the GEMM the first run timed, its threads
+    note = re.search(
+        r"(SMOLORA_GEMM)=(\w+) (OMP_NUM_THREADS)=(\d+) before the command", (first / "config.yaml").read_text()
+    )
+    assert note and note[4] == "1", (first / "config.yaml").read_text()[:600]
+    env = {**ENV, note[1]: note[2], note[3]: note[4]}
     second = tmp_path / "second"
     again = smolora("train", "--config", first / "config.yaml", "--output", second, "--no-merge", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr[-2000:]

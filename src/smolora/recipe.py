@@ -305,20 +305,28 @@ def _located(recipe: Recipe, problem: str) -> str:
 # --- every run's resolved settings: OUTPUT/config.yaml ------------------------------------------
 
 
-def save_run_recipe(run) -> Path:
-    """``run``'s settings as ``OUTPUT/config.yaml``, whole or not at all."""
-    text = run_recipe(run)
+def save_run_recipe(run, sums: dict | None = None) -> Path:
+    """``run``'s settings as ``OUTPUT/config.yaml``, whole or not at all; ``sums``: the CPU run's
+    ``gemm`` and ``threads``, said in a comment (what repeats it bit for bit)."""
+    text = run_recipe(run, sums)
     return publish(run.out / RUN_RECIPE, lambda tmp: tmp.write_text(text, encoding="utf-8"), folder=False)
 
 
-def run_recipe(run) -> str:
+def run_recipe(run, sums: dict | None = None) -> str:
     """The recipe that repeats ``run``: every setting, paths made absolute (a rerun may start elsewhere)."""
     out = run.out.absolute()
     lines = [
         f"# SmoLoRA recipe: the settings of the run in {out}, written by that run.",
         f"# Repeat it:  smolora train --config {out / RUN_RECIPE} --output OTHER_FOLDER   (or --overwrite)",
-        "",
     ]
+    if sums and sums.get("threads"):  # a fresh run times the GEMMs again and takes the cores it finds
+        gemm = f"SMOLORA_GEMM={sums['gemm']} " if sums.get("gemm") in ("mkl", "onednn") else ""
+        lines.append(
+            f"# It summed on {sums['threads']} CPU threads"
+            + (f" with the {sums['gemm']} GEMM" if gemm else "")
+            + f": {gemm}OMP_NUM_THREADS={sums['threads']} before the command repeats its losses bit for bit."
+        )
+    lines.append("")
     data = _data_value(run.dataset)
     if data is None:
         lines.append("# data was given in Python (records or a Dataset), not as a file: pass --data to rerun")

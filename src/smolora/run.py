@@ -149,7 +149,8 @@ def train_adapter(
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         if distributed.is_main():
-            save_run_recipe(run)  # OUTPUT/config.yaml: `smolora train --config` with it repeats this run
+            # OUTPUT/config.yaml: `smolora train --config` with it repeats this run (on a CPU, with its sums)
+            save_run_recipe(run, run_info if device.type == "cpu" else None)
         result = train(
             model,
             prepared.train,

@@ -180,7 +180,8 @@ def chat_repl(chat: Chat, stream_in=None) -> None:
     """Read lines until /quit or end of input: a /command, or a message for the active model."""
     stream_in = stream_in or sys.stdin
     interactive = stream_in.isatty()
-    print(f"chat with {chat.active}; {HELP}", flush=True)
+    answers = f" ({chat.active} answers)" if chat.adapters else ""
+    print(f"chat: type a message{answers}; {HELP}", flush=True)
     while True:
         if interactive:
             sys.stdout.write("you> ")

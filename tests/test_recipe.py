@@ -357,3 +357,14 @@ def test_a_shipped_recipe_trains_the_embedded_model(tmp_path):
     assert (out / "final_merged" / "model.safetensors").is_file()
     saved = load_recipe(out / "config.yaml").values
     assert saved["max_steps"] == 2 and saved["learning_rate"] == 1e-3 and saved["val_size"] == 50
+
+
+def test_a_symlinked_config_yaml_is_refused_before_anything_runs(tmp_path, tiny_model_dir, capsys):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    out.mkdir()
+    (out / "config.yaml").symlink_to(victim)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(4))
+    argv = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--output", str(out), "--overwrite"]
+    assert main(argv) == 2
+    assert "config.yaml: is a symbolic link" in capsys.readouterr().err and victim.read_text() == "keep me\n"

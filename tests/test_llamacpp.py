@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_llama
+from conftest import build_tiny, build_tiny_llama
 from smolora.export import export_gguf, export_lora_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def embedded():
     return embedded_gguf_path(), load_tokenizer(resolve_model(None))
 
 
-def tiny_with_lora(vocab_size: int, seed: int = 0, rslora: bool = False):
+def tiny_with_lora(vocab_size: int, seed: int = 0, rslora: bool = False, arch: str = "llama"):
     """A tiny random Llama (weights x4, so that greedy choices are rarely near-ties) and a LoRA on
     every projection with random B: (a copy of the base without adapters, the peft model)."""
     import copy
@@ -125,7 +125,7 @@ def tiny_with_lora(vocab_size: int, seed: int = 0, rslora: bool = False):
     from smolora.config import LoraSettings
     from smolora.lora import add_lora
 
-    base = build_tiny_llama(vocab_size, seed=seed)
+    base = build_tiny(arch, vocab_size, seed=seed)
     with torch.no_grad():
         for p in base.parameters():
             if p.ndim == 2:
@@ -206,12 +206,17 @@ def test_the_chat_template_llama_cpp_applies_is_the_one_training_used(tmp_path, 
         assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
 
 
-@pytest.mark.parametrize(("dtype", "tie"), [("f32", 1e-3), ("f16", 0.05)])
-def test_greedy_generation_of_an_export_is_transformers_on_the_merged_model(tmp_path, llamacpp, embedded, dtype, tie):
+@pytest.mark.parametrize(
+    ("arch", "dtype", "tie"),
+    [("llama", "f32", 1e-3), ("llama", "f16", 0.05), ("qwen2", "f32", 1e-3), ("qwen3", "f16", 0.05)],
+)
+def test_greedy_generation_of_an_export_is_transformers_on_the_merged_model(
+    tmp_path, llamacpp, embedded, arch, dtype, tie
+):
     from smolora.merge import merge_and_unload
 
     _, tokenizer = embedded
-    merged = merge_and_unload(tiny_with_lora(len(tokenizer))[1])
+    merged = merge_and_unload(tiny_with_lora(len(tokenizer), arch=arch)[1])
     path = export_gguf(merged, tokenizer, tmp_path / "m.gguf", dtype)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     answer = llamacpp.ask(model=path, generate=[{"ids": ids, "max_tokens": 12} for ids in prompts])
@@ -219,12 +224,22 @@ def test_greedy_generation_of_an_export_is_transformers_on_the_merged_model(tmp_
     assert sum(compared) >= 0.75 * 12 * len(PROMPTS), compared  # near-ties are rare, not the rule
 
 
-@pytest.mark.parametrize(("dtype", "tie", "rslora"), [("f32", 1e-3, False), ("f16", 0.05, False), ("f32", 1e-3, True)])
-def test_a_lora_gguf_on_its_base_generates_what_the_merged_model_does(tmp_path, llamacpp, embedded, dtype, tie, rslora):
+@pytest.mark.parametrize(
+    ("arch", "dtype", "tie", "rslora"),
+    [
+        ("llama", "f32", 1e-3, False),
+        ("llama", "f16", 0.05, False),
+        ("llama", "f32", 1e-3, True),
+        ("qwen2", "f16", 0.05, False),
+    ],
+)
+def test_a_lora_gguf_on_its_base_generates_what_the_merged_model_does(
+    tmp_path, llamacpp, embedded, arch, dtype, tie, rslora
+):
     from smolora.merge import merge_and_unload
 
     _, tokenizer = embedded
-    base, peft_model = tiny_with_lora(len(tokenizer), rslora=rslora)
+    base, peft_model = tiny_with_lora(len(tokenizer), rslora=rslora, arch=arch)
     peft_model.save_pretrained(tmp_path / "adapter")
     base_path = export_gguf(base, tokenizer, tmp_path / "base.gguf", dtype)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
@@ -239,3 +254,34 @@ def test_a_lora_gguf_on_its_base_generates_what_the_merged_model_does(tmp_path, 
     compared = [assert_same_greedy(e, got, tie) for e, got in zip(expected, answer["generated"])]
     assert sum(compared) >= 0.75 * 12 * len(PROMPTS), compared
     assert lora_path.stat().st_size < base_path.stat().st_size / 4
+
+
+@pytest.mark.slow
+def test_the_demos_fine_tune_scores_the_same_through_llama_cpp_at_f16(tmp_path, llamacpp, embedded):
+    """A short date-task fine-tune of the embedded model: exact match through llama.cpp (the merged f16 file,
+    and the f16 base with the f16 adapter file) equals exact match through transformers, reply for reply."""
+    from smolora.demo import exact_match, run_demo
+    from smolora.generate import prompt_ids
+    from smolora.models import load_model, load_tokenizer, resolve_model
+
+    baseline_path, _ = embedded
+    baseline = set(llamacpp.ask(model=baseline_path, tokenize=["x"])["warnings"])
+    summary = run_demo(str(tmp_path / "demo"), train_size=300, eval_size=24, max_steps=40)
+    held_out = [json.loads(line) for line in Path(summary["eval_data"]).read_text().splitlines()]
+    merged_source = resolve_model(summary["merged_model"])
+    tokenizer = load_tokenizer(merged_source)
+    merged = load_model(merged_source, "cpu").eval()
+    score, replies = exact_match(merged, tokenizer, held_out)
+    assert score > 50, score  # the fine-tune learned the task: a score worth comparing
+
+    merged_path = export_gguf(merged, tokenizer, tmp_path / "dates.gguf", "f16", base=baseline_path)
+    base_path = export_gguf(load_model(resolve_model(None), "cpu"), tokenizer, tmp_path / "base.gguf", "f16")
+    lora_path = export_lora_gguf(summary["adapter"], merged.config, tmp_path / "dates.lora.gguf", "f16")
+    requests = [{"ids": prompt_ids(tokenizer, r["prompt"])[0].tolist(), "max_tokens": 16} for r in held_out]
+    for model, lora in ((merged_path, None), (base_path, lora_path)):
+        answer = llamacpp.ask(model=model, lora=lora, generate=requests, timeout=900)
+        assert set(answer["warnings"]) <= baseline, set(answer["warnings"]) - baseline
+        hits = sum(t.strip() == r["completion"] for t, r in zip(answer["text"], held_out, strict=True))
+        assert 100.0 * hits / len(held_out) == score, (model.name, answer["text"], replies)
+        same = sum(t.strip() == o.strip() for t, o in zip(answer["text"], replies))
+        assert same >= len(replies) - 1, (model.name, answer["text"], replies)  # a near-tie may part one reply

@@ -153,6 +153,8 @@ def _shortest_suffixes(chosen: set[str], every: list[str]) -> list[str]:
         parts = name.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
+            if parts[-k].isdigit() and k < len(parts):  # h.1.attn.c_attn, not 1.attn.c_attn
+                continue
             if all(n in chosen for n in every if n == suffix or n.endswith("." + suffix)):
                 out.add(suffix)
                 break

@@ -158,9 +158,13 @@ def test_tensorboard_events_hold_the_metrics(runs, tmp_path):
     pytest.importorskip("tensorboard")  # optional: not a SmoLoRA dependency
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 3, "--no-merge"]
+    (tmp_path / "tb" / "tensorboard").mkdir(parents=True)  # an earlier run's, which --overwrite replaces
+    (tmp_path / "tb" / "tensorboard" / "events.out.tfevents.0.old").write_bytes(b"")
+    (tmp_path / "tb" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 3, "--no-merge", "--overwrite"]
     r = smolora("train", *common, "--output", tmp_path / "tb", "--report-to", "tensorboard", "--logging-steps", 1)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "tb" / "tensorboard" / "events.out.tfevents.0.old").exists()
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     events.Reload()
     logged = metrics(tmp_path / "tb")

@@ -148,6 +148,8 @@ def train_adapter(
             for name in RUN_FOLDERS:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
+            (out / "loss.png").unlink(missing_ok=True)  # the earlier run's picture and TensorBoard events
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         if distributed.is_main():
             # OUTPUT/config.yaml: `smolora train --config` with it repeats this run (on a CPU, with its sums)
             save_run_recipe(run, run_info if device.type == "cpu" else None)

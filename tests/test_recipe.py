@@ -322,7 +322,7 @@ def test_init_refuses_bad_data_in_one_line(tmp_path, capsys):
     assert main(["init", str(tmp_path / "r.yaml"), "--data", str(bad)]) == 2
     assert "bad.jsonl" in capsys.readouterr().err and not (tmp_path / "r.yaml").exists()
     with pytest.raises(SmoLoRAError, match="is a folder"):
-        write_init_recipe(tmp_path, overwrite=True)
+        write_init_recipe(tmp_path)
 
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -402,7 +402,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _yaml(value: Any) -> str:
     """``value`` as a YAML flow value on one line (that ``_Loader`` reads back as the same value)."""
-    if isinstance(value, str) and not value.isprintable():  # a line break: one double-quoted line, as JSON writes it
+    if isinstance(value, str) and not value.isprintable():  # a line break, a tab: one line, double-quoted as JSON
         return json.dumps(value, ensure_ascii=False)
     text = yaml.dump({"v": value}, Dumper=_Dumper, default_flow_style=True, width=math.inf, allow_unicode=True)
     return text[4:-2]
@@ -414,7 +414,7 @@ def _line(key: str, value: Any) -> str:
 
 # --- smolora init: a commented recipe, fitted to the data ---------------------------------------
 
-EPOCHS = 3  # a LoRA fine-tune on a few hundred to a few thousand records usually settles within 3 epochs
+EPOCHS = 3  # the common choice for a fine-tune on a small dataset (Alpaca's recipe trains 3 epochs)
 VAL_MIN_RECORDS = 200  # below this a held-out tenth is too small to say much and costs the training
 SAMPLE = 2000  # records tokenized to measure lengths: a percentile needs no more
 
@@ -446,10 +446,10 @@ def write_init_recipe(
     """Write a commented recipe at ``path``: every key with its help and default; with ``data``, the
     settings that depend on it suggested from a look at it. Refuses to replace a file unless asked."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SmoLoRAError(f"{path}: exists; pass --overwrite to replace it")
     if path.is_dir():
         raise SmoLoRAError(f"{path}: is a folder; expected a file name for the recipe")
+    if path.exists() and not overwrite:
+        raise SmoLoRAError(f"{path}: exists; pass --overwrite to replace it")
     check_writable_file(path, "init")
     look = look_at_data(data, model, trust_remote_code) if data is not None else None
     text = init_recipe_text(data, model, look, path)

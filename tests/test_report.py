@@ -161,9 +161,11 @@ def test_tensorboard_events_hold_the_metrics(runs, tmp_path):
     (tmp_path / "tb" / "tensorboard").mkdir(parents=True)  # an earlier run's, which --overwrite replaces
     (tmp_path / "tb" / "tensorboard" / "events.out.tfevents.0.old").write_bytes(b"")
     (tmp_path / "tb" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    from smolora.cli import main  # in this process: the CLI's train runs in subprocesses above
+
     common = ["--data", runs / "train.jsonl", "--model", runs / "tiny", "--max-steps", 3, "--no-merge", "--overwrite"]
-    r = smolora("train", *common, "--output", tmp_path / "tb", "--report-to", "tensorboard", "--logging-steps", 1)
-    assert r.returncode == 0, r.stderr[-2000:]
+    common += ["--output", tmp_path / "tb", "--report-to", "tensorboard", "--logging-steps", 1, "--quiet"]
+    assert main(["train", *map(str, common)]) == 0
     assert not (tmp_path / "tb" / "tensorboard" / "events.out.tfevents.0.old").exists()
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     events.Reload()
@@ -174,7 +176,7 @@ def test_tensorboard_events_hold_the_metrics(runs, tmp_path):
     assert events.Scalars("run/run_tokens_per_s")[0].value == pytest.approx(logged[-1]["run_tokens_per_s"])
 
 
-def test_a_stopped_run_has_its_picture_as_of_its_last_checkpoint(runs, tmp_path):
+def test_a_stopped_run_has_its_picture_as_of_its_last_checkpoint(runs, tmp_path, capsys):
     """SIGTERM mid-run: the checkpoint it writes draws loss.png; the report says the run has not finished."""
     import signal
     import time
@@ -194,8 +196,10 @@ def test_a_stopped_run_has_its_picture_as_of_its_last_checkpoint(runs, tmp_path)
     assert process.returncode == 130, err[-2000:]
     look_at(out / "loss.png")
     assert not any("run_seconds" in m for m in metrics(out))
-    r = smolora("report", out)
-    assert r.returncode == 0 and "time: the run has not finished" in r.stdout, r.stderr
+    from smolora.cli import main
+
+    assert main(["report", str(out)]) == 0
+    assert "time: the run has not finished" in capsys.readouterr().out
 
 
 def test_eval_against_the_base(runs, tmp_path, capsys):

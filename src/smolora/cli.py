@@ -341,6 +341,19 @@ def _export_command(sub) -> None:
         "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32",
     )
     p.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
+    p.add_argument(
+        "--check",
+        default=None,
+        metavar="HELD_OUT",
+        help="export each type from f16 down to q4_0, score each file's greedy exact match on these held-out "
+        "records, and keep the smallest within --tolerance points of the unquantized model (instead of --type)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=2.0,
+        help="with --check: exact-match points a smaller file may lose (default: 2)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_safety_flags(p)
 
@@ -645,12 +658,17 @@ def _eval_against_base(args, base_source, source, tokenizer, examples, device) -
 def cmd_export(args) -> int:
     from smolora.export import base_origin, check_exportable, check_output, export_gguf, export_lora_gguf
     from smolora.models import load_config
+    from smolora.quantize import check_examples, check_tolerance, smallest_that_keeps
 
     if not (args.output or args.lora_gguf) or (args.lora_gguf and not args.adapter):
         raise SmoLoRAError("export: expected --output FILE.gguf, or --adapter DIR --lora-gguf FILE.gguf (or both)")
     for path in filter(None, (args.output, args.lora_gguf)):
         check_output(path, args.type, args.overwrite)  # before the model loads
+    if args.check and not args.output:
+        raise SmoLoRAError("export --check: expected --output FILE.gguf, where the file kept goes")
+    check_tolerance(args.tolerance)
     source, tokenizer = _source_and_tokenizer(args)
+    held_out = check_examples(args.check, tokenizer) if args.check else None
     config = load_config(source, args.trust_remote_code)
     if args.lora_gguf:
         lora = export_lora_gguf(
@@ -660,6 +678,10 @@ def cmd_export(args) -> int:
     if args.output:
         check_exportable(config, tokenizer)
         model = _load_model(args, source, "cpu")
+        if held_out is not None:
+            options = dict(tolerance=args.tolerance, overwrite=args.overwrite, name=args.name, base=base_origin(source))
+            smallest_that_keeps(model, tokenizer, held_out, args.output, **options)
+            return 0
         out = export_gguf(
             model, tokenizer, args.output, args.type, name=args.name, overwrite=args.overwrite, base=base_origin(source)
         )

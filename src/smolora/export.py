@@ -90,13 +90,15 @@ def export_gguf(
     base: str | Path | None = None,
     finetune: str | None = None,
     modelfile: bool = True,
+    q8_0_for: tuple[str, ...] = (),
 ) -> Path:
     """Write ``model`` (a transformers causal LM, merged: no adapters) and its tokenizer to ``path``.
 
     ``base`` (the .gguf file or model folder the fine-tune started from) and ``finetune`` (its name,
     default ``name``, else the file's stem) fill the ``general.*`` metadata as llama.cpp's converter does. With
     ``modelfile``, an Ollama Modelfile is written beside the file (``smolora.ollama``). The files
-    appear only once complete; an existing file is replaced only with ``overwrite``.
+    appear only once complete; an existing file is replaced only with ``overwrite``. ``q8_0_for``:
+    parts of GGUF tensor names (``attn_v``, ``ffn_down``) whose matrices stay q8_0 under a lower type.
     """
     import gguf
 
@@ -114,7 +116,8 @@ def export_gguf(
         _write_general(writer, model, origin, name, finetune or name or path.stem)
         _write_hyperparameters(writer, config, dtype)
         _write_tokenizer(writer, tokenizer, config.vocab_size)
-        _write_tensors(writer, model, gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers), arch, dtype)
+        names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
+        _write_tensors(writer, model, names, arch, dtype, q8_0_for)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -316,7 +319,7 @@ def _permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:
+def _write_tensors(writer, model, names, arch: str, dtype: str, q8_0_for: tuple[str, ...] = ()) -> None:
 
     config = model.config
     tied = config.tie_word_embeddings
@@ -331,6 +334,7 @@ def _write_tensors(writer, model, names, arch: str, dtype: str) -> None:
             heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             data = _permute_rope(data, heads)
         kept = "q8_0" if dtype in LOW_BIT and gguf_name in ("token_embd.weight", "output.weight") else dtype
+        kept = "q8_0" if dtype in LOW_BIT and any(f".{part}." in gguf_name for part in q8_0_for) else kept
         array, raw_dtype = _encode(data, kept)
         writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
 

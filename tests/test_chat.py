@@ -101,17 +101,20 @@ def test_the_system_prompt_and_reset_shape_the_conversation(setup, monkeypatch, 
     root, tokenizer = setup
     model = AutoModelForCausalLM.from_pretrained(root / "tiny").eval()
     chat = open_chat(model, tokenizer, {}, {"max_new_tokens": 2, "do_sample": False})
-    monkeypatch.setattr(sys, "stdin", io.StringIO("/system be brief\none\ntwo\n/reset\nthree\n/quit\nfour\n"))
+    too_long = "the quick brown fox " * 100  # beyond the tiny model's 256 positions: refused, one warning
+    script = f"/system be brief\none\ntwo\n/reset\nthree\n{too_long}\n/quit\nfour\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     chat_repl(chat)
     replies = [m["content"] for m in chat.transcript if m["role"] == "assistant"]
     assert [m["content"] for m in chat.transcript if m["role"] == "user"] == ["one", "two", "three"]  # /quit ends it
-    assert chat.messages() == [  # after /reset: the system prompt and the last turn only
+    assert chat.messages() == [  # after /reset: the system prompt and the last turn only (the refused one left none)
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "three"},
         {"role": "assistant", "content": replies[2]},
     ]
     out = capsys.readouterr().out
-    assert "system prompt set" in out and "history cleared" in out and out.count("model> ") == 3
+    assert "system prompt set" in out and "history cleared" in out and out.count("model> ") == 4
+    assert "model> \n[smolora] warning: the prompt (" in out and "fills the model's context (256 tokens)" in out
 
 
 def test_bad_adapters_are_one_line(setup, tmp_path, capsys):

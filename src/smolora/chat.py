@@ -104,11 +104,18 @@ class Chat:
         return reply
 
     def say_to(self, line: str) -> None:
+        """``line`` answered by the active model; a reply stopped (Ctrl-C) or refused leaves no turn behind."""
         self.history.append({"role": "user", "content": line})
-        self.transcript.append({"role": "user", "content": line})
-        reply = self.answer(self.active, self.messages())
+        try:
+            reply = self.answer(self.active, self.messages())
+        except BaseException:
+            self.history.pop()
+            raise
         self.history.append({"role": "assistant", "content": reply})
-        self.transcript.append({"role": "assistant", "content": reply, "model": self.active})
+        self.transcript += [
+            {"role": "user", "content": line},
+            {"role": "assistant", "content": reply, "model": self.active},
+        ]
 
     def compare(self) -> None:
         """The last prompt (with the conversation before it) answered by every adapter and the base;
@@ -205,6 +212,7 @@ def chat_repl(chat: Chat, stream_in=None) -> None:
         except KeyboardInterrupt:  # stops a reply, not the chat
             print("\n(stopped)", flush=True)
         except SmoLoRAError as e:  # e.g. a conversation that fills the model's context
+            print(flush=True)  # (after the reply's label)
             warn(str(e))
 
 

@@ -126,9 +126,12 @@ def draw_run(curves: Curves, path: Path | None = None) -> Path:
     best = curves.best_eval()
     if best is not None and curves.eval:
         ax.plot(*best, marker="*", ms=14, color="tab:red", ls="none", label=f"best validation {best[1]:.4f}")
+    previous = run_settings(curves.folder).get("lora_config", {}).get("r") if curves.ranks else None
     for step, rank in sorted(curves.ranks.items()):  # grown before step ``step + 1`` ran
         ax.axvline(step + 0.5, color="tab:purple", ls=":", lw=1.2)
-        ax.annotate(f"rank {rank}", (step + 0.5, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+        grown = f"rank {previous}→{rank}" if isinstance(previous, int) else f"rank {rank}"
+        previous = rank
+        ax.annotate(grown, (step + 0.5, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", color="tab:purple", fontsize=9)  # fmt: skip
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")

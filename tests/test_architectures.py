@@ -259,3 +259,65 @@ def test_a_model_that_cannot_keep_packed_examples_apart_is_told_to_train_unpacke
     model = transformers.BloomForCausalLM(config)
     with pytest.raises(SmoLoRAError, match="BloomForCausalLM cannot keep the examples of a packed row apart"):
         token_loss_sum(model, collate(examples_of(tokenizer, 3), packed=True))
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer, request):
+    """A saved tiny model of the architecture ``request.param`` with the test tokenizer."""
+    folder = tmp_path / request.param
+    build(request.param, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_dir", ["gpt2"], indirect=True)
+def test_the_command_line_trains_all_linear_on_gpt2_and_says_what_it_adapted(tmp_path, model_dir):
+    """Conv1D layers, a fused q/k/v projection, tied embeddings: trained, merged, read back."""
+    from conftest import write_jsonl
+    from test_cli import smolora
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(12))
+    out = tmp_path / "run"
+    r = smolora(
+        *("train", "--data", data, "--output", out, "--model", model_dir, "--max-steps", 3),
+        *("--target-modules", "all-linear", "--gradient-accumulation-steps", 2),
+    )
+    said = r.stdout + r.stderr
+    assert r.returncode == 0, said[-2000:]
+    assert (
+        "LoRA on 8 layers: c_attn x2 (q+k+v fused), c_proj x4 (attention output), c_fc x2 (MLP); "
+        "c_attn computes several projections in one matrix: one adapter adapts them together" in said
+    )
+    assert said.index("LoRA on 8 layers") < said.index("step 3/3")  # said before training
+    ids = torch.tensor([list(range(3, 20))])
+    adapter = PeftModel.from_pretrained(load_folder(model_dir), out / "adapter_checkpoint")
+    merged = load_folder(out / "final_merged")
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(adapter, ids), atol=1e-4, rtol=0)
+    assert not torch.equal(logits_of(merged, ids), logits_of(load_folder(model_dir), ids))
+
+
+def load_folder(folder):
+    """A saved model folder as transformers loads it."""
+    return transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_dir", ["gpt_neox"], indirect=True)
+def test_two_processes_train_gpt_neox_as_one_process_with_twice_the_accumulation(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from conftest import write_jsonl
+    from test_cli import smolora
+    from test_distributed import torchrun
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(16))
+    common = ["train", "--data", data, "--model", model_dir, "--max-steps", 3, "--lora-dropout", 0, "--no-merge"]
+    common += ["--target-modules", "all-linear"]
+    one = smolora(*common, "--gradient-accumulation-steps", 4, "--output", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*common, "--gradient-accumulation-steps", 2, "--output", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_file(tmp_path / run / "adapter_checkpoint" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys() and any("query_key_value" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)

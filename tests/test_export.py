@@ -372,6 +372,10 @@ def test_an_adapter_llama_cpps_lora_format_cannot_hold_is_refused(tmp_path, toke
         export_lora_gguf(tmp_path / "adapter", config, tmp_path / "a.gguf")
     with pytest.raises(SmoLoRAError, match="not an adapter folder"):
         export_lora_gguf(tmp_path, config, tmp_path / "a.gguf")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(settings))
+    wider = type(config).from_dict({**config.to_dict(), "intermediate_size": 96})
+    with pytest.raises(SmoLoRAError, match=r"model.layers.0.mlp.down_proj .* does not fit this base model's matrix"):
+        export_lora_gguf(tmp_path / "adapter", wider, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 
 

@@ -7,8 +7,11 @@ matrices are written as ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit blocks of 
 scale; ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` likewise at 5 and 4 bits, the token embedding and
 output matrix kept at q8_0; a matrix whose rows do not split into blocks is written f16). Supported: Llama
 (SmolLM2, Llama 2, others without rope scaling), Qwen2 and Qwen3 — architectures transformers can
-read back from GGUF, which is how the tests check every export; llama.cpp itself is not run here,
-but exporting the embedded model reproduces the file llama.cpp's converter made (test).
+read back from GGUF, which is how the tests check every export; tests/test_llamacpp.py also runs the
+files in a real llama.cpp, and exporting the embedded model reproduces the file llama.cpp's converter
+made (test). ``general.*`` metadata names the base and the fine-tune as the converter does; an Ollama
+Modelfile is written beside each file (``smolora.ollama``). ``export_lora_gguf`` writes an adapter
+alone as a llama.cpp LoRA file, applied to the base file at load time.
 """
 
 from __future__ import annotations
@@ -451,6 +454,12 @@ def _lora_tensors(module: str, a: np.ndarray, b: np.ndarray, settings: dict, alp
     if gguf_name is None or not gguf_name.startswith("blk."):
         raise SmoLoRAError(f"export: no llama.cpp LoRA name for the adapted module {module!r}")
     rank = a.shape[0]
+    expected = _matrix_shapes(config).get(gguf_name.split(".")[2])
+    if expected is None or a.shape[1] != expected[1] or b.shape != (expected[0], rank):
+        raise SmoLoRAError(
+            f"export: the adapter's {module} (A {a.shape}, B {b.shape}) does not fit this base model's matrix "
+            f"{expected or gguf_name}; export it with the base it was trained on (--model)"
+        )
     own_alpha = settings.get("alpha_pattern", {}).get(
         get_pattern_key(settings.get("alpha_pattern", {}).keys(), module), alpha
     )
@@ -474,3 +483,20 @@ def base_origin(source) -> Path | None:
     if str(source.name).endswith(".gguf"):
         return Path(source.name)
     return Path(source.folder) if source.is_local else None
+
+
+def _matrix_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each adaptable matrix of one block, by its llama.cpp name, from the config alone."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = config.intermediate_size
+    return {
+        "attn_q": (heads * head_dim, hidden),
+        "attn_k": (kv * head_dim, hidden),
+        "attn_v": (kv * head_dim, hidden),
+        "attn_output": (hidden, heads * head_dim),
+        "ffn_gate": (inter, hidden),
+        "ffn_up": (inter, hidden),
+        "ffn_down": (hidden, inter),
+    }

@@ -141,7 +141,7 @@ def export_gguf(
     return path
 
 
-def base_metadata(base: str | Path | None, total_params: int) -> dict:
+def base_metadata(base: str | Path | None) -> dict:
     """What is known of the model a fine-tune started from, as ``general.*`` values (no prefix):
     from a .gguf file its own keys, from a folder its model card's (README.md) name, license, languages."""
     import gguf
@@ -158,7 +158,10 @@ def base_metadata(base: str | Path | None, total_params: int) -> dict:
         return {k: fields[f"general.{k}"].contents() for k in keys if f"general.{k}" in fields}
     if not (base / "README.md").is_file():
         return {}  # a folder's name says little (final_merged, a cache): only a model card is read
-    card = gguf.Metadata.load_model_card(base)
+    try:
+        card = gguf.Metadata.load_model_card(base) or {}
+    except Exception:  # noqa: BLE001 - a card whose front matter is not YAML says nothing here
+        return {}
     languages = card.get("language") or card.get("languages")
     known = {
         "name": card.get("model_name"),
@@ -173,7 +176,7 @@ def general_metadata(base: str | Path | None, total_params: int, name: str | Non
     base's basename, license and languages, its own size label and finetune, the base as base_model.0."""
     import gguf
 
-    known = base_metadata(base, total_params)
+    known = base_metadata(base)
     size = gguf.size_label(total_params, 0, 0, 0)
     basename = known.get("basename") or known.get("name")
     general = {
@@ -396,7 +399,7 @@ def export_lora_gguf(
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        known = base_metadata(base, 0)
+        known = base_metadata(base)
         writer.add_name(name or " ".join(p for p in (known.get("name"), Path(adapter_dir).resolve().name, "LoRA") if p))
         writer.add_file_type(
             gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")

@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	@echo "[make] installing the test tools (pytest, hypothesis, ruff)"
+	@echo "[make] installing the test tools (pytest, pytest-xdist, hypothesis, ruff)"
 	$(PIP) install -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -39,8 +39,12 @@ $(LLAMACPP)/.installed:
 	  && touch $@; \
 	else echo "[make] node/npm not found: the llama.cpp tests will skip"; fi
 
+# Two test processes, each test file whole in one of them (its fixtures built once): the suite's many
+# short CLI subprocesses overlap.
+TEST_PROCS ?= 2
+
 test: $(VENV)/.dev $(LLAMACPP)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev $(LLAMACPP)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

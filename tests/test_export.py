@@ -379,7 +379,7 @@ def test_an_adapter_llama_cpps_lora_format_cannot_hold_is_refused(tmp_path, toke
     assert not (tmp_path / "a.gguf").exists()
 
 
-def test_the_command_line_writes_an_adapter_gguf_and_a_modelfile(tmp_path, tiny_model_dir):
+def test_the_command_line_writes_an_adapter_gguf_and_a_modelfile(tmp_path, tiny_model_dir, tokenizer):
     """`smolora export --adapter DIR --lora-gguf FILE`, the adapter alone, and `--output`: merged, with a Modelfile."""
     from transformers import AutoModelForCausalLM
 
@@ -396,8 +396,14 @@ def test_the_command_line_writes_an_adapter_gguf_and_a_modelfile(tmp_path, tiny_
     fields = GGUFReader(tmp_path / "a.gguf").fields
     assert fields["general.type"].contents() == "adapter" and fields["adapter.lora.alpha"].contents() == 16.0
     assert read_modelfile(tmp_path / "m.Modelfile")["from"] == "./m.gguf"
+    assert not (tmp_path / "a.Modelfile").exists()  # its base is a folder: Ollama's ADAPTER needs a GGUF base
     r = smolora("export", "--lora-gguf", tmp_path / "b.gguf")
     assert r.returncode == 2 and "expected --output FILE.gguf, or --adapter DIR --lora-gguf FILE.gguf" in r.stderr
+
+    base = export_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, tmp_path / "base.gguf", "f32")
+    r = smolora("export", "--adapter", tmp_path / "adapter", "--model", base, "--lora-gguf", tmp_path / "c.gguf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "c.Modelfile").read_text().startswith(f"FROM {base.resolve()}\nADAPTER ./c.gguf\n")
 
 
 def test_an_adapter_files_modelfile_names_its_base_and_the_adapter(tmp_path, tokenizer):

@@ -658,6 +658,7 @@ def _eval_against_base(args, base_source, source, tokenizer, examples, device) -
 def cmd_export(args) -> int:
     from smolora.export import base_origin, check_exportable, check_output, export_gguf, export_lora_gguf
     from smolora.models import load_config
+    from smolora.ollama import write_modelfile
     from smolora.quantize import check_examples, check_tolerance, smallest_that_keeps
 
     if not (args.output or args.lora_gguf) or (args.lora_gguf and not args.adapter):
@@ -675,6 +676,8 @@ def cmd_export(args) -> int:
             args.adapter, config, args.lora_gguf, args.type, overwrite=args.overwrite, base=base_origin(source)
         )
         say(f"{args.type} LoRA adapter GGUF saved to {lora} ({lora.stat().st_size / 2**20:.1f} MiB)")
+        if str(base_origin(source)).endswith(".gguf"):  # Ollama's ADAPTER needs its base as a GGUF file
+            write_modelfile(lora, tokenizer, base=base_origin(source))
     if args.output:
         check_exportable(config, tokenizer)
         model = _load_model(args, source, "cpu")

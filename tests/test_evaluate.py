@@ -12,7 +12,16 @@ from peft import LoraConfig
 from conftest import build_tiny_llama, build_tokenizer
 from smolora.data.formats import FormatOptions, encode_record, encode_records
 from smolora.errors import SmoLoRAError
-from smolora.evaluate import BATCH_TOKENS, _batches, _decode, evaluate, greedy_replies, greedy_texts, last_reply
+from smolora.evaluate import (
+    BATCH_TOKENS,
+    _batches,
+    _decode,
+    _mismatch,
+    evaluate,
+    greedy_replies,
+    greedy_texts,
+    last_reply,
+)
 from smolora.fast import accelerated
 from smolora.generate import generate, prompt_ids, stop_token_ids
 from smolora.lora import add_lora
@@ -213,6 +222,31 @@ def test_a_near_tie_in_a_batch_is_decoded_again_alone(tokenizer):
     assert decoded[0][1] and not all(close for _, close in decoded)  # flagged where the twins lead, only there
     expected = [alone(model, tokenizer, p, 8) for p in prompts]
     assert greedy_replies(model, tokenizer, prompts, 8, batch_size=16) == expected
+
+
+def test_a_reply_that_can_no_longer_match_stops_with_the_same_verdict(tokenizer):
+    prompts = [prompt_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
+    model = talkative_tiny_llama(tokenizer, prompts, 16)
+    full = greedy_replies(model, tokenizer, prompts, 16)
+    text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in full]
+    references = [
+        text[0],  # right
+        text[1] + "  ",  # right: whitespace at the ends does not count
+        text[2][:-1] + "#",  # wrong at its last character
+        "#" + text[3],  # wrong at the first
+        text[4] + " more",  # the reply and more
+        text[5][: len(text[5]) // 2],  # half of it
+        *text[6:],
+    ]
+    references = [r.strip() for r in references]
+    early = greedy_replies(model, tokenizer, prompts, 16, batch_size=4, until=_mismatch(tokenizer, references))
+    verdicts = [t == r for t, r in zip(text, references)]
+    assert verdicts[:6] == [True, True, False, False, False, False]
+    assert [
+        tokenizer.decode(ids, skip_special_tokens=True).strip() == r for ids, r in zip(early, references)
+    ] == verdicts
+    assert all(full[i][: len(ids)] == ids for i, ids in enumerate(early))  # prefixes of the full replies
+    assert len(early[3]) == 1 and len(early[5]) < len(full[5])  # stopped where the text left the reference
 
 
 def test_batches_pad_little_and_hold_a_bounded_number_of_tokens():

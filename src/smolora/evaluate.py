@@ -4,6 +4,7 @@ last reply given everything before it."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import asdict, dataclass
@@ -126,14 +127,35 @@ def evaluate(
 def _exact_matches(
     model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int, progress: bool
 ) -> list[bool | None]:
-    """Per example: whether its last reply, generated greedily, matches (None: nothing to prompt with)."""
+    """Per example: whether its last reply, generated greedily, matches (None: nothing to prompt with).
+    A reply that can no longer match stops there (``_mismatch``): the same verdicts, fewer tokens."""
     replies_to_score(examples)  # an error if there are none
     pairs = [last_reply(e) for e in examples]
     prompts = [pair[0] for pair in pairs if pair is not None]
     desc = "[smolora] exact match" if progress else None
-    generated = iter(greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, desc=desc))
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731  as generate() returns
-    return [None if pair is None else text(next(generated)) == text(pair[1]) for pair in pairs]
+    references = [text(pair[1]) for pair in pairs if pair is not None]
+    # a tokenizer that cleans up spaces can rewrite text already decoded: no early verdict there
+    until = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else _mismatch(tokenizer, references)
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, desc=desc, until=until)
+    matches = iter(text(reply) == reference for reply, reference in zip(replies, references))
+    return [None if pair is None else next(matches) for pair in pairs]
+
+
+def _mismatch(tokenizer, references: list[str]):
+    """``until`` for ``greedy_replies``: whether prompt ``i``'s reply so far can no longer equal
+    ``references[i]`` whatever follows, its text having left every ``whitespace + reference +
+    whitespace``. Exact for a byte-level decoder, which only appends to the text (an unfinished
+    character, shown as U+FFFD, waits for its other bytes)."""
+
+    def settled(i: int, ids: list[int]) -> bool:
+        reference = references[i]
+        text = tokenizer.decode(ids, skip_special_tokens=True).lstrip().rstrip("\ufffd")
+        if len(text) <= len(reference):
+            return not reference.startswith(text)
+        return not (text.startswith(reference) and text[len(reference) :].isspace())
+
+    return settled
 
 
 def greedy_replies(
@@ -144,6 +166,7 @@ def greedy_replies(
     *,
     batch_size: int = BATCH_SIZE,
     desc: str | None = None,
+    until=None,
 ) -> list[list[int]]:
     """Each prompt's greedy continuation (token ids, up to and with its stop token): the ids
     ``smolora.generate.generate(..., do_sample=False)`` gives each prompt alone, computed
@@ -156,7 +179,9 @@ def greedy_replies(
     in the last bits. Where a step's best token led the runner-up by less than ``TIE_MARGIN``, that
     difference could change the choice: such a row is decoded again alone, where the ids are
     ``generate``'s to the bit (a batch of one runs the same forward calls). So every row's ids are
-    the one-at-a-time ids.
+    the one-at-a-time ids. ``until(i, ids)``: where true, prompt ``i``'s reply is settled and stops
+    there (exact match stops a reply that can no longer match; its ids are then a prefix of the full
+    reply's).
     """
     from smolora.fast import accelerated
     from smolora.generate import folded_adapter, stop_token_ids
@@ -174,10 +199,16 @@ def greedy_replies(
     try:
         with folded_adapter(model), accelerated(model, training=False, only=("oneDNN linears",)):
             for batch in progress(batches, desc, "batch") if desc else batches:
-                decoded = _decode([prompts[i] for i in batch], [limits[i] for i in batch], stops, pad, model)
-                for i, (ids, close) in zip(batch, decoded):
-                    alone = close and len(batch) > 1
-                    replies[i] = _decode([prompts[i]], [limits[i]], stops, pad, model)[0][0] if alone else ids
+                run = lambda rows: _decode(  # noqa: E731
+                    [prompts[i] for i in rows],
+                    [limits[i] for i in rows],
+                    stops,
+                    pad,
+                    model,
+                    None if until is None else [functools.partial(until, i) for i in rows],
+                )
+                for i, (ids, close) in zip(batch, run(batch)):
+                    replies[i] = run([i])[0][0] if close and len(batch) > 1 else ids
     finally:
         model.train(was_training)
     return replies
@@ -225,10 +256,11 @@ def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _decode(
-    prompts: list[list[int]], limits: list[int], stops: list[int], pad: int, model
+    prompts: list[list[int]], limits: list[int], stops: list[int], pad: int, model, settled=None
 ) -> list[tuple[list[int], bool]]:
     """Greedy decoding of one batch: per prompt, (the ids generated, whether some step's choice was
-    a near tie). A batch of one runs the forward calls ``model.generate`` runs for it, bit for bit."""
+    a near tie). A batch of one runs the forward calls ``model.generate`` runs for it, bit for bit.
+    ``settled``: per prompt, ids -> whether its reply is settled and may stop (``greedy_replies``' until)."""
     from transformers import DynamicCache
 
     from smolora.loss import base_lm
@@ -266,7 +298,7 @@ def _decode(
             i = alive[row]
             out[i].append(token)
             close[i] = close[i] or tie
-            if not end and len(out[i]) < limits[i]:
+            if not end and len(out[i]) < limits[i] and not (settled and settled[i](out[i])):
                 keep.append(row)
         if not keep:
             return list(zip(out, close))

@@ -252,13 +252,30 @@ def test_a_regex_or_names_still_work_and_a_name_matching_nothing_lists_the_layer
     )
 
 
-def test_a_model_that_cannot_keep_packed_examples_apart_is_told_to_train_unpacked(tokenizer):
-    """Bloom's ALiBi reads a 2D padding mask and no position ids: packed rows would mix examples."""
+def test_a_model_that_cannot_keep_packed_examples_apart_trains_on_padded_batches(tokenizer, tmp_path, said):
+    """Bloom's ALiBi reads a 2D padding mask and no position ids: packed rows would mix examples, so a
+    run trains it unpacked, saying so, and a packed loss is refused in one line."""
     torch.manual_seed(0)
     config = transformers.BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
-    model = transformers.BloomForCausalLM(config)
+    model = add_lora(transformers.BloomForCausalLM(config), LoraSettings(target_modules=["all-linear"]).to_peft())
+    examples = examples_of(tokenizer)
     with pytest.raises(SmoLoRAError, match="BloomForCausalLM cannot keep the examples of a packed row apart"):
-        token_loss_sum(model, collate(examples_of(tokenizer, 3), packed=True))
+        token_loss_sum(model, collate(examples[:3], packed=True))
+    before = evaluate_loss(model, examples, packed=False, pad_id=2)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        seed=1,
+    )
+    train(model, examples, cfg, pad_id=2)
+    assert (
+        "[smolora] warning: BloomForCausalLM cannot keep a packed row's examples apart: training on padded batches"
+        in said
+    )
+    assert evaluate_loss(model, examples, packed=False, pad_id=2) < before - 0.02
 
 
 @pytest.fixture

@@ -90,6 +90,15 @@ def keeps_packed_apart(lm) -> bool:
     return _KEEPS_APART[lm]
 
 
+def can_pack(lm) -> bool:
+    """Whether packed rows train ``lm`` exactly (``keeps_packed_apart`` does not refuse it)."""
+    try:
+        keeps_packed_apart(lm)
+    except SmoLoRAError:
+        return False
+    return True
+
+
 def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     if device.type == "cpu":
         return mb

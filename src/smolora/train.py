@@ -6,6 +6,7 @@ checkpoints and logging between steps. Rank growth, non-finite steps and Ctrl-C 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -27,7 +28,7 @@ from smolora.errors import SmoLoRAError, reason
 from smolora.fast import Speed, accelerated
 from smolora.log import say, warn
 from smolora.lora import adapter_rank, check_growable, grow_rank, pad_to, parameter_report, rank_at
-from smolora.loss import base_lm, evaluate_loss, has_sliding_window
+from smolora.loss import base_lm, can_pack, evaluate_loss, has_sliding_window
 from smolora.monitor import MetricsFile, diagnose, memory_line
 from smolora.report import closing_entry, draw_safely, tensorboard_mirror
 from smolora.step import StepBatches, apply_update, make_step, run_step
@@ -137,6 +138,7 @@ def train(
     exactly. ``report_to="tensorboard"``: every metrics line as TensorBoard scalars too.
     """
     run = _start(model, examples, cfg, val_examples, run_info, pad_id, report_to)
+    cfg = run.cfg  # (packing off where the model cannot keep packed examples apart)
     state, result = _resume(run, resume_from)
     batches, total = run.batches, run.batches.total_steps
     # A row's own shared prefix needs a (T, T) mask where attention is not block by block, and one
@@ -239,6 +241,9 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None)
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
     autocast, scaler = mixed_precision(cfg, device)
+    if cfg.packing and not can_pack(base_lm(model)):  # Bloom: ALiBi from a 2D padding mask
+        warn(f"{type(base_lm(model)).__name__} cannot keep a packed row's examples apart: training on padded batches")
+        cfg = dataclasses.replace(cfg, packing=False)
     batches = StepBatches(examples, cfg, world)
     ranks = [adapter_rank(model), *cfg.grow_rank] if cfg.grow_rank else []
     if ranks:

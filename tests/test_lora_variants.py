@@ -18,6 +18,7 @@ from smolora.data.formats import FormatOptions, encode_records
 from smolora.errors import SmoLoRAError
 from smolora.lora import add_lora, check_growable, grow_rank
 from smolora.loss import evaluate_loss
+from smolora.merge import merge_adapter
 
 # name: (LoraSettings fields, TrainConfig fields)
 VARIANTS = {
@@ -83,6 +84,9 @@ def test_a_variant_trains_resumes_exactly_and_merges_to_the_adapter(tokenizer, t
 
     merged = AutoModelForCausalLM.from_pretrained(lora.save())
     torch.testing.assert_close(logits_of(merged, ids), theirs, atol=1e-4, rtol=0)
+    if name in MOVES_BASE:  # a checkpoint's factors fit the moved base only: merging one is refused
+        with pytest.raises(SmoLoRAError, match=f"init_lora_weights {name} fits only the base its init moved"):
+            merge_adapter(tmp_path / "run" / "checkpoints" / "step-000004", tmp_path / "m", str(tiny_model_dir))
 
     # resumed from the middle, into a fresh model: the same steps, bit for bit
     again, resumed = run(

@@ -226,7 +226,7 @@ def add_lora(model: nn.Module, peft_config):
     # The embedding output then needs no gradient: the first adapted projection starts the graph.
     with quiet_peft():
         peft_model = get_peft_model(model, peft_config)
-    if moves_base_weights(peft_config):
+    if moves_base_weights(peft_config.init_lora_weights):
         from peft.utils import get_peft_model_state_dict
 
         peft_model.smolora_initial_adapter = {
@@ -278,10 +278,10 @@ def format_parameter_report(model: nn.Module) -> str:
 # variants whose init moves the base weights (PiSSA, OLoRA): saved as a plain LoRA for the untouched base
 
 
-def moves_base_weights(peft_config) -> bool:
-    """Whether the adapter's init rewrites the base weights: PiSSA and OLoRA start from W's principal
+def moves_base_weights(init_lora_weights) -> bool:
+    """Whether an adapter's init rewrites the base weights: PiSSA and OLoRA start from W's principal
     (or QR) factors and train on ``W_res = W - s·B0·A0`` (Meng et al. 2024; Büyükakyüz 2024)."""
-    init = str(peft_config.init_lora_weights).lower()
+    init = str(init_lora_weights).lower()
     return init.startswith("pissa") or init in ("olora", "corda")
 
 
@@ -346,7 +346,11 @@ def check_growable(model: nn.Module) -> None:
             raise SmoLoRAError(
                 f"rank growth supports the default, gaussian and orthogonal inits only (adapter {name!r}: "
                 f"init_lora_weights={config.init_lora_weights!r}"
-                + (", which moves the base weights by the initial factors)" if moves_base_weights(config) else ")")
+                + (
+                    ", which moves the base weights by the initial factors)"
+                    if moves_base_weights(config.init_lora_weights)
+                    else ")"
+                )
             )
     for module in model.modules():
         if isinstance(module, LoraLayer) and not all(

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from smolora.errors import SmoLoRAError, check_writable_place, load_mismatch, reason
 from smolora.fast import forget_codes
-from smolora.lora import quiet_peft, tied_adapted_embeddings
+from smolora.lora import moves_base_weights, quiet_peft, tied_adapted_embeddings
 from smolora.models import ModelSource, load_model, load_tokenizer, resolve_model
 from smolora.paths import publish
 
@@ -77,7 +77,12 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     path = check_adapter_dir(adapter_dir)
-    _read_json(path / "adapter_config.json")
+    init = _read_json(path / "adapter_config.json").get("init_lora_weights")
+    if moves_base_weights(init):  # a PiSSA/OLoRA run's checkpoint: its factors fit the moved base only
+        raise SmoLoRAError(
+            f"{path / 'adapter_config.json'}: init_lora_weights {init} fits only the base its init moved (a "
+            "training checkpoint); use the run's adapter_checkpoint/, saved as a plain LoRA of the base"
+        )
     try:
         with quiet_peft():
             return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)

@@ -302,7 +302,7 @@ def test_the_command_line_trains_all_linear_on_gpt2_and_says_what_it_adapted(tmp
     said = r.stdout + r.stderr
     assert r.returncode == 0, said[-2000:]
     assert (
-        "LoRA on 8 layers: c_attn x2 (q+k+v fused), c_proj x4 (attention output), c_fc x2 (MLP); "
+        "LoRA on 8 layers: c_attn x2 (q+k+v fused), c_proj x2 (attention output), c_fc x2 (MLP), c_proj x2 (MLP); "
         "c_attn computes several projections in one matrix: one adapter adapts them together" in said
     )
     assert said.index("LoRA on 8 layers") < said.index("step 3/3")  # said before training

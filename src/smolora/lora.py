@@ -180,13 +180,12 @@ def describe_targets(model: nn.Module) -> str:
     its role; fused projections said as such."""
     from peft.tuners.lora import LoraLayer
 
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple[str, frozenset[str]], list[str]] = {}  # (short name, roles): GPT-2 has two c_proj
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+            groups.setdefault((name.rsplit(".", 1)[-1], layer_roles(name)), []).append(name)
     parts, fused = [], []
-    for short, full in sorted(groups.items(), key=lambda kv: _role_order(kv[1][0])):
-        roles = layer_roles(full[0])
+    for (short, roles), full in sorted(groups.items(), key=lambda kv: _role_order(kv[0][1])):
         label = ", ".join(ROLE_NAMES[r] for r in sorted(roles, key="qkvo".find) if r in ROLE_NAMES)
         if len(roles) > 1:
             fused.append(short)
@@ -200,8 +199,7 @@ def describe_targets(model: nn.Module) -> str:
     return line
 
 
-def _role_order(name: str) -> int:
-    roles = layer_roles(name)
+def _role_order(roles: frozenset[str]) -> int:
     return min("qkvo".find(r) if r in "qkvo" else 4 if r == "mlp" else 5 for r in roles)
 
 

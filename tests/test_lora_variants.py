@@ -217,3 +217,38 @@ def test_a_deep_copy_of_the_settings_is_what_peft_holds(tokenizer):
     assert sorted(model.peft_config["default"].target_modules) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+
+def test_loraplus_and_dora_through_rank_growth_resume_bit_identically(tokenizer, tmp_path):
+    """Growth replaces each factor by a larger one in its own optimizer group (B stays at its multiple),
+    and a resumed run grows the fresh model to the checkpoint's rank before loading it."""
+    from smolora.train import train
+
+    examples = encode_records(chat_records(16), tokenizer, FormatOptions())[0]
+
+    def fresh():
+        torch.manual_seed(0)
+        settings = LoraSettings(r=2, lora_alpha=4, use_dora=True, target_modules=["qv"])
+        return add_lora(build_tiny_llama(len(tokenizer)), settings.to_peft())
+
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        save_steps=1,
+        save_total_limit=0,
+        seed=1,
+        grow_rank=[4, 8],
+        loraplus_lr_ratio=8.0,
+    )
+    model = fresh()
+    full = train(model, examples, TrainConfig(**settings))
+    assert model.peft_config["default"].r == 8
+    state = json.loads((tmp_path / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert [g["lr_scale"] for g in state["optimizer"]["param_groups"]] == [1.0, 8.0]
+    resumed = fresh()
+    again = train(resumed, examples, TrainConfig(**settings), resume_from=tmp_path / "checkpoints" / "step-000003")
+    assert again.losses == full.losses
+    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n

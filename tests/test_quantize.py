@@ -12,6 +12,7 @@ from conftest import build_tiny_llama, write_jsonl
 from smolora.data.formats import FormatOptions, encode_records
 from smolora.errors import SmoLoRAError
 from smolora.evaluate import evaluate
+from smolora.export import MIXES
 from smolora.generate import generate
 from smolora.quantize import CANDIDATES, _load_gguf, check_tolerance, smallest_that_keeps
 from test_cli import smolora
@@ -63,7 +64,8 @@ def test_check_keeps_the_smallest_file_within_tolerance(tmp_path, tokenizer):
     from gguf import GGUFReader, LlamaFileType
 
     file_type = GGUFReader(out).fields["general.file_type"].contents()
-    assert LlamaFileType(file_type).name.lower().endswith(chosen), (file_type, chosen)
+    low_bit = MIXES.get(chosen, (chosen,))[0]  # a mix's file type is its low-bit type's
+    assert LlamaFileType(file_type).name.lower().endswith(low_bit), (file_type, chosen)
     # the table's score is the file's: read back, the kept file scores the same
     records = [json.loads(line) for line in held_out.read_text().splitlines()]
     examples, _ = encode_records(records, tokenizer, FormatOptions())
@@ -109,3 +111,18 @@ def test_bad_check_input_is_one_line_before_the_model_loads(tmp_path, tiny_model
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = smolora("export", "--model", tiny_model_dir, "--check", good)  # no --output to keep the file at
     assert r.returncode == 2 and "expected --output" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_named_mix_keeps_attention_q_and_v_at_q8_0(tmp_path, tokenizer):
+    from gguf import GGUFReader
+
+    from smolora.export import export_gguf
+
+    path = export_gguf(build_tiny_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", "q5_0_qv", modelfile=False)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    for layer in (0, 1):
+        assert types[f"blk.{layer}.attn_q.weight"] == types[f"blk.{layer}.attn_v.weight"] == "Q8_0"
+        for other in ("attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            assert types[f"blk.{layer}.{other}.weight"] == "Q5_0", other
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert _load_gguf(path).config.num_hidden_layers == 2  # transformers reads it back

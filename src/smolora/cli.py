@@ -338,7 +338,8 @@ def _export_command(sub) -> None:
         "--type",
         default="f16",
         help="how the matrices are stored: f16 (default), f32, bf16, q8_0, or q5_1, q5_0, "
-        "q4_1, q4_0 (these keep the token embedding at q8_0); norms stay f32",
+        "q4_1, q4_0 (these keep the token embedding at q8_0), q5_0_qv (q5_0 with attention q/v at q8_0); "
+        "norms stay f32",
     )
     p.add_argument("--name", default=None, help="the model name recorded in the file (default: the file's name)")
     p.add_argument(

@@ -27,8 +27,13 @@ import torch
 from smolora.errors import SmoLoRAError, check_writable_file
 from smolora.paths import publish
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and output matrix at q8_0
+# Named mixes: a low-bit type, with the matrices named (parts of GGUF names) kept at q8_0. q5_0_qv keeps
+# attention's q and v, the spec's default LoRA targets, where a q/v fine-tune's update lives: on the
+# demo's task (60 steps, two sets of 50 held-out dates) it kept 98% and 98% where q5_0 kept 96% and 98%
+# and q4_0 70% and 82%, at a lower loss than q5_0 on both, 24% smaller than q8_0 (smolora.quantize).
+MIXES = {"q5_0_qv": ("q5_0", ("attn_q", "attn_v"))}
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *MIXES)
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
@@ -106,6 +111,8 @@ def export_gguf(
     import gguf
 
     path = check_output(path, dtype, overwrite)
+    if dtype in MIXES:  # a named mix: its low-bit type, its matrices at q8_0
+        dtype, q8_0_for = MIXES[dtype][0], (*q8_0_for, *MIXES[dtype][1])
     config = model.config
     check_exportable(config, tokenizer)
     if any("lora_" in n for n, _ in model.named_parameters()):

@@ -239,18 +239,8 @@ def _generate_command(sub) -> None:
     )
     p.add_argument("--adapter", default=None, help="generate with this adapter attached, unmerged")
     p.add_argument("--prompt", default=None, help="the prompt (omit for interactive chat)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument(
-        "--special-tokens-in-content",
-        action="store_true",
-        help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    _add_safety_flags(p)
+    _add_generation_flags(p)
 
 
 def _eval_command(sub) -> None:
@@ -400,17 +390,7 @@ def _chat_command(sub) -> None:
         help="an adapter folder to load under NAME (repeat for several; the first answers first)",
     )
     p.add_argument("--system", default=None, help="the system prompt to start with")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--no-stream", action="store_true", help="print each reply at its end instead of streaming it")
-    p.add_argument(
-        "--special-tokens-in-content",
-        action="store_true",
-        help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    _add_safety_flags(p)
+    _add_generation_flags(p)
 
 
 def _report_command(sub) -> None:
@@ -446,6 +426,21 @@ def _init_command(sub) -> None:
         "--model", default=None, help="base model whose tokenizer counts the tokens (default: the embedded one)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_safety_flags(p)
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """How replies are generated, shared by generate and chat."""
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--no-stream", action="store_true", help="print each reply at its end instead of streaming it")
+    p.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="read text that spells a special token (e.g. <|im_start|>) as that token; off: it stays text",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_safety_flags(p)
 
 

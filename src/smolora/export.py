@@ -128,15 +128,9 @@ def export_gguf(
         _write_tokenizer(writer, tokenizer, config.vocab_size)
         names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
         _write_tensors(writer, model, names, arch, dtype, q8_0_for)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
 
-    try:
-        publish(path, write, folder=False)
-    except OSError as e:
-        raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None
+    _publish_file(path, write)
     if modelfile:
         from smolora.ollama import modelfile_path, write_modelfile
 
@@ -416,15 +410,9 @@ def export_lora_gguf(
             for suffix, data in ((".lora_a", a), (".lora_b", b)):
                 array, raw_dtype = _encode(data, dtype)
                 writer.add_tensor(gguf_name + suffix, array, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
 
-    try:
-        publish(path, write, folder=False)
-    except OSError as e:
-        raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None
+    _publish_file(path, write)
     return path
 
 
@@ -510,3 +498,19 @@ def _matrix_shapes(config) -> dict[str, tuple[int, int]]:
         "ffn_up": (inter, hidden),
         "ffn_down": (hidden, inter),
     }
+
+
+def _finish(writer) -> None:
+    """Header, metadata and tensors written, in the order the GGUF format lays them out."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _publish_file(path: Path, write) -> None:
+    """``write(tmp)`` makes the file; it appears at ``path`` whole or not at all."""
+    try:
+        publish(path, write, folder=False)
+    except OSError as e:
+        raise SmoLoRAError(f"{path}: cannot write it ({e.strerror or e})") from None

@@ -241,7 +241,7 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None)
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
     autocast, scaler = mixed_precision(cfg, device)
-    if cfg.packing and not can_pack(base_lm(model)):  # Bloom: ALiBi from a 2D padding mask
+    if cfg.packing and not _can_pack(model, cfg):  # Bloom: ALiBi from a 2D padding mask
         warn(f"{type(base_lm(model)).__name__} cannot keep a packed row's examples apart: training on padded batches")
         cfg = dataclasses.replace(cfg, packing=False)
     batches = StepBatches(examples, cfg, world)
@@ -272,6 +272,13 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None)
         pad_id,
         ranks,
     )
+
+
+def _can_pack(model, cfg: TrainConfig) -> bool:
+    """Whether packed rows train ``model`` exactly (``smolora.loss.can_pack``), asked of the frozen
+    weights training will use: their codes where the model holds them, never the fp32 copies."""
+    with accelerated(model, fast=cfg.fast, training=False, weight_codes=cfg.weight_codes, only=("weight codes",)):
+        return can_pack(base_lm(model))
 
 
 def _resume(run: _Run, resume_from: Path | None) -> tuple[ckpt.TrainState, TrainResult]:

@@ -87,6 +87,16 @@ def build_tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0):
     return model.eval()
 
 
+# The tiny models' sizes, for every Llama-like architecture the tests build.
+TINY_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma")  # bias on q/k/v; q/k norms; GeGLU + scaled embeddings
 
 
@@ -100,13 +110,7 @@ def build_tiny(arch: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     config = getattr(transformers, name + "Config")(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
+        **TINY_SIZES,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,

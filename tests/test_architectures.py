@@ -14,7 +14,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from conftest import ARCHITECTURES, chat_records
+from conftest import ARCHITECTURES, TINY_SIZES, chat_records
 from smolora.config import LoraSettings, TrainConfig
 from smolora.data.batching import collate
 from smolora.data.formats import FormatOptions, encode_records
@@ -26,23 +26,14 @@ from smolora.loss import evaluate_loss, token_loss_sum
 from smolora.merge import merge_adapter
 from smolora.train import train
 
-LLAMA_LIKE = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-)
 # name: (config class, model class, sizes and the architecture's own conventions, tied embeddings)
 MODELS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA_LIKE, False),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", LLAMA_LIKE, True),  # q/k/v biases
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", LLAMA_LIKE, False),  # q/k norms
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", LLAMA_LIKE, True),  # GeGLU, scaled embeddings
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**LLAMA_LIKE, "sliding_window": 16}, False),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**LLAMA_LIKE, "partial_rotary_factor": 0.5}, True),  # fused
+    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY_SIZES, False),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", TINY_SIZES, True),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", TINY_SIZES, False),  # q/k norms
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", TINY_SIZES, True),  # GeGLU, scaled embeddings
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**TINY_SIZES, "sliding_window": 16}, False),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**TINY_SIZES, "partial_rotary_factor": 0.5}, True),  # fused
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=256), True),
     "gpt_neox": (
         "GPTNeoXConfig",
@@ -73,10 +64,10 @@ MODELS = {
     "granite": (
         "GraniteConfig",
         "GraniteForCausalLM",
-        {**LLAMA_LIKE, "logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
+        {**TINY_SIZES, "logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
         False,
     ),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", LLAMA_LIKE, True),  # no rope on every fourth layer
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", TINY_SIZES, True),  # no rope on every fourth layer
 }
 # What all-linear adapts in one decoder layer of each, as the run reports it (fused projections as one).
 LAYER_TARGETS = {

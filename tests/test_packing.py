@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ARCHITECTURES, build_tiny, chat_records
+from conftest import ARCHITECTURES, TINY_SIZES, build_tiny, chat_records
 from smolora.data.batching import collate, epoch_order, group_micro_batches, mix_tasks
 from smolora.data.formats import IGNORE, Example, FormatOptions, encode_records
 from smolora.fast import attention, native, onednn
@@ -441,13 +441,7 @@ def test_a_training_step_equals_examples_alone_on_other_model_conventions(tokeni
     torch.manual_seed(0)
     config = getattr(transformers, arch + "Config")(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
+        **TINY_SIZES,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,

@@ -97,7 +97,6 @@ def run_demo(
     from smolora.config import expand_targets
     from smolora.models import load_model
     from smolora.run import earlier_run
-    from smolora.train import TrainingInterrupted
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("r", r)):
         if value < 1:
@@ -140,18 +139,7 @@ def run_demo(
     cfg = lora.sft_config
     cfg.max_steps, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps = max_steps, 1e-3, "cosine", 5
     cfg.logging_steps, cfg.seed = 10, seed
-    try:
-        try:
-            lora.train(resume=interrupted or None, overwrite=True)
-        except SmoLoRAError as e:  # an interrupted demo with other options: start over
-            if not (interrupted and str(e).startswith("cannot resume")):
-                raise
-            print(f"[demo] the interrupted demo in {out} had other options ({e}); starting over", flush=True)
-            lora.train(overwrite=True)
-    except TrainingInterrupted as e:
-        raise TrainingInterrupted(
-            e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it"
-        ) from None
+    _train(lora, interrupted, out)
     result = comparison(base_run, measure(lora.model, lora.tokenizer, examples, pairs, True, 16), lora.tokenizer, pairs)
     before, after = result.base.exact_match, result.tuned.exact_match
     print(f"[demo] fine-tuned exact match: {after:.0f}%", flush=True)
@@ -177,7 +165,32 @@ def run_demo(
     }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n[demo] exact match {before:.0f}% -> {after:.0f}% (+{after - before:.0f} points) in {seconds:.0f} s")
-    print(f"[demo] adapter (PEFT):        {lora.adapter_checkpoint}")
+    _say_what_next(out, summary, held_out)
+    return summary
+
+
+def _train(lora, interrupted: bool, out: Path) -> None:
+    """Train, continuing a demo that Ctrl-C stopped (or starting over where its options changed)."""
+    from smolora.train import TrainingInterrupted
+
+    try:
+        try:
+            lora.train(resume=interrupted or None, overwrite=True)
+        except SmoLoRAError as e:  # an interrupted demo with other options: start over
+            if not (interrupted and str(e).startswith("cannot resume")):
+                raise
+            print(f"[demo] the interrupted demo in {out} had other options ({e}); starting over", flush=True)
+            lora.train(overwrite=True)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(
+            e.checkpoint, f"demo interrupted at {e.checkpoint}; run the same command again to continue it"
+        ) from None
+
+
+def _say_what_next(out: Path, summary: dict, held_out: list[dict]) -> None:
+    """Where the demo's files are, and the commands that use them."""
+    merged = summary["merged_model"]
+    print(f"[demo] adapter (PEFT):        {summary['adapter']}")
     print(f"[demo] merged model (HF):     {merged}")
     print(f"[demo] checkpoints, metrics:  {out / 'checkpoints'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     print(f"[demo] results:               {out / 'demo_results.json'}")
@@ -187,4 +200,3 @@ def run_demo(
     print(f"  eval     --model {merged} --data {out / 'dates_eval.jsonl'} --compare-base")
     print(f"  report   {out}")
     print(f"  export   --model {merged} --output {out / 'dates.gguf'} --type q8_0    # for llama.cpp / Ollama")
-    return summary

@@ -39,11 +39,8 @@ from smolora.recipe import RUN_RECIPE, save_run_recipe
 from smolora.report import check_report_to
 from smolora.train import TrainResult, train
 
-RUN_FOLDERS = (
-    "checkpoints",
-    "adapter_checkpoint",
-    "final_merged",
-)  # what a run writes in output_dir, and --overwrite removes
+RUN_FOLDERS = ("checkpoints", "adapter_checkpoint", "final_merged")  # what marks an earlier run in output_dir
+REPLACED = (*RUN_FOLDERS, "metrics.jsonl", "loss.png", "tensorboard")  # what --overwrite removes
 
 
 @dataclass
@@ -142,14 +139,12 @@ def train_adapter(
     with output_lock(out) if distributed.is_main() else contextlib.nullcontext():
         # again, now that no other process writes there: one may have finished a run meanwhile
         check_output_dir(out, resuming=resume_from is not None, overwrite=overwrite, asked_to_resume=bool(resume))
-        if (
-            overwrite and resume_from is None and distributed.is_main()
-        ):  # nothing of the earlier run may pass for this one's
-            for name in RUN_FOLDERS:
-                shutil.rmtree(out / name, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            (out / "loss.png").unlink(missing_ok=True)  # the earlier run's picture and TensorBoard events
-            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        if overwrite and resume_from is None and distributed.is_main():  # nothing of the earlier run may stay
+            for path in (out / name for name in REPLACED):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         if distributed.is_main():
             # OUTPUT/config.yaml: `smolora train --config` with it repeats this run (on a CPU, with its sums)
             save_run_recipe(run, run_info if device.type == "cpu" else None)

@@ -237,7 +237,8 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None)
     world = distributed.world(device)  # torchrun: this process's share of every step
     if cfg.gradient_checkpointing:
         base_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
     if not params:
         raise SmoLoRAError("the model has no trainable parameters")
     autocast, scaler = mixed_precision(cfg, device)
@@ -258,7 +259,7 @@ def _start(model, examples, cfg, val_examples, run_info, pad_id, report_to=None)
         cfg,
         world,
         device,
-        make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg),
+        make_optimizer(trainable, cfg),
         params,
         batches,
         autocast,

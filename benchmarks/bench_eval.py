@@ -58,7 +58,7 @@ def install_llamacpp(folder: Path) -> Path:
 def eval_prompts(model_source, tokenizer, data: str | None, count: int) -> list[list[int]]:
     """The prompt ids ``smolora eval --exact-match`` generates from, for ``count`` records of
     ``data`` (default: held-out dates of the demo's task)."""
-    from smolora.config import DataConfig, TrainConfig
+    from smolora.config import DataConfig
     from smolora.data import load_source, prepare_data
     from smolora.demo import make_examples
     from smolora.evaluate import last_reply
@@ -67,7 +67,7 @@ def eval_prompts(model_source, tokenizer, data: str | None, count: int) -> list[
         records = make_examples(count, seed=1)
     else:
         records = load_source(data, DataConfig(), mix=False)[:count]
-    examples = prepare_data(records, tokenizer, TrainConfig(), DataConfig()).train
+    examples = prepare_data(records, tokenizer, DataConfig()).train
     return [pair[0] for pair in map(last_reply, examples) if pair is not None]
 
 

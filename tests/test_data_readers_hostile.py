@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from smolora.config import DataConfig, TrainConfig
+from smolora.config import DataConfig
 from smolora.data import prepare_data
 from smolora.data.sources import load_records
 from smolora.errors import SmoLoRAError
@@ -32,7 +32,7 @@ def refused(source, pattern: str, **kw) -> str:
 
 
 def prepare(records, tokenizer):
-    return prepare_data(records, tokenizer, TrainConfig(), DataConfig())
+    return prepare_data(records, tokenizer, DataConfig())
 
 
 # CSV quoting

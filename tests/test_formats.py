@@ -163,7 +163,7 @@ def test_a_conversation_the_chat_template_rejects_is_named_with_the_template_s_r
 def test_multi_task_prefix_and_counts(tmp_path, tokenizer, said):
     import json
 
-    from smolora.config import DataConfig, TrainConfig
+    from smolora.config import DataConfig
     from smolora.data import load_source, prepare_data
 
     (tmp_path / "a.jsonl").write_text(
@@ -173,7 +173,7 @@ def test_multi_task_prefix_and_counts(tmp_path, tokenizer, said):
     records = load_source(
         {"SENTIMENT": (str(tmp_path / "a.jsonl"), 2.0), "SUMMARY": str(tmp_path / "b.jsonl")}, DataConfig()
     )
-    prepared = prepare_data(records, tokenizer, TrainConfig(), DataConfig())
+    prepared = prepare_data(records, tokenizer, DataConfig())
     assert prepared.stats.per_task == {"SENTIMENT": 8, "SUMMARY": 4}
     assert "per task: SENTIMENT=8, SUMMARY=4" in said[0]
     chat = next(e for e in prepared.train if e.task == "SENTIMENT")
@@ -188,7 +188,7 @@ def test_curriculum_length_puts_short_examples_first(tokenizer):
     from smolora.data.batching import epoch_order
 
     records = [{"text": "one two three four five"}, {"text": "one"}, {"text": "one two three"}]
-    prepared = prepare_data(records, tokenizer, TrainConfig(curriculum="length"), DataConfig())
+    prepared = prepare_data(records, tokenizer, DataConfig(), TrainConfig(curriculum="length"))
     difficulty = [e.difficulty for e in prepared.train]
     assert difficulty == [5.0, 1.0, 3.0]
     assert epoch_order(3, 0, 0, difficulty=difficulty) == [1, 2, 0]

@@ -234,8 +234,10 @@ def test_every_setting_round_trips_through_the_recipe_text(tmp_path, said):
     from smolora.recipe import run_recipe
     from smolora.run import Run
 
-    odd = TrainConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-12, max_length=77, grow_rank=[16, 32])
-    data = DataConfig(system_prompt="yes", task_prefix="[{task}]: ", field_map={"prompt": "1e3"}, shape="chat")
+    odd = TrainConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-12, grow_rank=[16, 32])
+    data = DataConfig(
+        max_length=77, system_prompt="yes", task_prefix="[{task}]: ", field_map={"prompt": "1e3"}, shape="chat"
+    )
     lora = LoraSettings(r=4, lora_alpha=7.5, target_modules=["q_proj", "o_proj"])
     run = Run("some/hub-id", str(tmp_path / "missing.jsonl"), lora.to_peft(), odd, data)
     path = recipe(tmp_path, run_recipe(run), "config.yaml")
@@ -307,7 +309,11 @@ def test_init_looks_at_the_data_and_says_why(tmp_path, tiny_model_dir, tokenizer
     assert values["task"] == "capability" and "r" not in values and "lora_alpha" not in values
     assert "# r: 8   (the task picks it; uncomment to choose it yourself)" in text
     assert f"smolora train --config {path}\n" in text
-    validate(LoraSettings(), TrainConfig(**{k: values[k] for k in ("max_steps", "val_size", "max_length")}))
+    validate(
+        LoraSettings(),
+        TrainConfig(**{k: values[k] for k in ("max_steps", "val_size")}),
+        DataConfig(max_length=values["max_length"]),
+    )
 
     few = write_jsonl(tmp_path / "few.txt.jsonl", [{"text": f"line {i} of a field manual"} for i in range(40)])
     fitted = init_recipe_text(str(few), None, look_at_data(str(few), str(tiny_model_dir)))

@@ -113,8 +113,8 @@ def _write(path, text):
     return path
 
 
-def prepare(records, tokenizer, **cfg):
-    return prepare_data(records, tokenizer, TrainConfig(**cfg), DataConfig())
+def prepare(records, tokenizer, max_length=1024, **cfg):
+    return prepare_data(records, tokenizer, DataConfig(max_length=max_length), TrainConfig(**cfg))
 
 
 def test_csv_without_the_named_column(tmp_path, tokenizer):
@@ -174,7 +174,7 @@ def test_token_windows_with_stride(tmp_path, tokenizer):
 
     records = load_source(str(f), data)
     assert len(records) == 1  # the whole file, cut after tokenizing
-    prepared = prepare_data(records, tokenizer, TrainConfig(), data)
+    prepared = prepare_data(records, tokenizer, data)
     full = tokenizer("\n".join(f.read_text().splitlines()).strip())["input_ids"] + [tokenizer.eos_token_id]
     windows = [e.input_ids for e in prepared.train]
     assert all(len(w) <= 8 for w in windows) and windows[0] == full[:8] and windows[1] == full[4:12]
@@ -199,7 +199,6 @@ def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_
     prepared = prepare_data(
         [dict(r) for r in records],
         tokenizer,
-        TrainConfig(),
         DataConfig(),
         difficulty=lambda x: seen.append(x) or (len(x.split()) if isinstance(x, str) else 0),
     )
@@ -209,7 +208,6 @@ def test_a_difficulty_function_gets_the_text_as_in_the_spec_and_its_errors_name_
         prepare_data(
             [dict(r) for r in records],
             tokenizer,
-            TrainConfig(),
             DataConfig(),
             difficulty=lambda x: x.nope,
         )

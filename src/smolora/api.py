@@ -24,7 +24,7 @@ class SmoLoRA:
             SmolLM2-135M-Instruct.
         dataset_name: a data path, a ``datasets.Dataset``, a list of records, or
             ``{task: source or (source, weight)}`` for multi-task mixing.
-        text_field: the field holding plain text (``sft_config.dataset_text_field``).
+        text_field: the field holding plain text (``data_config.dataset_text_field``).
         output_dir: where ``adapter_checkpoint/``, ``final_merged/`` and checkpoints go.
 
     ``peft_config`` (a ``peft.LoraConfig``), ``sft_config`` (a ``TrainConfig``) and
@@ -46,8 +46,8 @@ class SmoLoRA:
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
         self.peft_config = LoraSettings().to_peft()
-        self.sft_config = TrainConfig(output_dir=output_dir, dataset_text_field=text_field)
-        self.data_config = DataConfig()
+        self.sft_config = TrainConfig(output_dir=output_dir)
+        self.data_config = DataConfig(dataset_text_field=text_field)
         self.dataset_name = dataset_name
         self.difficulty_fn: Callable[[Any], float] | None = None
         self._source: ModelSource | None = None  # resolved, and the tokenizer loaded, when first needed:
@@ -75,12 +75,12 @@ class SmoLoRA:
 
     @property
     def text_field(self) -> str:
-        """The field holding plain text: ``sft_config.dataset_text_field``."""
-        return self.sft_config.dataset_text_field
+        """The field holding plain text: ``data_config.dataset_text_field``."""
+        return self.data_config.dataset_text_field
 
     @text_field.setter
     def text_field(self, value: str) -> None:
-        self.sft_config.dataset_text_field = value
+        self.data_config.dataset_text_field = value
 
     @property
     def device(self) -> torch.device:

@@ -275,8 +275,6 @@ def _eval_command(sub) -> None:
         default=16,
         help="with --exact-match: replies generated at once, each the same as generated alone (default: 16)",
     )
-    p.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens (default: 1024)")
-    p.add_argument("--dataset-text-field", default="text", help="the text field of plain-text records (default: text)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument(
         "--compare-base",
@@ -582,15 +580,14 @@ def cmd_eval(args) -> int:
     if args.json and Path(args.json).is_symlink():
         raise SmoLoRAError(f"--json {args.json}: is a symbolic link; refusing to write through it")
     data = build_from(DataConfig, args)
-    cfg = TrainConfig(max_length=args.max_length, dataset_text_field=args.dataset_text_field)
-    validate(LoraSettings(), cfg, data)
+    validate(data=data)
     records = load_source(parse_data_arg(args.data), data, mix=False)  # several tasks: each record once
-    check_records(records, cfg, data)
+    check_records(records, data)
     if args.json:
         check_writable_file(Path(args.json), "--json")
     source, tokenizer = _source_and_tokenizer(args)
     base_source = resolve_model(base_of(args.model, args.adapter, args.base)) if args.compare_base else None
-    examples = prepare_data(records, tokenizer, cfg, data).train
+    examples = prepare_data(records, tokenizer, data).train
     if args.exact_match:
         replies_to_score(examples)
     device = pick_device(args.device)

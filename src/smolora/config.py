@@ -126,7 +126,8 @@ def expand_targets(targets: list[str] | str) -> list[str]:
 
 @dataclass
 class TrainConfig(_Settings):
-    """Training settings. Field names follow the spec's SFTConfig."""
+    """Training settings. Field names follow the spec's SFTConfig; its ``dataset_text_field`` and
+    ``max_seq_length`` (``max_length``) shape examples, so they are ``DataConfig``'s."""
 
     IGNORED: ClassVar[dict[str, str]] = dict.fromkeys(
         ("dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns"),
@@ -155,8 +156,6 @@ class TrainConfig(_Settings):
         "matmuls in bfloat16 autocast (GPUs, Apple silicon, CPUs with AMX or AVX512-BF16); adapter weights stay fp32",
         False,
     )
-    max_length: int = _help("tokens per example; longer examples are truncated", 1024)
-    dataset_text_field: str = _help("record field that holds plain text", "text")
     seed: int = _help("seed for shuffling, dropout and initialisation", 42)
     packing: bool = _help("pack examples padding-free into one row per micro-batch", True)
     max_tokens_per_batch: int = _help(
@@ -191,7 +190,6 @@ class TrainConfig(_Settings):
     group_by_length: bool = _help("order examples so micro-batches hold similar lengths", False)
     curriculum: str = _help("order examples easy-first by a difficulty: '' (off) or length", "")
     curriculum_shuffle: bool = _help("with curriculum, shuffle within 10 difficulty buckets", False)
-    train_on_prompt: bool = _help("supervise prompt tokens too (no completion-only masking)", False)
     val_size: float = _help("validation split: a fraction (<1) or a count of examples (0 = none)", 0.0)
     eval_steps: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 0)
     early_stopping_patience: int = _help(
@@ -222,9 +220,12 @@ class TrainConfig(_Settings):
 
 @dataclass
 class DataConfig(_Settings):
-    """How records are read and rendered."""
+    """How records are read and rendered into examples (the data stage reads these alone)."""
 
+    dataset_text_field: str = _help("record field that holds plain text", "text")
     shape: str = _help("record shape: auto, chat, sharegpt, prompt_completion, alpaca or text", "auto")
+    max_length: int = _help("tokens per example; longer examples are truncated", 1024)
+    train_on_prompt: bool = _help("supervise prompt tokens too (no completion-only masking)", False)
     system_prompt: str | None = _help(
         "system prompt for chat rendering ('' for an empty one; default: the template's)", None
     )
@@ -255,9 +256,10 @@ def _formats_with_task(prefix: str) -> bool:
     return True
 
 
-def validate(lora, train: TrainConfig, data: DataConfig | None = None) -> None:
-    """Check every setting; raise one error listing all problems. ``lora``: a ``LoraSettings`` or the
-    ``peft.LoraConfig`` the Python API holds (the same field names), checked as it is."""
+def validate(lora=None, train: TrainConfig | None = None, data: DataConfig | None = None) -> None:
+    """Check every setting given; raise one error listing all problems. ``lora``: a ``LoraSettings`` or
+    the ``peft.LoraConfig`` the Python API holds (the same field names), checked as it is; ``train``
+    is checked against it (grow_rank starts above r), so it comes with ``lora``."""
     problems: list[str] = []
 
     def need(ok: bool, msg: str) -> None:
@@ -270,8 +272,10 @@ def validate(lora, train: TrainConfig, data: DataConfig | None = None) -> None:
             need(
                 not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number (got {value})"
             )
-    _check_lora(lora, need)
-    _check_train(train, lora, data, need)
+    if lora is not None:
+        _check_lora(lora, need)
+    if train is not None:
+        _check_train(train, lora, data, need)
     if data is not None:
         _check_data(data, need)
     if problems:
@@ -344,7 +348,6 @@ def _check_train(
     need(train.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)} (got {train.optim!r})")
     need(train.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {train.warmup_steps})")
     need(train.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {train.max_grad_norm})")
-    need(train.max_length >= 8, f"max_length must be >= 8 (got {train.max_length})")
     need(train.weight_decay >= 0, f"weight_decay must be >= 0 (got {train.weight_decay})")
     need(train.loraplus_lr_ratio >= 0, f"loraplus_lr_ratio must be >= 0 (got {train.loraplus_lr_ratio})")
     need(train.max_tokens_per_batch >= 0, f"max_tokens_per_batch must be >= 0 (got {train.max_tokens_per_batch})")
@@ -387,6 +390,7 @@ def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
     need(data.chunk_unit in ("words", "tokens"), f"chunk_unit must be words or tokens (got {data.chunk_unit!r})")
     need(data.chunk_words > 0, f"chunk_words must be > 0 (got {data.chunk_words})")
     need(data.chunk_stride >= 0, f"chunk_stride must be >= 0 (got {data.chunk_stride})")
+    need(data.max_length >= 8, f"max_length must be >= 8 (got {data.max_length})")
     need(data.max_file_mb > 0, f"max_file_mb must be > 0 (got {data.max_file_mb})")
     need(_formats_with_task(data.task_prefix), "task_prefix may hold {task} and no other {...} field")
 

@@ -75,10 +75,10 @@ def exact_match(model, tokenizer, records: list[dict], desc: str = "scoring") ->
 
 def _as_examples(records: list[dict], tokenizer) -> list:
     """The held-out records as the token ids eval scores (the chat template, the reply supervised)."""
-    from smolora.config import DataConfig, TrainConfig
+    from smolora.config import DataConfig
     from smolora.data import prepare_data
 
-    return prepare_data(records, tokenizer, TrainConfig(max_length=256), DataConfig()).train
+    return prepare_data(records, tokenizer, DataConfig(max_length=256)).train
 
 
 def run_demo(

@@ -58,16 +58,16 @@ def check_tolerance(tolerance: float) -> float:
 def check_examples(path: str | Path, tokenizer) -> list:
     """The held-out examples ``--check`` scores, tokenized as ``smolora eval`` tokenizes them; a one-line
     error for a file that is missing, unreadable, or has no prompt before its replies."""
-    from smolora.config import DataConfig, TrainConfig
+    from smolora.config import DataConfig
     from smolora.data import check_records, load_source, prepare_data
     from smolora.evaluate import replies_to_score
 
     if not Path(path).is_file():
         raise SmoLoRAError(f"--check {path}: no such file (expected held-out records, e.g. prompt/completion JSONL)")
-    data, cfg = DataConfig(), TrainConfig()
+    data = DataConfig()
     records = load_source(str(path), data, mix=False)
-    check_records(records, cfg, data)
-    examples = prepare_data(records, tokenizer, cfg, data).train
+    check_records(records, data)
+    examples = prepare_data(records, tokenizer, data).train
     replies_to_score(examples)
     return examples
 

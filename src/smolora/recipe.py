@@ -468,14 +468,14 @@ def look_at_data(data: str, model: str | None, trust_remote_code: bool = False) 
 
     settings = DataConfig()
     records = load_source(data, settings)
-    check_records(records, TrainConfig(), settings)  # bad data is one line now, not at training
+    check_records(records, settings)  # bad data is one line now, not at training
     if not records:
         raise SmoLoRAError(f"{data}: holds no records")
     source = resolve_model(model)
     tokenizer = load_tokenizer(source, trust_remote_code)
     config = load_config(source, trust_remote_code)
     context = int(getattr(config, "max_position_embeddings", 0) or 8192)
-    opts = format_options(TrainConfig(max_length=context), settings)
+    opts = format_options(dataclasses.replace(settings, max_length=context))
     shapes: dict[str, int] = {}
     for record in records:
         shape = detect_shape(record, opts)

@@ -251,7 +251,7 @@ def run_settings(folder: Path) -> dict:
 
 
 def _settings_line(info: dict) -> str:
-    train, lora = info.get("train_config", {}), info.get("lora_config", {})
+    train, lora, data = info.get("train_config", {}), info.get("lora_config", {}), info.get("data_config", {})
     if not train:
         return "settings: unknown (no complete checkpoint)"
     targets = lora.get("target_modules")
@@ -262,7 +262,7 @@ def _settings_line(info: dict) -> str:
         f"alpha {lora.get('lora_alpha')}, targets {targets}; lr {train.get('learning_rate')} "
         f"{train.get('lr_scheduler_type')}, warmup {train.get('warmup_steps')}; batch "
         f"{train.get('per_device_train_batch_size')} x {train.get('gradient_accumulation_steps')} accumulation; "
-        f"max_length {train.get('max_length')}; seed {train.get('seed')}"
+        f"max_length {data.get('max_length')}; seed {train.get('seed')}"
     )
 
 

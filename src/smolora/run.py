@@ -109,14 +109,14 @@ def train_adapter(
         raise SmoLoRAError("no training data: pass dataset_name")
     records = load_source(run.dataset, data, cfg.seed)
     val_records = load_source(data.validation_data, data, cfg.seed) if data.validation_data else None
-    check_records(records + (val_records or []), cfg, data)  # before a model (the embedded one: converted) loads
+    check_records(records + (val_records or []), data)  # before a model (the embedded one: converted) loads
     if any(run.resolved().lives_in(out / name) for name in RUN_FOLDERS):
         raise SmoLoRAError(
             f"{run.resolved().name}: the base model is inside {out}'s checkpoints/, adapter_checkpoint/ "
             "or final_merged/, which this run replaces; copy it elsewhere or choose another output folder"
         )
     prepared = prepare_data(
-        records, run.loaded_tokenizer(), cfg, data, val_records=val_records, difficulty=run.difficulty
+        records, run.loaded_tokenizer(), data, cfg, val_records=val_records, difficulty=run.difficulty
     )
 
     peft_config = copy.deepcopy(run.peft_config)  # every LoraConfig field the user set, presets expanded

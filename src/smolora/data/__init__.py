@@ -45,14 +45,14 @@ def load_source(source: Any, data: DataConfig, seed: int = 42, mix: bool = True)
     return read(source)
 
 
-def format_options(cfg: TrainConfig, data: DataConfig) -> FormatOptions:
+def format_options(data: DataConfig) -> FormatOptions:
     return FormatOptions(
-        text_field=cfg.dataset_text_field,
+        text_field=data.dataset_text_field,
         shape=data.shape,
         field_map=data.field_map,
         system_prompt=data.system_prompt,
-        train_on_prompt=cfg.train_on_prompt,
-        max_length=cfg.max_length,
+        train_on_prompt=data.train_on_prompt,
+        max_length=data.max_length,
         task_prefix=data.task_prefix,
         chunk_tokens=data.chunk_words if data.txt_mode == "chunk" and data.chunk_unit == "tokens" else 0,
         chunk_stride=data.chunk_stride,
@@ -60,9 +60,9 @@ def format_options(cfg: TrainConfig, data: DataConfig) -> FormatOptions:
     )
 
 
-def check_records(records: list[dict], cfg: TrainConfig, data: DataConfig) -> None:
+def check_records(records: list[dict], data: DataConfig) -> None:
     """Every record's shape and fields, before a tokenizer or a model is loaded (``check_record``)."""
-    opts = format_options(cfg, data)
+    opts = format_options(data)
     for record in records:
         check_record(record, opts)
 
@@ -70,19 +70,21 @@ def check_records(records: list[dict], cfg: TrainConfig, data: DataConfig) -> No
 def prepare_data(
     records: list[dict],
     tokenizer,
-    cfg: TrainConfig,
     data: DataConfig,
+    cfg: TrainConfig | None = None,
     *,
     val_records: list[dict] | None = None,
     difficulty: Callable[[Any], float] | None = None,
 ) -> PreparedData:
-    """Split, tokenize, mask and truncate. Fails if nothing is left to learn from."""
+    """Split, tokenize, mask and truncate. Fails if nothing is left to learn from. ``cfg``, where
+    training follows: its validation split and curriculum (none: every record, in its order)."""
+    cfg = cfg or TrainConfig()
     if val_records is None and cfg.val_size > 0:
         records, val_records = split_validation(records, cfg.val_size, cfg.seed)
-    opts = format_options(cfg, data)
+    opts = format_options(data)
     score, what = (DIFFICULTY[cfg.curriculum], f"curriculum {cfg.curriculum!r}") if cfg.curriculum else (None, "")
     if difficulty is not None:  # the user's: given the record's text, as the spec calls it, or the whole record
-        field = data.field_map.get(cfg.dataset_text_field, cfg.dataset_text_field)
+        field = data.field_map.get(data.dataset_text_field, data.dataset_text_field)
         score, what = (
             lambda public: difficulty(public[field] if isinstance(public.get(field), str) else public),
             "difficulty_fn",
@@ -96,7 +98,7 @@ def prepare_data(
     train, stats = encode_records(records, tokenizer, opts)
     if not train:
         raise SmoLoRAError(
-            f"no example has a supervised token left after max_length={cfg.max_length} truncation ({stats.summary()})"
+            f"no example has a supervised token left after max_length={data.max_length} truncation ({stats.summary()})"
         )
     say(f"data: {stats.summary()}")
     val: list[Example] = []

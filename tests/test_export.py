@@ -8,7 +8,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import build_tiny
+from conftest import TINY_SIZES, build_tiny
 from smolora.errors import SmoLoRAError
 from smolora.export import export_gguf
 
@@ -110,8 +110,12 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(tmp_path, tokenizer)
         export_gguf(model, tokenizer, tmp_path / "m.bin")
     with pytest.raises(SmoLoRAError, match="expected one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k")
-    with pytest.raises(SmoLoRAError, match="supports llama, qwen2, qwen3 models, not 'gemma'"):
-        export_gguf(build_tiny("gemma", len(tokenizer)), tokenizer, tmp_path / "new" / "sub" / "m.gguf")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), **TINY_SIZES))
+    supported = "llama, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3"
+    with pytest.raises(SmoLoRAError, match=f"supports {supported} models, not 'mistral'"):
+        export_gguf(mistral, tokenizer, tmp_path / "new" / "sub" / "m.gguf")
     (tmp_path / "afile").write_text("")
     with pytest.raises(SmoLoRAError, match="cannot write there"):
         export_gguf(model, tokenizer, tmp_path / "afile" / "m.gguf")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from smolora.errors import SmoLoRAError, check_writable_file
+from smolora.gguf_vocab import spm_spec, write_spm_tokenizer
 from smolora.paths import publish
 
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and output matrix at q8_0
@@ -34,7 +35,18 @@ LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # these keep the token embedding and
 # and q4_0 70% and 82%, at a lower loss than q5_0 on both, 24% smaller than q8_0 (smolora.quantize).
 MIXES = {"q5_0_qv": ("q5_0", ("attn_q", "attn_v"))}
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *MIXES)
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# transformers' model_type -> llama.cpp's architecture (gguf-py's MODEL_ARCH name)
+GGUF_ARCH = {
+    "llama": "LLAMA",
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+    "gemma": "GEMMA",
+    "gemma2": "GEMMA2",
+    "gemma3_text": "GEMMA3",
+    "phi3": "PHI3",
+}
+ARCHITECTURES = tuple(GGUF_ARCH)
+GEMMAS = ("gemma", "gemma2", "gemma3_text")  # norms stored as 1 + w
 # llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
 GPT2_PRE = "gpt-2"
@@ -64,27 +76,78 @@ def check_exportable(config, tokenizer) -> None:
         raise SmoLoRAError(
             f"{config.name_or_path or 'model'}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {arch!r}"
         )
+    for rope in _rope_parameters(config).values():
+        if rope.get("rope_type", "default") != "default":
+            raise SmoLoRAError(
+                f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings"
+            )
+    if arch in ("llama", "qwen2", "qwen3"):
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise SmoLoRAError("export: models with sliding-window attention are not supported")
+    elif arch in GEMMAS:
+        _check_gemma(config)
+    elif arch == "phi3" and config.hidden_act != "silu":
+        raise SmoLoRAError(f"export: phi3 hidden_act {config.hidden_act!r}: llama.cpp runs Phi-3 with silu only")
+    _tokenizer_spec(tokenizer, config.vocab_size)
+
+
+def _check_gemma(config) -> None:
+    """What llama.cpp fixes for a Gemma and a config could set otherwise: an error naming the first such field."""
+    arch = config.model_type
+    act = "hidden_activation" if getattr(config, "hidden_activation", None) else "hidden_act"
+    rules = [
+        (act, getattr(config, act) == "gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+        ("tie_word_embeddings", arch == "gemma3_text" or config.tie_word_embeddings, "its head tied to the embedding"),
+    ]
+    if arch != "gemma":
+        every = 2 if arch == "gemma2" else 6  # every 2nd (Gemma 2) or 6th (Gemma 3) layer global, the rest windowed
+        layers = range(config.num_hidden_layers)
+        pattern = ["sliding_attention" if (i + 1) % every else "full_attention" for i in layers]
+        softcaps = (config.attn_logit_softcapping, config.final_logit_softcapping)
+        rules += [
+            ("query_pre_attn_scalar", config.query_pre_attn_scalar == config.head_dim, f"head_dim {config.head_dim}"),
+            ("sliding_window", bool(config.sliding_window), "a window"),
+            ("layer_types", list(config.layer_types) == pattern, f"a global layer every {every}"),
+            (
+                "attn_logit_softcapping",
+                None not in softcaps if arch == "gemma2" else softcaps == (None, None),
+                "attention and final softcaps" if arch == "gemma2" else "no softcaps",
+            ),
+        ]
+    if arch == "gemma3_text":
+        local = _rope_parameters(config).get("sliding_attention", {}).get("rope_theta", 10000.0)
+        rules.append(("rope_parameters", local == 10000.0, "sliding_attention rope_theta 10000.0"))
+    for field, ok, expected in rules:
+        if not ok:
+            value = getattr(config, field)
+            raise SmoLoRAError(f"export: {arch} {field} {value!r}: llama.cpp runs it with {expected} only")
+
+
+def _rope_parameters(config) -> dict[str, dict]:
+    """The rotary settings by kind of layer: Gemma 3 keeps one for its sliding-window layers beside
+    the global layers' (``full_attention``, the one llama.cpp's ``rope.freq_base`` holds)."""
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise SmoLoRAError(f"export: rope scaling {rope['rope_type']!r} is not supported; only plain rotary embeddings")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise SmoLoRAError("export: models with sliding-window attention are not supported")
-    _byte_level_bpe(tokenizer, config.vocab_size)
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return rope
+    return {"full_attention": {"rope_theta": getattr(config, "rope_theta", 10000.0), **rope}}
 
 
-def _byte_level_bpe(tokenizer, vocab_size: int) -> dict:
-    """The tokenizer's tokenizer.json spec; an error unless it is byte-level BPE within the vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    bpe = spec.get("model") or {}
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise SmoLoRAError(
-            "export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) can be written to GGUF"
-        )
-    top = max([*bpe["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))])
+def _tokenizer_spec(tokenizer, vocab_size: int) -> tuple[str, dict]:
+    """(llama.cpp's tokenizer model, the tokenizer.json spec): byte-level BPE is ``gpt2``, SentencePiece-style
+    BPE ``llama``; an error for any other kind, or for token ids beyond the model's embeddings."""
+    spec, kind = spm_spec(tokenizer), "llama"
+    if spec is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec, kind = (json.loads(backend.to_str()) if backend is not None else {}), "gpt2"
+        if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+            raise SmoLoRAError(
+                "export: only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) or SentencePiece-style "
+                "BPE with byte fallback (Llama 2, Gemma, Phi-3) can be written to GGUF"
+            )
+    top = max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))])
     if top >= vocab_size:
         raise SmoLoRAError(f"export: the tokenizer has token ids up to {top}, the model only {vocab_size} embeddings")
-    return spec
+    return kind, spec
 
 
 def export_gguf(
@@ -118,7 +181,7 @@ def export_gguf(
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise SmoLoRAError("export: the model still has LoRA adapters; merge them first (smolora merge)")
     arch = config.model_type
-    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    gguf_arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[arch])
     origin = base if base is not None else (config.name_or_path or None)
 
     def write(tmp: Path) -> None:
@@ -218,7 +281,7 @@ def _write_hyperparameters(writer, config, dtype: str) -> None:
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope_parameters(config)["full_attention"]
     writer.add_file_type(
         gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     )
@@ -229,20 +292,52 @@ def _write_hyperparameters(writer, config, dtype: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if head_dim != config.hidden_size // heads or config.model_type in GEMMAS:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type in ("gemma2", "gemma3_text"):  # the windowed layers' window
+        writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if config.model_type == "phi3":  # its sliding window is not written: llama.cpp turns Phi-3's off
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE as llama.cpp's ``gpt2`` tokenizer model, padded to the embedding's rows."""
+    """The vocabulary (byte-level BPE as llama.cpp's ``gpt2`` model, SentencePiece-style BPE as its ``llama``
+    model; padded to the embedding's rows), the special token ids, and the chat template."""
+    kind, spec = _tokenizer_spec(tokenizer, vocab_size)
+    if kind == "llama":
+        write_spm_tokenizer(writer, tokenizer, spec, vocab_size)
+    else:
+        _write_byte_level_bpe(writer, spec, vocab_size)
+    for token, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        token_id = getattr(tokenizer, f"{token}_token_id", None)
+        if token_id is not None:
+            add(token_id)
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+    if kind == "llama":  # llama.cpp adds no EOS to a SentencePiece vocabulary that does not say so
+        writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_byte_level_bpe(writer, spec: dict, vocab_size: int) -> None:
+    """Byte-level BPE as llama.cpp's ``gpt2`` tokenizer model: tokens, types, merges, pre-tokenizer."""
     import gguf
 
-    spec = _byte_level_bpe(tokenizer, vocab_size)
     bpe = spec["model"]
     ids = {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -260,7 +355,7 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         warnings.warn(
             "export: this tokenizer's pre-tokenizer has no llama.cpp name; llama.cpp will split text "
             "its default way, which may tokenize some text differently",
-            stacklevel=3,
+            stacklevel=4,
         )
     byte_level = [
         p
@@ -271,19 +366,6 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for token, add in (
-        ("bos", writer.add_bos_token_id),
-        ("eos", writer.add_eos_token_id),
-        ("unk", writer.add_unk_token_id),
-        ("pad", writer.add_pad_token_id),
-    ):
-        token_id = getattr(tokenizer, f"{token}_token_id", None)
-        if token_id is not None:
-            add(token_id)
-    probe = tokenizer("a").input_ids
-    writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _pre_tokenizer(spec: dict, tokens: list[str], merges: list[str]) -> str | None:
@@ -337,6 +419,8 @@ def _write_tensors(writer, model, names, arch: str, dtype: str, q8_0_for: tuple[
         if gguf_name is None:
             raise SmoLoRAError(f"export: no GGUF name for the model's tensor {hf_name!r}")
         data = tensor.detach().to("cpu", torch.float32).numpy()
+        if arch in GEMMAS and gguf_name.endswith("norm.weight"):
+            data = data + np.float32(1)  # Gemma scales by 1 + w, llama.cpp by the weight as stored
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             data = _permute_rope(data, heads)
@@ -390,7 +474,7 @@ def export_lora_gguf(
     if arch not in ARCHITECTURES:
         raise SmoLoRAError(f"{adapter_dir}: GGUF export supports {', '.join(ARCHITECTURES)} models, not {arch!r}")
     settings, pairs = _read_lora(Path(adapter_dir))
-    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    gguf_arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[arch])
     names = gguf.get_tensor_name_map(gguf_arch, base_config.num_hidden_layers)
     alpha = float(settings["lora_alpha"])
     tensors = [_lora_tensors(module, a, b, settings, alpha, names, base_config) for module, (a, b) in pairs.items()]

@@ -573,6 +573,13 @@ def _matrix_shapes(config) -> dict[str, tuple[int, int]]:
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     inter = config.intermediate_size
+    if config.model_type == "phi3":  # q, k, v in one matrix; gate and up in one (gate's rows first)
+        return {
+            "attn_qkv": ((heads + 2 * kv) * head_dim, hidden),
+            "attn_output": (hidden, heads * head_dim),
+            "ffn_up": (2 * inter, hidden),
+            "ffn_down": (hidden, inter),
+        }
     return {
         "attn_q": (heads * head_dim, hidden),
         "attn_k": (kv * head_dim, hidden),

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import TINY_SIZES
+from smolora.errors import SmoLoRAError
 from smolora.export import export_gguf
 
 CORPUS = [
@@ -134,6 +135,64 @@ def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, gemm
     assert fields["tokenizer.ggml.add_space_prefix"].contents() is (arch == "phi3")
     types = fields["tokenizer.ggml.token_type"].contents()
     assert types[4 + 0x41] == 6 and types[2] == 3 and types[3] == 2  # <0x41> BYTE, <bos> CONTROL, <unk> UNKNOWN
+
+
+def test_what_llama_cpp_would_run_otherwise_is_refused_in_one_line(tmp_path, gemma_tok):
+    """Settings llama.cpp fixes for these architectures, a tokenizer it cannot hold: one line naming the field,
+    before anything is written."""
+    import copy
+
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    from smolora.export import check_exportable
+
+    def config(arch: str, **changes):
+        good = build_arch(arch, len(gemma_tok)).config
+        return type(good)(**{**good.to_dict(), **changes})
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "rope_theta": 1e4}
+
+    refused = [
+        (config("gemma2", tie_word_embeddings=False), "gemma2 tie_word_embeddings False: .* head tied"),
+        (config("gemma2", query_pre_attn_scalar=144), "gemma2 query_pre_attn_scalar 144: .* head_dim 256 only"),
+        (config("gemma2", final_logit_softcapping=None), "gemma2 attn_logit_softcapping 50.0: .* and final softcaps"),
+        (config("gemma3_text", layer_types=["full_attention"] * 7), "gemma3_text layer_types .* every 6 only"),
+        (
+            config(
+                "gemma3_text",
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                },
+            ),
+            "sliding_attention rope_theta 10000.0 only",
+        ),
+        (config("phi3", rope_parameters=longrope, original_max_position_embeddings=128), "rope scaling 'longrope'"),
+        (config("phi3", hidden_act="gelu"), "phi3 hidden_act 'gelu': llama.cpp runs Phi-3 with silu only"),
+        (
+            transformers.Gemma3Config(),
+            "supports .*gemma3_text, phi3 models, not 'gemma3'",
+        ),  # with vision: not text alone
+    ]
+    for bad, message in refused:
+        with pytest.raises(SmoLoRAError, match=message) as error:
+            check_exportable(bad, gemma_tok)
+        assert "\n" not in str(error.value)
+
+    unigram = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], 0)))
+    no_bytes = copy.deepcopy(gemma_tok)
+    spec = json.loads(no_bytes.backend_tokenizer.to_str())
+    del spec["model"]["vocab"]["<0x7F>"]
+    no_bytes._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    model = build_arch("phi3", len(gemma_tok))
+    for tok, message in (
+        (unigram, "only byte-level BPE tokenizers .* or SentencePiece-style BPE with byte fallback"),
+        (no_bytes, "falls back to bytes but has no token <0x7F> .* llama.cpp needs all of them"),
+    ):
+        with pytest.raises(SmoLoRAError, match=message):
+            export_gguf(model, tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 TARGETS = {"gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], "phi3": ["qkv_proj", "gate_up_proj"]}

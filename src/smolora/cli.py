@@ -312,7 +312,8 @@ def _export_command(sub) -> None:
         "export",
         allow_abbrev=False,
         help="write a model as one GGUF file (llama.cpp, Ollama)",
-        description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file.",
+        description="Write a merged model, or a base model with an adapter merged in memory, as one GGUF file "
+        "(Llama, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3).",
     )
     p.add_argument("--output", default=None, help="the .gguf file to write (an Ollama Modelfile is written beside it)")
     p.add_argument(

@@ -1,14 +1,18 @@
 """Export a model as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
 
 The weights are written under llama.cpp's tensor names (gguf-py's own name map, the one its
-converter uses), with the architecture's hyperparameters, the tokenizer (byte-level BPE: tokens,
-merges, special tokens) and the chat template as metadata. Norms and biases stay float32; the
+converter uses), with the architecture's hyperparameters, the tokenizer and the chat template as
+metadata. Tokenizers: byte-level BPE (tokens, merges, special tokens; SmolLM2, Llama 3, Qwen) or
+SentencePiece-style BPE with byte fallback (tokens, scores, types; Llama 2, Gemma, Phi-3:
+``smolora.gguf_vocab``). Norms and biases stay float32; the
 matrices are written as ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit blocks of 32 with an f16
 scale; ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` likewise at 5 and 4 bits, the token embedding and
 output matrix kept at q8_0; a matrix whose rows do not split into blocks is written f16). Supported: Llama
-(SmolLM2, Llama 2, others without rope scaling), Qwen2 and Qwen3 — architectures transformers can
-read back from GGUF, which is how the tests check every export; tests/test_llamacpp.py also runs the
-files in a real llama.cpp, and exporting the embedded model reproduces the file llama.cpp's converter
+(SmolLM2, Llama 2, others without rope scaling), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text: its norms
+written as llama.cpp reads them, 1 + w) and Phi-3 (its fused q/k/v and gate/up matrices as they are).
+transformers reads all but Gemma back from GGUF, which is how the tests check every export;
+tests/test_llamacpp.py and tests/test_export_archs.py also run the files in a real llama.cpp (Gemma
+there alone), and exporting the embedded model reproduces the file llama.cpp's converter
 made (test). ``general.*`` metadata names the base and the fine-tune as the converter does; an Ollama
 Modelfile is written beside each file (``smolora.ollama``). ``export_lora_gguf`` writes an adapter
 alone as a llama.cpp LoRA file, applied to the base file at load time.

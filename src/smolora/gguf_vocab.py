@@ -7,6 +7,12 @@ the neighbouring pair whose joined text is the token with the highest score. Sco
 minus the rank of the first merge that makes it replays the merges in their order, as SentencePiece's
 own BPE models score their pieces; transformers' GGUF reader rebuilds the merges from the same order.
 Tokens no merge makes (characters, bytes, special tokens) score below every merge.
+
+With ``add_space_prefix`` llama.cpp, as SentencePiece itself, puts a ``▁`` before every run of text: at
+the start and after each special token, even before a space. A tokenizer that prepends it by a
+normalizer (Llama 2's tokenizer.json, Phi-3) does the same; one with a ``Metaspace`` pre-tokenizer that
+prepends only to the first run (transformers' Llama tokenizer) may tokenize such text differently in
+llama.cpp, as files llama.cpp's converter makes do.
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ STRINGS = [
     "digits 1234567890 3.14159 2021-03-05 $12,000",
     "<start_of_turn>user\nthe quick fox<end_of_turn>\n",
 ]
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + "
-    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+GEMMA_TEMPLATE = (  # Gemma's: the assistant is "model"
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -220,6 +221,19 @@ def test_what_llama_cpp_would_run_otherwise_is_refused_in_one_line(tmp_path, gem
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_check_refuses_gemma_which_transformers_cannot_read_back(tmp_path, gemma_tok):
+    """`--check` scores each file read back by transformers, which has no Gemma (1) GGUF reader."""
+    from conftest import chat_records, write_jsonl
+    from test_cli import smolora
+
+    build_arch("gemma", len(gemma_tok)).save_pretrained(tmp_path / "base")
+    gemma_tok.save_pretrained(tmp_path / "base")
+    held_out = write_jsonl(tmp_path / "held.jsonl", chat_records(4))
+    r = smolora("export", "--model", tmp_path / "base", "--output", tmp_path / "m.gguf", "--check", held_out)
+    assert r.returncode == 2 and "export --check: transformers cannot read a gemma GGUF back" in r.stderr, r.stderr
+    assert not (tmp_path / "m.gguf").exists()
+
+
 TARGETS = {"gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], "phi3": ["qkv_proj", "gate_up_proj"]}
 
 
@@ -274,7 +288,7 @@ def test_the_command_line_exports_a_fine_tunes_merged_model_and_its_adapter(tmp_
 
 
 # --- llama.cpp (node-llama-cpp's CPU build; skipped where node and npm are missing) ---
-from test_llamacpp import assert_same_greedy, llamacpp  # noqa: E402, F401 - the module's llama.cpp process
+from test_llamacpp import CONVERSATIONS, assert_same_greedy, llamacpp  # noqa: E402, F401 - the module's llama.cpp process
 
 PROMPTS = ["the quick brown fox", "hello world, this is", "2021-03-05 means", "naïve café 😀 and"]
 
@@ -303,15 +317,22 @@ def greedy(model, ids: list[int], max_new_tokens: int = 12) -> tuple[list[int], 
 
 @pytest.mark.parametrize(("arch", "tie"), [("gemma", True), ("gemma2", True), ("gemma3_text", False), ("phi3", False)])
 def test_llama_cpp_tokenizes_and_generates_as_transformers(tmp_path, llamacpp, gemma_tok, phi3_tok, arch, tie):  # noqa: F811
+    """Gemma (1) too, which transformers cannot read back: llama.cpp is its only check."""
     tok = phi3_tok if arch == "phi3" else gemma_tok
     model = build_arch(arch, len(tok), tie=tie, scale=4)  # larger weights: greedy choices rarely near-ties
     path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
     prompts = [tok(p).input_ids for p in PROMPTS]
-    answer = llamacpp.ask(model=path, tokenize=STRINGS, generate=[{"ids": ids, "max_tokens": 12} for ids in prompts])
-    print(answer["warnings"])
+    chats = [{"messages": c, "add_generation_prompt": True} for c in CONVERSATIONS]
+    requests = [{"ids": ids, "max_tokens": 12} for ids in prompts]
+    answer = llamacpp.ask(model=path, tokenize=STRINGS, chat=chats, generate=requests)
+    assert answer["warnings"] == []
     assert answer["tokens"] == [tok(s, add_special_tokens=False).input_ids for s in STRINGS]
-    tie = near_tie(arch)
-    compared = [assert_same_greedy(greedy(model, ids), got, tie) for ids, got in zip(prompts, answer["generated"])]
+    for conversation, text, ids in zip(CONVERSATIONS, answer["chat"], answer["chat_tokens"], strict=True):
+        assert text == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        expected = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    expected = [greedy(model, ids) for ids in prompts]
+    compared = [assert_same_greedy(e, got, near_tie(arch)) for e, got in zip(expected, answer["generated"])]
     assert sum(compared) >= 0.75 * 12 * len(PROMPTS), compared
 
 

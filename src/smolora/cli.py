@@ -650,7 +650,7 @@ def _eval_against_base(args, base_source, source, tokenizer, examples, device) -
 
 
 def cmd_export(args) -> int:
-    from smolora.export import base_origin, check_exportable, check_output, export_gguf, export_lora_gguf
+    from smolora.export import READ_BACK, base_origin, check_exportable, check_output, export_gguf, export_lora_gguf
     from smolora.models import load_config
     from smolora.ollama import write_modelfile
     from smolora.quantize import check_examples, check_tolerance, smallest_that_keeps
@@ -665,6 +665,8 @@ def cmd_export(args) -> int:
     source, tokenizer = _source_and_tokenizer(args)
     held_out = check_examples(args.check, tokenizer) if args.check else None
     config = load_config(source, args.trust_remote_code)
+    if held_out is not None and config.model_type not in READ_BACK:
+        raise SmoLoRAError(f"export --check: transformers cannot read a {config.model_type} GGUF back to score it")
     if args.lora_gguf:
         lora = export_lora_gguf(
             args.adapter, config, args.lora_gguf, args.type, overwrite=args.overwrite, base=base_origin(source)

@@ -50,6 +50,7 @@ GGUF_ARCH = {
     "phi3": "PHI3",
 }
 ARCHITECTURES = tuple(GGUF_ARCH)
+READ_BACK = tuple(a for a in ARCHITECTURES if a != "gemma")  # what transformers' GGUF loader reads (export --check)
 GEMMAS = ("gemma", "gemma2", "gemma3_text")  # norms stored as 1 + w
 # llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.

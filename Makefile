@@ -51,7 +51,7 @@ test-fast: $(VENV)/.dev $(LLAMACPP)/.installed
 
 bench: $(VENV)/.dev
 	$(PIP) install -c constraints.txt -e ".[bench]"
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -6,6 +6,8 @@
     python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
     python benchmarks/bench_train.py --arch qwen3 --arch-dtype bfloat16   # weights stored in bf16, as checkpoints are
     python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
+    python benchmarks/bench_train.py --size 1.7b --reps 1 --steps 2 --variants short   # how far a laptop goes
+    python benchmarks/bench_train.py --size 360m --size-format safetensors   # SmoLoRA from bf16 safetensors, not GGUF
 
 Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct
 (or ``--model``/``--arch``), with the spec's config: LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj;
@@ -20,6 +22,13 @@ GEMM peak measured at the model's shapes: the highest rate of the probe run befo
 the one each worker runs right after its training (the machine's speed drifts; the highest probe
 never flatters), through torch's default fp32 GEMM and through oneDNN's, which SmoLoRA uses where
 it is faster. A worker's peak RSS is read before its probe.
+
+``--size 360m`` / ``1.7b``: random weights at SmolLM2-360M's / SmolLM2-1.7B's shapes, built once under
+``--work-dir`` as a user's download comes: bf16 safetensors, and a Q4_1 GGUF quantized from them by
+SmoLoRA's export. SmoLoRA (and the reference loop) trains from the one ``--size-format`` names, TRL
+from the bf16 safetensors upcast to fp32; the one-time steps before the workers (building; SmoLoRA's
+conversion of what it trains from, as a user's first run does) run in processes of their own, and their
+time and peak RSS are printed.
 """
 
 from __future__ import annotations
@@ -125,6 +134,75 @@ def build_arch(arch: str, dtype: str = "float32") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# larger models: random weights at SmolLM2-360M's and SmolLM2-1.7B's shapes, stored as a user's download is
+# (the published config.json of each: Llama, vocabulary 49152, tied embeddings, context 8192)
+SIZES = {
+    "360m": dict(
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        rope_theta=100000.0,
+    ),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rope_theta=130000.0,
+    ),
+}
+FORMATS = ("gguf", "safetensors")
+
+
+def size_config(size: str, **token_ids):
+    """The ``LlamaConfig`` of SmolLM2 at ``size`` (``SIZES``); ``token_ids``: bos/eos/pad of the tokenizer."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, **SIZES[size], **token_ids
+    )
+
+
+def size_paths(size: str, work_dir: Path) -> dict[str, Path]:
+    """Where ``build_size`` keeps ``size``'s model, by format."""
+    folder = Path(work_dir) / f"smollm2-{size}-random"
+    return {"safetensors": folder / "bf16", "gguf": folder / f"smollm2-{size}-random.Q4_1.gguf"}
+
+
+def build_size(size: str, work_dir: Path, tokenizer=None) -> dict[str, Path]:
+    """Build a random SmolLM2-``size`` once (seeded) and keep it under ``work_dir`` as a user's download is:
+    a Hugging Face folder of bf16 safetensors, and a Q4_1 GGUF quantized from the same bf16 weights by
+    SmoLoRA's own export; both with ``tokenizer`` (default: the embedded model's). Later calls reuse them.
+    Speed and memory do not depend on the weights' values, and nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from smolora.export import export_gguf
+    from smolora.models import load_tokenizer, resolve_model
+    from smolora.paths import publish
+
+    paths = size_paths(size, work_dir)
+    if paths["safetensors"].is_dir() and paths["gguf"].is_file():
+        return paths
+    tokenizer = tokenizer or load_tokenizer(resolve_model(None))
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(size_config(size, **ids), dtype=torch.bfloat16)  # bf16: half the memory
+
+    def write(tmp: Path) -> None:  # no completion marker: SmoLoRA would take the folder for a cache of its own
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    if not paths["safetensors"].is_dir():
+        publish(paths["safetensors"], write)
+    if not paths["gguf"].is_file():
+        export_gguf(model, tokenizer, paths["gguf"], "q4_1", name=f"SmolLM2-{size} random", modelfile=False)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
 # the machine: fp32 GEMM at the model's shapes
 def model_config():
     from transformers import AutoConfig
@@ -204,16 +282,18 @@ def step_flops(cfg, rows: list[tuple[int, float, int]], r: int, targets: list[st
 
 # ---------------------------------------------------------------------------------------------
 # workers: each runs in a subprocess and prints one JSON line
-MODEL: str | None = None  # a model folder; None: the embedded model
+MODEL: str | None = None  # a model folder or .gguf file; None: the embedded model
+ANCHOR_MODEL: str | None = None  # what TRL loads, where not MODEL (--size: the bf16 safetensors folder)
 
 
-def load_base(training: bool = False):
+def load_base(training: bool = False, weight_codes: bool = True):
     """The model, as every worker loads it; ``training``: as SmoLoRA's training does (``codes_source``:
     a checkpoint stored in 16 bits comes from the fp32 + codes folder written for it once)."""
     from smolora.models import codes_source, load_model, load_tokenizer, resolve_model
 
     source = resolve_model(MODEL)
-    return source, load_tokenizer(source), load_model(codes_source(source, "cpu") if training else source)
+    model = load_model(codes_source(source, "cpu", weight_codes) if training else source)
+    return source, load_tokenizer(source), model
 
 
 def peft_config():
@@ -245,16 +325,22 @@ def step_order(n_examples: int, steps: int, seed: int) -> list[list[int]]:
 
 
 def worker_smolora(
-    records, steps, seed, gradient_checkpointing: bool = False, bf16: bool = False, fast: bool = True
+    records,
+    steps,
+    seed,
+    gradient_checkpointing: bool = False,
+    bf16: bool = False,
+    fast: bool = True,
+    weight_codes: bool = True,
 ) -> dict:
     from smolora.config import TrainConfig
     from smolora.lora import add_lora
     from smolora.train import train
 
-    _, tok, model = load_base(training=True)
+    _, tok, model = load_base(training=True, weight_codes=weight_codes)
     examples = encode(records, tok)
     torch.manual_seed(seed)
-    model = add_lora(model, peft_config(), warn=lambda *_: None)
+    model = add_lora(model, peft_config())
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             output_dir=out,
@@ -263,14 +349,14 @@ def worker_smolora(
             learning_rate=SPEC["lr"],
             max_steps=steps,
             logging_steps=10**6,
-            max_length=SPEC["max_length"],
             seed=seed,
             save_total_limit=1,
             gradient_checkpointing=gradient_checkpointing,
             bf16=bf16,
             fast=fast,
+            weight_codes=weight_codes,
         )
-        result = train(model, examples, cfg, pad_id=tok.pad_token_id, log=lambda *_: None)
+        result = train(model, examples, cfg, pad_id=tok.pad_token_id)
     from smolora.data.batching import group_micro_batches, shared_prefix_length
 
     rows = []  # per step, what train() computes: (tokens, useful attention pairs, LM-head positions) of each forward
@@ -441,6 +527,8 @@ WORKERS = {
     "smolora_plain": lambda records, steps, seed: worker_smolora(records, steps, seed, fast=False),
     # bf16 autocast: only where the CPU has bf16 matrix units (AMX, AVX512-BF16); never the headline fp32 comparison
     "smolora_bf16": lambda records, steps, seed: worker_smolora(records, steps, seed, bf16=True),
+    # --no-weight-codes: the frozen weights as fp32 tensors, what holding their codes saves
+    "smolora_no_codes": lambda records, steps, seed: worker_smolora(records, steps, seed, weight_codes=False),
     "trl_bf16": lambda records, steps, seed: worker_trl(records, steps, seed, bf16=True),
 }
 
@@ -487,8 +575,10 @@ def spawn(impl: str, variant: str, steps: int, seed: int, tcmalloc: str = "smolo
     picks (tcmalloc where the system has it, ``smolora.fast.allocator``), the others on the system's
     malloc, as a script of theirs would; ``tcmalloc`` "all" or "none" puts every worker on one."""
     cmd = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--steps", str(steps), "--seed", str(seed)]
-    if MODEL:
-        cmd += ["--model", MODEL]
+    cmd += ["--accum", str(SPEC["accum"])]
+    model = ANCHOR_MODEL if impl.startswith("trl") and ANCHOR_MODEL else MODEL
+    if model:
+        cmd += ["--model", str(model)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     if not impl.startswith("smolora"):  # torch's own oneDNN cache sizes, not the ones importing smolora sets
         env = {k: v for k, v in env.items() if k not in onednn.CACHES or k in USER_ENV}
@@ -496,10 +586,41 @@ def spawn(impl: str, variant: str, steps: int, seed: int, tcmalloc: str = "smolo
         env["SMOLORA_ALLOCATOR"] = "system"
     elif tcmalloc == "all" or impl.startswith("smolora"):
         env = allocator.preload_env(env) or env
+    return run_json(cmd, env, f"{impl} worker")
+
+
+def run_json(cmd: list[str], env: dict, what: str) -> dict:
+    """Run ``cmd``, a process that prints one JSON line last; that line."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare(step: str, size: str | None, work_dir: Path) -> dict:
+    """One step before the workers, in its own process (its own peak RSS): ``build`` ``size``'s random
+    model (``build_size``), or ``convert`` what SmoLoRA's training reads (``codes_source``: a GGUF's fp32 +
+    codes folder, a 16-bit checkpoint's fp32 + codes copy), which a user's first run does once."""
+    from smolora.models import codes_source, resolve_model
+    from smolora.paths import smolora_home
+
+    caches = smolora_home() / "models"
+    before = set(caches.iterdir()) if caches.is_dir() else set()
+    t = time.perf_counter()
+    if step == "build":
+        made = not all(p.exists() for p in size_paths(size, work_dir).values())
+        build_size(size, work_dir)
+    else:
+        codes_source(resolve_model(MODEL), "cpu")
+        made = caches.is_dir() and bool(set(caches.iterdir()) - before)
+    return {"step": step, "seconds": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib(), "made": made}
+
+
+def prepare_in_subprocess(step: str, size: str | None, work_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--prepare", step, "--work-dir", str(work_dir)]
+    cmd += ["--size", size] if size else []
+    cmd += ["--model", str(MODEL)] if MODEL else []
+    return run_json(cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false"}, f"preparation ({step})")
 
 
 def summarize(data: dict, flops_per_step: float, peak: float) -> dict:
@@ -524,6 +645,13 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
+        "--accum",
+        type=int,
+        default=SPEC["accum"],
+        help="examples per optimizer step (gradient accumulation; the spec's 8): fewer make a slow model's steps "
+        "shorter, and SmoLoRA's packed rows shorter too",
+    )
+    ap.add_argument(
         "--impls",
         default="trl,trl_no_ckpt,smolora,smolora_ckpt,smolora_plain,reference",
         help="workers, comma-separated: " + ", ".join(WORKERS),
@@ -540,6 +668,26 @@ def main() -> None:
         help="how --arch's random weights are stored: float32 (default) or bfloat16, as real checkpoints are",
     )
     ap.add_argument(
+        "--size",
+        choices=("135m", *SIZES),
+        default="135m",
+        help="135m: the embedded SmolLM2-135M-Instruct (default); 360m, 1.7b: random weights at SmolLM2-360M's "
+        "and SmolLM2-1.7B's shapes, built once under --work-dir as bf16 safetensors and a Q4_1 GGUF",
+    )
+    ap.add_argument(
+        "--size-format",
+        choices=FORMATS,
+        default="gguf",
+        help="which of --size's files SmoLoRA (and the reference loop) trains from: the Q4_1 GGUF (default) "
+        "or the bf16 safetensors; TRL always loads the bf16 safetensors, upcast to fp32",
+    )
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where --size's models are kept (default: $SMOLORA_HOME/bench-models)",
+    )
+    ap.add_argument(
         "--data-seed", type=int, default=0, help="another seed gives data (and shuffles) no earlier run saw"
     )
     ap.add_argument(
@@ -552,18 +700,38 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", choices=("build", "convert"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global MODEL
+    SPEC["accum"] = args.accum
+    global MODEL, ANCHOR_MODEL
+    from smolora.paths import smolora_home
+
+    work_dir = args.work_dir or smolora_home() / "bench-models"
+    if args.size != "135m" and (args.model or args.arch) and not (args.worker or args.prepare):
+        ap.error("--size 360m/1.7b builds its own model: leave out --model and --arch")
     MODEL = build_arch(args.arch, args.arch_dtype) if args.arch else args.model
+    if args.prepare:
+        print(json.dumps(prepare(args.prepare, args.size, work_dir)))
+        return
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.variant, args.steps, args.seed)))
         return
 
+    preparation = []
+    if args.size != "135m":  # built in a process of its own, so that this one stays small for the workers
+        preparation.append(prepare_in_subprocess("build", args.size, work_dir))
+        paths = size_paths(args.size, work_dir)
+        MODEL, ANCHOR_MODEL = str(paths[args.size_format]), str(paths["safetensors"])
+    # any conversion SmoLoRA's training makes, once, before the workers: what a user's first run on the model does
+    preparation.append(prepare_in_subprocess("convert", None, work_dir))
+    for p in preparation:
+        if p["made"]:
+            what = "built the random model" if p["step"] == "build" else "SmoLoRA's one-time conversion for training"
+            print(f"{what}: {p['seconds']:.0f} s, peak RSS {p['peak_rss_mib']:.0f} MiB", flush=True)
     model_cfg = model_config()
     print(f"model: {MODEL or 'embedded SmolLM2-135M-Instruct'} ({model_cfg.model_type})", flush=True)
-    from smolora.models import codes_source, resolve_model
-
-    codes_source(resolve_model(MODEL), "cpu")  # any conversion SmoLoRA's training makes: once, before the workers
+    if ANCHOR_MODEL:
+        print(f"TRL loads: {ANCHOR_MODEL} (bf16, upcast to fp32)", flush=True)
     gemm = gemm_peak(model_cfg)
     print("fp32 GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()), flush=True)
     report = {
@@ -572,6 +740,9 @@ def main() -> None:
         "tcmalloc": args.tcmalloc,
         "threads": torch.get_num_threads(),
         "model": MODEL or "embedded",
+        "size": args.size,
+        "trl_model": ANCHOR_MODEL or MODEL or "embedded",
+        "preparation": preparation,
         "model_type": model_cfg.model_type,
         "data_seed": args.data_seed,
         "results": {},
@@ -640,7 +811,10 @@ def main() -> None:
 
 
 def print_table(variant: str, steps: int, med: dict, allocators: dict) -> None:
-    print(f"\n### {variant} examples — medians, {steps} optimizer steps per run (first not timed)\n")
+    print(
+        f"\n### {variant} examples — medians, {steps} optimizer steps of {SPEC['batch'] * SPEC['accum']} examples "
+        "per run (first not timed)\n"
+    )
     print("| impl | allocator | examples/s | tokens/s | s/step | peak RSS MiB | first loss | last loss | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for impl, m in med.items():

@@ -287,6 +287,30 @@ def test_the_command_line_exports_a_fine_tunes_merged_model_and_its_adapter(tmp_
         assert tensors["blk.0.ffn_up.weight.lora_b"] == (4, 2 * 64)  # gate and up rows
 
 
+def test_a_trained_gemma3_fine_tunes_merged_folder_exports_as_itself(tmp_path, gemma_tok):
+    """`smolora train` on a tiny Gemma 3, then `smolora export --model RUN/final_merged`: the file reads back
+    as the merged folder (f32: the same logits), which training changed."""
+    from conftest import chat_records, write_jsonl
+    from test_cli import smolora
+
+    build_arch("gemma3_text", len(gemma_tok)).save_pretrained(tmp_path / "base")
+    gemma_tok.save_pretrained(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(12))
+    train = ["--data", data, "--model", tmp_path / "base", "--output", tmp_path / "run", "--max-steps", 3]
+    r = smolora("train", *train, "--learning-rate", "1e-2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged_dir = tmp_path / "run" / "final_merged"
+    r = smolora("export", "--model", merged_dir, "--output", tmp_path / "m.gguf", "--type", "f32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    back, _ = read_back(tmp_path / "m.gguf")
+    ids = gemma_tok(" ".join(STRINGS[:5]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, merged(ids).logits)
+        assert not torch.equal(merged(ids).logits, base(ids).logits)
+
+
 # --- llama.cpp (node-llama-cpp's CPU build; skipped where node and npm are missing) ---
 from test_llamacpp import CONVERSATIONS, assert_same_greedy, llamacpp  # noqa: E402, F401 - the module's llama.cpp process
 

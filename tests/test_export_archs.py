@@ -339,7 +339,7 @@ def greedy(model, ids: list[int], max_new_tokens: int = 12) -> tuple[list[int], 
     return (tokens[:-1] if tokens and tokens[-1] == model.generation_config.eos_token_id else tokens), gaps
 
 
-@pytest.mark.parametrize(("arch", "tie"), [("gemma", True), ("gemma2", True), ("gemma3_text", False), ("phi3", False)])
+@pytest.mark.parametrize(("arch", "tie"), [("gemma", True), ("gemma2", True), *CASES[1:]])
 def test_llama_cpp_tokenizes_and_generates_as_transformers(tmp_path, llamacpp, gemma_tok, phi3_tok, arch, tie):  # noqa: F811
     """Gemma (1) too, which transformers cannot read back: llama.cpp is its only check."""
     tok = phi3_tok if arch == "phi3" else gemma_tok

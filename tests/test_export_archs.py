@@ -180,6 +180,7 @@ def test_what_llama_cpp_would_run_otherwise_is_refused_in_one_line(tmp_path, gem
     longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "rope_theta": 1e4}
 
     refused = [
+        (config("gemma2", hidden_activation="silu"), "gemma2 hidden_activation 'silu': .* GELU"),
         (config("gemma2", tie_word_embeddings=False), "gemma2 tie_word_embeddings False: .* head tied"),
         (config("gemma2", query_pre_attn_scalar=144), "gemma2 query_pre_attn_scalar 144: .* head_dim 256 only"),
         (config("gemma2", final_logit_softcapping=None), "gemma2 attn_logit_softcapping 50.0: .* and final softcaps"),

@@ -101,7 +101,7 @@ def _check_gemma(config) -> None:
     arch = config.model_type
     act = "hidden_activation" if getattr(config, "hidden_activation", None) else "hidden_act"
     rules = [
-        (act, getattr(config, act) == "gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+        (act, str(getattr(config, act)).startswith("gelu"), "GELU (its tanh form)"),
         ("tie_word_embeddings", arch == "gemma3_text" or config.tie_word_embeddings, "its head tied to the embedding"),
     ]
     if arch != "gemma":

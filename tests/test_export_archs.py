@@ -39,9 +39,11 @@ GEMMA_TEMPLATE = (  # Gemma's: the assistant is "model"
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def build_spm_tokenizer(prefix: bool):
-    """A SentencePiece-style BPE: spaces as ``▁`` (a ``▁`` before the text with ``prefix``, as Llama 2 and
-    Phi-3; none, as Gemma), byte fallback to ``<0x00>``..``<0xFF>``. Ids: pad 0, eos 1, bos 2, unk 3 (Gemma's)."""
+def build_spm_tokenizer(style: str):
+    """A SentencePiece-style BPE: spaces as ``▁``, byte fallback to ``<0x00>``..``<0xFF>``; ids pad 0, eos 1,
+    bos 2, unk 3 (Gemma's). ``style``: no ``▁`` before the text (``gemma``), one before each run of text by a
+    normalizer (``llama2``: Llama 2's tokenizer.json, Phi-3's), or one before the first by a Metaspace
+    pre-tokenizer (``metaspace``: transformers' Llama tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,8 +57,11 @@ def build_spm_tokenizer(prefix: bool):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
-    prepend = [normalizers.Prepend("▁")] if prefix else []
+    prepend = [normalizers.Prepend("▁")] if style == "llama2" else []
     tok.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", "▁")])
+    if style == "metaspace":
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     fast = PreTrainedTokenizerFast(
@@ -67,14 +72,18 @@ def build_spm_tokenizer(prefix: bool):
     return fast
 
 
-@pytest.fixture(scope="module")
-def gemma_tok():
-    return build_spm_tokenizer(prefix=False)
+# Each architecture's style: the one transformers' GGUF reader rebuilds for it
+STYLE = {"gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "llama2", "llama": "metaspace"}
 
 
 @pytest.fixture(scope="module")
-def phi3_tok():
-    return build_spm_tokenizer(prefix=True)
+def toks():
+    return {style: build_spm_tokenizer(style) for style in ("gemma", "llama2", "metaspace")}
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(toks):
+    return toks["gemma"]
 
 
 def build_arch(arch: str, vocab_size: int, tie: bool = True, seed: int = 0, scale: float = 1.0):
@@ -90,7 +99,7 @@ def build_arch(arch: str, vocab_size: int, tie: bool = True, seed: int = 0, scal
         sizes.update(head_dim=256, query_pre_attn_scalar=256, sliding_window=8)
         if arch == "gemma3_text":
             sizes["num_hidden_layers"] = 7  # one global layer after six windowed ones
-    name = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "phi3": "Phi3"}[arch]
+    name = {"llama": "Llama", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "phi3": "Phi3"}[arch]
     torch.manual_seed(seed)
     config = getattr(transformers, name + "Config")(**sizes)
     cls = transformers.Gemma3ForCausalLM if arch == "gemma3_text" else getattr(transformers, name + "ForCausalLM")
@@ -111,19 +120,26 @@ def read_back(path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-CASES = [("gemma2", True), ("gemma3_text", True), ("gemma3_text", False), ("phi3", False), ("phi3", True)]
+CASES = [
+    ("gemma2", True),
+    ("gemma3_text", True),
+    ("gemma3_text", False),
+    ("phi3", False),
+    ("phi3", True),
+    ("llama", False),
+]
 
 
 @pytest.mark.parametrize(("arch", "tie"), CASES)
-def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, gemma_tok, phi3_tok, arch, tie):
-    tok = phi3_tok if arch == "phi3" else gemma_tok
+def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, toks, arch, tie):
+    tok = toks[STYLE[arch]]
     model = build_arch(arch, len(tok), tie=tie)
     path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
     back, back_tok = read_back(path)
     assert type(back) is type(model) and back.config.tie_word_embeddings == tie
     text = " ".join(STRINGS[:5])  # longer than the window: windowed and global layers differ
     ids = tok(text, return_tensors="pt").input_ids
-    assert ids.shape[1] > 3 * model.config.sliding_window if arch != "phi3" else True
+    assert ids.shape[1] > 3 * (getattr(model.config, "sliding_window", None) or 8)  # Gemma's window: 8
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
     for s in STRINGS:
@@ -134,18 +150,16 @@ def test_an_f32_export_reads_back_as_the_same_model_and_tokenizer(tmp_path, gemm
     fields = GGUFReader(path).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama"
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True
-    assert fields["tokenizer.ggml.add_space_prefix"].contents() is (arch == "phi3")
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is (STYLE[arch] != "gemma")
     types = fields["tokenizer.ggml.token_type"].contents()
     assert types[4 + 0x41] == 6 and types[2] == 3 and types[3] == 2  # <0x41> BYTE, <bos> CONTROL, <unk> UNKNOWN
 
 
 @pytest.mark.parametrize(("arch", "dtype", "rtol"), [("gemma3_text", "q8_0", 0.08), ("phi3", "q4_0", 0.25)])
-def test_smaller_types_stay_close_and_gemma_norms_are_stored_as_llama_cpp_reads_them(
-    tmp_path, gemma_tok, phi3_tok, arch, dtype, rtol
-):
+def test_smaller_types_stay_close_and_gemma_norms_are_stored_as_llama_cpp_reads_them(tmp_path, toks, arch, dtype, rtol):
     """Within ``rtol`` of the largest logit: q8_0 keeps each weight within ~1/127 of its block's largest,
     an error seven random Gemma 3 layers carry to ~5% of the logits (f16: 0.2%)."""
-    tok = phi3_tok if arch == "phi3" else gemma_tok
+    tok = toks[STYLE[arch]]
     model = build_arch(arch, len(tok), tie=False)
     path = export_gguf(model, tok, tmp_path / "m.gguf", dtype)
     tensors = {t.name: t for t in GGUFReader(path).tensors}
@@ -261,13 +275,13 @@ def with_lora(arch: str, tok, folder):
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
-def test_the_command_line_exports_a_fine_tunes_merged_model_and_its_adapter(tmp_path, gemma_tok, phi3_tok, arch):
+def test_the_command_line_exports_a_fine_tunes_merged_model_and_its_adapter(tmp_path, toks, arch):
     """`smolora export --adapter --model BASE --output --lora-gguf`: the merged file reads back as the merged
     model (f32: the same logits); the adapter file names llama.cpp's matrices (Phi-3's fused ones)."""
     from smolora.merge import merge_and_unload
     from test_cli import smolora
 
-    tok = phi3_tok if arch == "phi3" else gemma_tok
+    tok = toks[STYLE[arch]]
     _, peft_model = with_lora(arch, tok, tmp_path)
     merged = merge_and_unload(peft_model)
     out = ["--output", tmp_path / "m.gguf", "--lora-gguf", tmp_path / "a.gguf", "--type", "f32"]
@@ -341,9 +355,10 @@ def greedy(model, ids: list[int], max_new_tokens: int = 12) -> tuple[list[int], 
 
 
 @pytest.mark.parametrize(("arch", "tie"), [("gemma", True), ("gemma2", True), *CASES[1:]])
-def test_llama_cpp_tokenizes_and_generates_as_transformers(tmp_path, llamacpp, gemma_tok, phi3_tok, arch, tie):  # noqa: F811
-    """Gemma (1) too, which transformers cannot read back: llama.cpp is its only check."""
-    tok = phi3_tok if arch == "phi3" else gemma_tok
+def test_llama_cpp_tokenizes_and_generates_as_transformers(tmp_path, llamacpp, toks, arch, tie):  # noqa: F811
+    """Gemma (1) too, which transformers cannot read back: llama.cpp is its only check. A Llama with Llama 2's
+    tokenizer.json style: llama.cpp puts a ``▁`` before each run of text, where a Metaspace tokenizer does not."""
+    tok = toks["llama2" if arch == "llama" else STYLE[arch]]
     model = build_arch(arch, len(tok), tie=tie, scale=4)  # larger weights: greedy choices rarely near-ties
     path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
     prompts = [tok(p).input_ids for p in PROMPTS]
@@ -365,14 +380,13 @@ def test_llama_cpp_tokenizes_and_generates_as_transformers(tmp_path, llamacpp, g
 def test_a_lora_gguf_on_its_base_generates_in_llama_cpp_what_the_merged_model_does(
     tmp_path,
     llamacpp,  # noqa: F811
-    gemma_tok,
-    phi3_tok,
+    toks,
     arch,
 ):
     from smolora.export import export_lora_gguf
     from smolora.merge import merge_and_unload
 
-    tok = phi3_tok if arch == "phi3" else gemma_tok
+    tok = toks[STYLE[arch]]
     base, peft_model = with_lora(arch, tok, tmp_path)
     base_path = export_gguf(base, tok, tmp_path / "base.gguf", "f32")
     lora_path = export_lora_gguf(tmp_path / "adapter", base.config, tmp_path / "a.gguf", "f32")

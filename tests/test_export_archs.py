@@ -1,6 +1,7 @@
-"""GGUF export of Gemma 2, Gemma 3 and Phi-3, with SentencePiece-style tokenizers, read back by the real
-readers: transformers' GGUF loader (same logits at f32, same token ids) and, where node-llama-cpp is
-installed, llama.cpp itself (same tokens, same greedy continuation)."""
+"""GGUF export of Gemma, Gemma 2, Gemma 3 (text) and Phi-3, and of SentencePiece-style BPE tokenizers (byte
+fallback, ``▁`` for spaces; on a Llama too), read back by the real readers: transformers' GGUF loader (the same
+logits at f32, the same token ids; it has no Gemma (1) reader) and, where node-llama-cpp is installed, llama.cpp
+itself (the same tokens and chat template, the same greedy continuation, a LoRA file applied as merged)."""
 
 from __future__ import annotations
 

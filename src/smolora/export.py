@@ -55,9 +55,11 @@ GEMMAS = ("gemma", "gemma2", "gemma3_text")  # norms stored as 1 + w
 # llama.cpp splits text before BPE by the pre-tokenizer this key names, and refuses a name it does
 # not know. Named here: GPT-2's own split, and the regexes of the Llama 3 and Qwen2 tokenizers.
 GPT2_PRE = "gpt-2"
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"  # contractions, then words
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # punctuation, newlines, spaces
 SPLIT_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # noqa: E501
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # noqa: E501
+    _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe",  # numbers in groups of up to 3 digits
+    _WORDS + r"\p{N}" + _REST: "qwen2",  # numbers digit by digit
 }
 
 

@@ -6,7 +6,7 @@
     python benchmarks/bench_train.py --arch qwen3     # a second architecture (random weights, same size)
     python benchmarks/bench_train.py --arch qwen3 --arch-dtype bfloat16   # weights stored in bf16, as checkpoints are
     python benchmarks/bench_train.py --model DIR --variants my_chats.jsonl --data-seed 7   # your model, your data
-    python benchmarks/bench_train.py --size 1.7b --reps 1 --steps 2 --variants short   # how far a laptop goes
+    python benchmarks/bench_train.py --size 1.7b --reps 1 --steps 2 --accum 2 --variants short   # how far a laptop goes
     python benchmarks/bench_train.py --size 360m --size-format safetensors   # SmoLoRA from bf16 safetensors, not GGUF
 
 Every run happens in its own subprocess (honest peak RSS), on the embedded SmolLM2-135M-Instruct

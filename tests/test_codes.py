@@ -414,3 +414,23 @@ def test_a_gguf_converts_with_codes_that_rebuild_each_of_its_quantized_tensors(t
         assert len(names) == sum(t in (layers, GGMLQuantizationType.Q8_0) for t in kinds) == 15
         for name in names:
             assert torch.equal(read_codes(codes, name).weight(), fp32.get_tensor(name)), name
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_converted_gguf_is_the_model_transformers_reads_from_it_with_its_ties(tmp_path, tokenizer, monkeypatch, tie):
+    """The conversion hands transformers' GGUF-loaded tensors to a plainly built model (weights in memory
+    once): the converted folder computes the same logits, and a tied head is the embedding again."""
+    from transformers import AutoModelForCausalLM
+
+    from smolora.export import export_gguf
+
+    monkeypatch.setenv("SMOLORA_HOME", str(tmp_path / "home"))
+    path = export_gguf(build_tiny_llama(len(tokenizer), tie=tie, seed=4), tokenizer, tmp_path / "tiny.gguf", "q8_0")
+    folder = resolve_model(path).folder
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 17, 230, 5, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, direct(ids).logits)
+    with safe_open(f"{folder}/{CODES_FILE}", "pt") as codes:  # a tied head: codes under the embedding's name only
+        assert ("lm_head.weight.codes" in codes.keys()) != tie and "model.embed_tokens.weight.codes" in codes.keys()

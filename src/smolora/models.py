@@ -203,13 +203,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
                 f"{gguf}: cannot read it as a model ({reason(e)[:200]}); is the file whole, and of an architecture "
                 "transformers reads from GGUF?"
             ) from None
-    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it plainly.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    model = _plain_copy(loaded)
     del loaded
 
     def write(tmp: Path) -> None:
@@ -220,6 +214,26 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
     publish(folder, write, marker=True, keep_existing=True)
+
+
+def _plain_copy(loaded):
+    """A GGUF-loaded model is marked quantized and refuses save_pretrained: the same model built plainly,
+    holding ``loaded``'s own tensors (built on the meta device and given them, so the weights are
+    in memory once, not twice)."""
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    for name, buffer in loaded.named_buffers():  # those not in the state dict too (rotary frequencies)
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buffer
+    model.tie_weights()  # tied weights one parameter again, as from_pretrained leaves them
+    model.generation_config = loaded.generation_config
+    return model
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")

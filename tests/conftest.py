@@ -71,12 +71,7 @@ def build_tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SIZES,  # head_dim 8 is Llama's own hidden_size / heads
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
